@@ -1,0 +1,55 @@
+"""adapt.core: adapter-layer base, plugin registry, injection, merge protocol, weight backends
+and PEFT-compatible checkpoint I/O.
+
+Methods (``adapt-lora``, ``adapt-vera``, ``adapt-adalora``) and base-layer support
+(``adapt-bnb``) are separate packages found through entry points; this package imports none
+of them, nor transformers or bitsandbytes.
+"""
+
+from __future__ import annotations
+
+from .__about__ import __version__
+from .backends import DenseBackend, MergeReport, WeightBackend
+from .config import ANY_VALUE, AdapterConfig
+from .errors import (
+    AdapterStateError,
+    AdaptError,
+    CheckpointError,
+    ConfigError,
+    MissingMethodError,
+    PluginError,
+    TargetError,
+)
+from .layer import AdapterLayer, adapter_dtype_device
+from .method import Method
+from .model import AdaptedModel, ModulesToSave, adapt, load_config
+from .registry import get_registry, register_backend, register_layer, register_method
+from .routing import BASE
+
+__all__ = [
+    "ANY_VALUE",
+    "BASE",
+    "AdaptError",
+    "AdaptedModel",
+    "AdapterConfig",
+    "AdapterLayer",
+    "AdapterStateError",
+    "CheckpointError",
+    "ConfigError",
+    "DenseBackend",
+    "MergeReport",
+    "Method",
+    "MissingMethodError",
+    "ModulesToSave",
+    "PluginError",
+    "TargetError",
+    "WeightBackend",
+    "__version__",
+    "adapt",
+    "adapter_dtype_device",
+    "get_registry",
+    "load_config",
+    "register_backend",
+    "register_layer",
+    "register_method",
+]

@@ -1,0 +1,133 @@
+"""Weight backends: how a layer reads and writes its base module's dense weight.
+
+Adapter layers never touch ``base_layer.weight`` directly. They ask the backend for the
+weight in the *canonical layout* and write the merged result back through it:
+
+* linear-like modules (``nn.Linear``, transformers ``Conv1D``, quantised linears):
+  ``(out_features, in_features)``;
+* convolutions: ``(out_channels, in_channels // groups, *kernel_size)``;
+* embeddings: ``(num_embeddings, embedding_dim)``, as stored.
+
+So one method layer serves dense, transposed (``Conv1D``, fan-in/fan-out) and quantised base
+layers alike. Backends are found through the ``adapt.backends`` entry-point group; the
+dense backend ships with core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .errors import TargetError
+
+CONV1D_TRANSFORMERS = "transformers.pytorch_utils.Conv1D"
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What writing a merged weight cost: zero for dense layers, requantisation error otherwise."""
+
+    max_abs_error: float = 0.0
+    rel_error: float = 0.0
+    lossy: bool = False
+
+
+@runtime_checkable
+class WeightBackend(Protocol):
+    """Reads and writes a base module's weight as a dense tensor in the canonical layout."""
+
+    #: Base-module types this backend serves: classes or dotted names (``"pkg.mod.Class"``).
+    base_types: ClassVar[tuple[type | str, ...]]
+    #: Whether writing a weight loses precision (quantised storage).
+    lossy: ClassVar[bool]
+
+    def shape(self, base: nn.Module) -> tuple[int, int]:
+        """``(in_features, out_features)`` of the module (from the module, not the storage)."""
+        ...
+
+    def get_weight(self, base: nn.Module) -> torch.Tensor:
+        """The dense weight in the canonical layout (a copy or a view; callers do not mutate it)."""
+        ...
+
+    def set_weight(self, base: nn.Module, weight: torch.Tensor) -> MergeReport:
+        """Store ``weight`` (canonical layout) as the module's weight."""
+        ...
+
+    def compute_dtype(self, base: nn.Module) -> torch.dtype:
+        """The dtype adapters on this module compute in."""
+        ...
+
+
+def type_names(cls: type) -> list[str]:
+    """``module.qualname`` of each class in ``cls``'s MRO, nearest first."""
+    return [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__]
+
+
+def mro_distance(obj_type: type, base_types: tuple[type | str, ...]) -> int | None:
+    """How far up ``obj_type``'s MRO the nearest of ``base_types`` is (0 = exact), or None."""
+    names = type_names(obj_type)
+    best: int | None = None
+    for want in base_types:
+        for dist, cls in enumerate(obj_type.__mro__):
+            if (isinstance(want, str) and names[dist] == want) or cls is want:
+                best = dist if best is None else min(best, dist)
+                break
+    return best
+
+
+class DenseBackend:
+    """Backend for ordinary float weights: Linear, Embedding, Conv1d/2d/3d, transformers Conv1D."""
+
+    base_types: ClassVar[tuple[type | str, ...]] = (
+        nn.Linear,
+        nn.Embedding,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        CONV1D_TRANSFORMERS,
+    )
+    lossy: ClassVar[bool] = False
+
+    @staticmethod
+    def _is_transposed(base: nn.Module) -> bool:
+        return CONV1D_TRANSFORMERS in type_names(type(base))
+
+    def shape(self, base: nn.Module) -> tuple[int, int]:
+        if isinstance(base, nn.Embedding):
+            return base.num_embeddings, base.embedding_dim
+        if isinstance(base, nn.modules.conv._ConvNd):
+            return base.in_channels, base.out_channels
+        weight = base.weight
+        if self._is_transposed(base):
+            return int(weight.shape[0]), int(weight.shape[1])
+        if isinstance(base, nn.Linear):
+            return base.in_features, base.out_features
+        return int(weight.shape[1]), int(weight.shape[0])
+
+    def get_weight(self, base: nn.Module) -> torch.Tensor:
+        weight: torch.Tensor = base.weight
+        return weight.T if self._is_transposed(base) else weight
+
+    def set_weight(self, base: nn.Module, weight: torch.Tensor) -> MergeReport:
+        target: torch.Tensor = base.weight
+        new = weight.T if self._is_transposed(base) else weight
+        if new.shape != target.shape:
+            raise TargetError(
+                f"cannot write a weight of shape {tuple(new.shape)} into "
+                f"{type(base).__name__} whose weight is {tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(new.to(target.dtype))
+        return MergeReport()
+
+    def compute_dtype(self, base: nn.Module) -> torch.dtype:
+        dtype: torch.dtype = base.weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+
+def describe(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -1,0 +1,278 @@
+"""The adapter-layer base class every method's layers derive from.
+
+An :class:`AdapterLayer` wraps one ``base_layer`` and holds any number of named adapters. A
+method implements three things:
+
+* :meth:`AdapterLayer.update_layer` creates and initialises an adapter's tensors;
+* :meth:`AdapterLayer.adapter_output` returns that adapter's contribution to the output;
+* :meth:`AdapterLayer.delta_weight` returns the dense ΔW in the weight backend's canonical layout.
+
+Everything else lives here, once: the forward (base output plus the active contributions),
+disabling, mixed-batch routing (``adapter_names``), and merging through the weight backend
+(``W ← W + ΔW``), unmerging, and deleting adapters.
+
+Per-adapter tensors live in containers named by :attr:`AdapterLayer.adapter_layer_names`
+(``nn.ModuleDict`` or ``nn.ParameterDict`` keyed by adapter name). That one declaration says
+both which parameters train and what goes into the checkpoint.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .backends import MergeReport, WeightBackend, describe
+from .errors import AdapterStateError, TargetError
+from .registry import get_registry
+from .routing import BASE, current_adapter_names
+
+
+class AdapterLayer(nn.Module):
+    """Base of every adapter layer: a ``base_layer`` plus named adapters."""
+
+    #: The method this layer belongs to (``"lora"``).
+    method: ClassVar[str] = ""
+    #: Module types this layer wraps: classes or dotted names (``"transformers.pytorch_utils.Conv1D"``).
+    base_types: ClassVar[tuple[type | str, ...]] = ()
+    #: Tie-breaker against other layers serving the same type at the same MRO distance.
+    priority: ClassVar[int] = 0
+    #: Per-adapter containers of trainable tensors (saved in checkpoints).
+    adapter_layer_names: ClassVar[tuple[str, ...]] = ()
+    #: Per-adapter containers of other state (dropout modules, frozen buffers).
+    other_param_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module, backend: WeightBackend | None = None) -> None:
+        super().__init__()
+        if backend is None:
+            backend = get_registry().resolve_backend(base_layer)
+        if backend is None:
+            raise TargetError(
+                f"no weight backend can read the weight of {describe(base_layer)}; install the "
+                "package that supports this layer type (e.g. adapt-bnb for bitsandbytes layers)"
+            )
+        self.base_layer = base_layer
+        self.backend: WeightBackend = backend
+        self.in_features, self.out_features = backend.shape(base_layer)
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        """Whether this class can wrap ``module`` (beyond its type); override to refuse cases."""
+        return True
+
+    # -- what a method implements ---------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        """Create adapter ``adapter_name``'s tensors from ``config`` and initialise them."""
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The contribution of ``adapter_name`` to the output for input ``x``."""
+        raise NotImplementedError
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ΔW of ``adapter_name`` in the backend's canonical layout."""
+        raise NotImplementedError
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_layer_names:
+            for key in getattr(self, attr).keys():
+                if key not in names:
+                    names.append(key)
+        return names
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def get_base_layer(self) -> nn.Module:
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (so code that reads ``module.weight`` keeps working)."""
+        weight: torch.Tensor = self.get_base_layer().weight
+        return weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias: torch.Tensor | None = getattr(self.get_base_layer(), "bias", None)
+        return bias
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's trainable tensors by checkpoint suffix (adapter name removed).
+
+        ``lora_A.default.weight`` is returned as ``lora_A.weight``; a ParameterDict entry
+        ``lora_embedding_A.default`` as ``lora_embedding_A``.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Module):
+                for pname, tensor in item.state_dict(keep_vars=True).items():
+                    out[f"{attr}.{pname}"] = tensor
+            else:
+                out[attr] = item
+        return out
+
+    def set_adapter(self, adapter_names: str | Sequence[str], *, trainable: bool = True) -> None:
+        """Make ``adapter_names`` the active adapters; only theirs are trainable."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+        for name in self.adapter_names:
+            train = trainable and name in self.active_adapters
+            for tensor in self.adapter_tensors(name).values():
+                if tensor.is_floating_point() and isinstance(tensor, nn.Parameter):
+                    tensor.requires_grad_(train)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise AdapterStateError(
+                f"adapter {adapter_name!r} is merged into {describe(self.get_base_layer())}; "
+                "call unmerge_adapter() before deleting it"
+            )
+        for attr in (*self.adapter_layer_names, *self.other_param_names):
+            container = getattr(self, attr, None)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _contribution(self, x: torch.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
+        return self.adapter_output(x, name).to(like.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        batch_names = kwargs.pop("adapter_names", None)
+        if batch_names is None:
+            batch_names = current_adapter_names()
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)  # type: ignore[no-any-return]
+        if batch_names is not None:
+            return self._mixed_batch_forward(x, batch_names, *args, **kwargs)
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = result + self._contribution(x, name, result)
+        return result
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, batch_names: Sequence[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        if self.merged:
+            raise AdapterStateError(
+                "a mixed-batch forward (adapter_names=...) needs unmerged adapters; call "
+                "unmerge_adapter() first"
+            )
+        if len(batch_names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(batch_names)} entries but the batch has {x.shape[0]} "
+                "samples; give one adapter name (or '__base__') per sample"
+            )
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        known = self.adapter_names
+        for name in dict.fromkeys(batch_names):
+            if name == BASE or name not in known:
+                continue
+            index = torch.tensor(
+                [i for i, n in enumerate(batch_names) if n == name], device=x.device
+            )
+            contribution = self._contribution(x.index_select(0, index), name, result)
+            result = result.index_add(0, index, contribution)
+        return result
+
+    # -- merging ----------------------------------------------------------------------------------
+    def _check_names(self, names: Iterable[str]) -> list[str]:
+        out = []
+        for name in names:
+            if name not in self.adapter_names:
+                raise AdapterStateError(
+                    f"{describe(self)} has no adapter {name!r}; it has {self.adapter_names}"
+                )
+            out.append(name)
+        return out
+
+    def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
+        """W + Σ ΔW for ``adapter_names``, without writing it (used by safe merges)."""
+        weight = self.backend.get_weight(self.base_layer)
+        new = weight.detach().clone()
+        for name in adapter_names:
+            new += self.delta_weight(name).detach().to(new.dtype)
+        return new
+
+    def merge(
+        self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False
+    ) -> MergeReport | None:
+        """Fold adapters into the base weight: ``W ← W + ΔW``.
+
+        ``safe_merge`` computes the result first and refuses it (layer unchanged) when it holds
+        NaN or Inf.
+        """
+        names = self._check_names(adapter_names if adapter_names is not None else self.active_adapters)
+        names = [n for n in names if n not in self.merged_adapters]
+        if not names:
+            return None
+        new = self.merged_weight(names)
+        if safe_merge and not torch.isfinite(new).all():
+            raise AdapterStateError(
+                f"safe_merge: merging {names} into {describe(self.get_base_layer())} gives NaN or "
+                "Inf weights; the layer was left unchanged (check the adapter's weights)"
+            )
+        report = self.backend.set_weight(self.base_layer, new)
+        self.merged_adapters.extend(names)
+        return report
+
+    def unmerge(self) -> MergeReport | None:
+        """Take every merged adapter back out of the base weight: ``W ← W − ΔW``."""
+        if not self.merged_adapters:
+            return None
+        if self.backend.lossy:
+            warnings.warn(
+                f"unmerging from {describe(self.get_base_layer())} is lossy: its weight is "
+                "quantised, so the restored weight differs from the original by the "
+                "requantisation error",
+                UserWarning,
+                stacklevel=2,
+            )
+        weight = self.backend.get_weight(self.base_layer).detach().clone()
+        for name in reversed(self.merged_adapters):
+            weight -= self.delta_weight(name).detach().to(weight.dtype)
+        report = self.backend.set_weight(self.base_layer, weight)
+        self.merged_adapters = []
+        return report
+
+    def iter_adapter_parameters(self, adapter_name: str) -> Iterator[torch.Tensor]:
+        yield from self.adapter_tensors(adapter_name).values()
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, adapters={self.adapter_names}, active={self.active_adapters}"
+
+
+def adapter_dtype_device(layer: AdapterLayer) -> tuple[torch.dtype, torch.device]:
+    """Where and in what dtype a new adapter's tensors live: on the base layer's device, in
+    float32 unless the base computes in float64 (half-precision bases get float32 adapters,
+    as PEFT's ``autocast_adapter_dtype`` does)."""
+    base = layer.get_base_layer()
+    device = torch.device("cpu")
+    for tensor in (*base.parameters(recurse=False), *base.buffers(recurse=False)):
+        device = tensor.device
+        break
+    dtype = layer.backend.compute_dtype(base)
+    if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
+        dtype = torch.float32
+    return dtype, device

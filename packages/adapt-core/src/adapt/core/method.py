@@ -1,0 +1,69 @@
+"""The method object a method package publishes under the ``adapt.methods`` entry point."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+
+if TYPE_CHECKING:
+    from .model import AdaptedModel
+
+
+class Method:
+    """What core needs to know about a method beyond its layers.
+
+    Subclass it, set the class attributes and override the hooks a method needs; the defaults
+    fit methods whose adapters live entirely inside their layers (LoRA).
+    """
+
+    #: Entry-point name and registry key (``"lora"``).
+    name: ClassVar[str] = ""
+    #: PEFT's ``peft_type`` (``"LORA"``).
+    peft_type: ClassVar[str] = ""
+    #: The distribution that provides the method, for messages.
+    package: ClassVar[str] = ""
+    #: The method's config class.
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+    def layer_kwargs(
+        self, model: AdaptedModel, config: AdapterConfig, adapter_name: str, path: str
+    ) -> dict[str, Any]:
+        """Extra keyword arguments for ``update_layer`` of the layer at ``path``."""
+        return {}
+
+    def prepare(
+        self,
+        model: AdaptedModel,
+        config: AdapterConfig,
+        adapter_name: str,
+        targets: dict[str, nn.Module],
+    ) -> None:
+        """Called before layers get the adapter (e.g. to build a shared basis). Must raise
+        before changing anything if the adapter cannot be added."""
+
+    def mark_trainable(self, model: AdaptedModel, config: AdapterConfig, adapter_name: str) -> None:
+        """Called after trainability is set; a method can mark more parameters trainable."""
+
+    def extra_state(self, model: AdaptedModel, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Tensors saved outside the layers, keyed relative to ``base_model.`` (e.g. ``vera_A``)."""
+        return {}
+
+    def load_extra_state(
+        self, model: AdaptedModel, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> list[str]:
+        """Take the tensors :meth:`extra_state` wrote; return the keys consumed."""
+        return []
+
+    def on_delete(self, model: AdaptedModel, adapter_name: str) -> None:
+        """Called when an adapter is removed (or a failed add is rolled back)."""
+
+    def update_and_allocate(self, model: AdaptedModel, global_step: int) -> None:
+        from .errors import AdapterStateError
+
+        raise AdapterStateError(
+            f"update_and_allocate is for AdaLoRA adapters; the active adapter uses {self.name!r}"
+        )

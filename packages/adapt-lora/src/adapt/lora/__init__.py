@@ -1,0 +1,24 @@
+"""adapt.lora: LoRA adapters (Hu et al., 2021) for adapt.
+
+``adapt(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))`` injects LoRA layers
+into Linear, Embedding, Conv1d/2d/3d and transformers Conv1D modules; checkpoints are HF
+PEFT's LoRA format.
+"""
+
+from __future__ import annotations
+
+from .__about__ import __version__
+from .config import LoraConfig
+from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .method import METHOD, LoraMethod
+
+__all__ = [
+    "METHOD",
+    "LoraConfig",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraMethod",
+    "__version__",
+]

@@ -1,0 +1,118 @@
+"""``LoraConfig``: the LoRA hyper-parameters, in PEFT's field names and defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, ClassVar
+
+from adapt.core import ANY_VALUE, AdapterConfig, ConfigError
+
+_BIAS = ("none", "all", "lora_only")
+
+#: Keys PEFT writes in a LoRA adapter_config.json: ignored at these values, refused otherwise.
+_PEFT_LORA_KEYS: dict[str, Any] = {
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "corda_config": None,
+    "ensure_weight_tying": (False, None),
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "loftq_config": ({}, None),
+    "lora_bias": False,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": ANY_VALUE,
+    "monteclora_config": None,
+    "qalora_group_size": ANY_VALUE,
+    "target_parameters": (None, []),
+    "trainable_token_indices": None,
+    "use_bdlora": (None, False),
+    "use_dora": False,
+    "use_qalora": False,
+    "velora_config": None,
+}
+
+
+def pattern_value(pattern: dict[str, Any], path: str) -> Any | None:
+    """The value of the first ``pattern`` key matching ``path`` as ``(.*\\.)?(key)$``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return None
+
+
+@dataclasses.dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA (Hu et al., 2021): ΔW = (α / r) · B A with A (r × in), B (out × r), B = 0 at init.
+
+    * ``r``: rank of the update; ``lora_alpha``: scale numerator (α / r, or α / √r with
+      ``use_rslora``); ``lora_dropout``: dropout on the adapter's input.
+    * ``bias``: ``"none"``, ``"all"`` (train every bias of the model) or ``"lora_only"``
+      (biases of adapted layers); trained biases are saved with the adapter.
+    * ``init_lora_weights``: ``True`` (A Kaiming-uniform, B zero: the adapter starts as
+      identity), ``"gaussian"`` (A ~ N(0, 1/r)), ``False`` (random B: not identity; tests).
+    * ``rank_pattern`` / ``alpha_pattern``: per-module r / α, keys matched against module paths
+      as ``(.*\\.)?(key)$``.
+    * ``fan_in_fan_out``: kept for PEFT compatibility; adapt reads each layer's weight layout
+      itself (transformers ``Conv1D`` stores (in, out)).
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    peft_ignored_keys: ClassVar[dict[str, Any]] = _PEFT_LORA_KEYS
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        self._check_number(name, "r", self.r, kind=int, low=0, low_open=True)
+        self._check_number(name, "lora_alpha", self.lora_alpha)
+        self._check_number(name, "lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
+        if self.bias not in _BIAS:
+            raise ConfigError(f"{name}.bias must be one of {_BIAS}, got {self.bias!r}")
+        if not isinstance(self.fan_in_fan_out, bool) or not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"{name}.fan_in_fan_out and use_rslora must be true or false")
+        if self.init_lora_weights not in (True, False, "gaussian") or not isinstance(
+            self.init_lora_weights, (bool, str)
+        ):
+            raise ConfigError(
+                f"{name}.init_lora_weights must be True, False or 'gaussian', got "
+                f"{self.init_lora_weights!r} (PiSSA, OLoRA, LoftQ, EVA and CorDA "
+                "initialisations are not implemented in adapt)"
+            )
+        for field, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+            pattern = getattr(self, field)
+            if pattern is None:
+                setattr(self, field, {})
+                continue
+            if not isinstance(pattern, dict):
+                raise ConfigError(f"{name}.{field} must map module names to values, got {pattern!r}")
+            for key, value in pattern.items():
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    raise ConfigError(f"{name}.{field} key {key!r} is not a valid regex: {exc}") from exc
+                if kind is int:
+                    self._check_number(name, f"{field}[{key!r}]", value, kind=int, low=0, low_open=True)
+                else:
+                    self._check_number(name, f"{field}[{key!r}]", value)
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """``(r, lora_alpha)`` for the module at ``path``, patterns applied."""
+        r = pattern_value(self.rank_pattern, path)
+        alpha = pattern_value(self.alpha_pattern, path)
+        return (self.r if r is None else int(r)), (self.lora_alpha if alpha is None else alpha)
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r

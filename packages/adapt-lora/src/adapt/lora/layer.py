@@ -1,0 +1,199 @@
+"""LoRA layers: ``out = base(x) + (α / r) · B(A(dropout(x)))``.
+
+One :class:`LoraLayer` base holds the per-adapter state (``lora_A``, ``lora_B``,
+``lora_embedding_A/B``, dropout, rank, scaling); subclasses only say how A and B are shaped
+and applied for their module type. Third-party layers subclass :class:`LoraLayer` the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapt.core import AdapterLayer, ConfigError, adapter_dtype_device
+from adapt.core.backends import CONV1D_TRANSFORMERS
+
+from .config import LoraConfig
+
+
+class LoraLayer(AdapterLayer):
+    """Base of LoRA layers. Subclasses implement :meth:`create_adapter`,
+    :meth:`adapter_output` and :meth:`delta_weight`; this class handles rank, scaling,
+    dropout, initialisation bookkeeping and deletion."""
+
+    method: ClassVar[str] = "lora"
+    adapter_layer_names: ClassVar[tuple[str, ...]] = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+    )
+    other_param_names: ClassVar[tuple[str, ...]] = ("lora_dropout",)
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int | None = None,
+        lora_alpha: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        r = config.r if r is None else r
+        alpha = config.lora_alpha if lora_alpha is None else lora_alpha
+        if not isinstance(r, int) or r <= 0:
+            raise ConfigError(f"LoRA rank must be a positive integer, got r={r!r}")
+        dtype, device = adapter_dtype_device(self)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = config.scaling(r, alpha)
+        dropout = config.lora_dropout
+        self.lora_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.create_adapter(adapter_name, r, dtype=dtype, device=device)
+        self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+
+    def create_adapter(self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        """Create ``lora_A[adapter_name]`` / ``lora_B[adapter_name]`` (or the embedding pair)."""
+        raise NotImplementedError
+
+    def reset_lora_parameters(self, adapter_name: str, init: bool | str) -> None:
+        """Initialise A and B: B = 0 so the adapter starts as the identity (unless ``init`` is
+        False)."""
+        if init is False:
+            return
+        with torch.no_grad():
+            if adapter_name in self.lora_A:
+                weight_a = self.lora_A[adapter_name].weight
+                if init == "gaussian":
+                    nn.init.normal_(weight_a, std=1 / self.r[adapter_name])
+                else:
+                    nn.init.kaiming_uniform_(weight_a, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B[adapter_name].weight)
+            if adapter_name in self.lora_embedding_A:
+                nn.init.zeros_(self.lora_embedding_A[adapter_name])
+                nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(adapter_name, None)
+
+    def _ab(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        lora_a = self.lora_A[adapter_name]
+        lora_b = self.lora_B[adapter_name]
+        x = x.to(lora_a.weight.dtype)
+        out: torch.Tensor = lora_b(lora_a(self.lora_dropout[adapter_name](x)))
+        return out * self.scaling[adapter_name]
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` and transformers ``Conv1D`` (and subclasses such as quantised
+    linears, whose weights a backend reads)."""
+
+    base_types: ClassVar[tuple[type | str, ...]] = (nn.Linear, CONV1D_TRANSFORMERS)
+
+    def create_adapter(self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return self._ab(x, adapter_name)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        weight_b = self.lora_B[adapter_name].weight
+        weight_a = self.lora_A[adapter_name].weight
+        return (weight_b @ weight_a) * self.scaling[adapter_name]
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: A (r × vocab) is looked up like an embedding table, then B."""
+
+    base_types: ClassVar[tuple[type | str, ...]] = (nn.Embedding,)
+
+    def create_adapter(self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        # random (not zero) so that init_lora_weights=False gives a non-identity adapter
+        self.lora_embedding_A[adapter_name] = nn.Parameter(
+            torch.randn(r, self.in_features, dtype=dtype, device=device)
+        )
+        self.lora_embedding_B[adapter_name] = nn.Parameter(
+            torch.randn(self.out_features, r, dtype=dtype, device=device)
+        )
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        base = self.get_base_layer()
+        assert isinstance(base, nn.Embedding)
+        weight_a = self.lora_embedding_A[adapter_name]
+        weight_b = self.lora_embedding_B[adapter_name]
+        after_a = F.embedding(
+            x,
+            weight_a.T,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+        out: torch.Tensor = (after_a @ weight_b.T) * self.scaling[adapter_name]
+        return out
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        weight_a = self.lora_embedding_A[adapter_name]
+        weight_b = self.lora_embedding_B[adapter_name]
+        return (weight_b @ weight_a).T * self.scaling[adapter_name]
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: A is a convolution with the base's kernel, stride, padding
+    and dilation into r channels; B a 1×…×1 convolution back to the output channels."""
+
+    base_types: ClassVar[tuple[type | str, ...]] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1
+
+    def create_adapter(self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        base = self.get_base_layer()
+        assert isinstance(base, nn.modules.conv._ConvNd)
+        conv_cls = type(base) if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else {
+            1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d
+        }[len(base.kernel_size)]
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A[adapter_name] = conv_cls(
+            self.in_features,
+            r,
+            base.kernel_size,  # type: ignore[arg-type]
+            stride=base.stride,  # type: ignore[arg-type]
+            padding=base.padding,  # type: ignore[arg-type]
+            dilation=base.dilation,  # type: ignore[arg-type]
+            padding_mode=base.padding_mode,
+            bias=False,
+            dtype=dtype,
+            device=device,
+        )
+        self.lora_B[adapter_name] = conv_cls(
+            r, self.out_features, ones, stride=ones, bias=False, dtype=dtype, device=device  # type: ignore[arg-type]
+        )
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return self._ab(x, adapter_name)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        weight_a = self.lora_A[adapter_name].weight  # (r, in, *k)
+        weight_b = self.lora_B[adapter_name].weight  # (out, r, 1, ...)
+        delta = weight_b.flatten(1) @ weight_a.flatten(1)
+        return delta.view(self.out_features, *weight_a.shape[1:]) * self.scaling[adapter_name]
