@@ -357,7 +357,9 @@ class AdaptedModel(nn.Module):
         out: dict[str, nn.Parameter] = {}
         if all_biases:
             for pname, param in self.model.named_parameters():
-                if pname.endswith("bias") and ".modules_to_save." not in pname:
+                if pname.endswith("bias") and not (
+                    ".modules_to_save." in pname or ".original_module." in pname
+                ):
                     out[pname] = param
             return out
         for path, layer in self.adapter_layers():
@@ -613,7 +615,14 @@ class AdaptedModel(nn.Module):
         extra = {k[len("base_model."):]: tensors[k] for k in extra_keys}
         targets = self.adapter_state_dict(adapter_name)
         targets = {k: v for k, v in targets.items() if k not in {f"base_model.{e}" for e in method.extra_state(self, adapter_name)}}
+        tensors = _normalise_peft_keys(tensors)
         file_keys = set(tensors) - extra_keys
+        for key in file_keys - set(targets):
+            embedding = self._embedding_parameter(key)
+            if embedding is not None:
+                # PEFT saves embedding weights when embeddings are targets (vocab resizing);
+                # it loads them back into the base model, and so do we
+                targets[key] = embedding
         missing = sorted(set(targets) - file_keys)
         unexpected = sorted(file_keys - set(targets))
         if unexpected:
@@ -652,6 +661,30 @@ class AdaptedModel(nn.Module):
                 f"{method.name} adapter"
             )
 
+    def _embedding_parameter(self, key: str) -> torch.Tensor | None:
+        """The base-model embedding weight that on-disk ``key`` names, or None."""
+        prefix = "base_model.model."
+        if not key.startswith(prefix) or not key.endswith(".weight"):
+            return None
+        owner_path = key[len(prefix) : -len(".weight")]
+        try:
+            owner = self.model.get_submodule(owner_path)
+        except AttributeError:
+            return None
+        heads = set()
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            fn = getattr(self.model, getter, None)
+            try:
+                head = fn() if callable(fn) else None
+            except (NotImplementedError, AttributeError):
+                head = None
+            if head is not None:
+                heads.add(id(head.get_base_layer() if isinstance(head, AdapterLayer) else head))
+        if isinstance(owner, nn.Embedding) or id(owner) in heads:
+            weight: torch.Tensor = owner.weight
+            return weight
+        return None
+
     # -- training helpers ---------------------------------------------------------------------
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Enable the wrapped transformers model's gradient checkpointing, with input grads on
@@ -660,6 +693,27 @@ class AdaptedModel(nn.Module):
         enable = getattr(self.model, "enable_input_require_grads", None)
         if callable(enable):
             enable()
+
+
+_MTS_KEY = re.compile(r"^(?P<head>.*)\.modules_to_save\.[^.]+\.(?P<tail>.*)$")
+
+
+def _normalise_peft_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo a PEFT quirk: with ``bias="all"`` it also saves biases of modules_to_save wrappers
+    under ``<m>.original_module.<p>`` and ``<m>.modules_to_save.<adapter>.<p>``. The first is
+    the frozen base, the second duplicates ``<m>.<p>``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if ".original_module." in key:
+            continue
+        m = _MTS_KEY.match(key)
+        if m:
+            plain = f"{m['head']}.{m['tail']}"
+            if plain in tensors:
+                continue
+            key = plain
+        out[key] = value
+    return out
 
 
 def load_config(model_id: str | os.PathLike[str]) -> AdapterConfig:

@@ -1,0 +1,177 @@
+"""LoRA interop with HF PEFT: same weights give the same outputs, checkpoints load both ways.
+
+Runs in the ``interop`` nox session, where ``peft`` is installed as a test-only dependency.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from adapt.core import AdaptedModel, adapt  # noqa: E402
+from adapt.lora import LoraConfig  # noqa: E402
+
+pytestmark = pytest.mark.interop
+
+TOL = 1e-5
+
+
+def llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def bert() -> nn.Module:
+    cfg = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        vocab_size=128, max_position_embeddings=64,
+    )
+    return transformers.BertModel(cfg)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def _tokens(model: nn.Module) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": torch.randint(0, 128, (2, 12), generator=g)}
+
+
+def _image(model: nn.Module) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"x": torch.randn(2, 3, 16, 16, generator=g)}
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], dict, Callable]] = {
+    "llama": (llama, {"target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"]}, _tokens),
+    "llama-all-linear": (llama, {"target_modules": "all-linear", "use_rslora": True}, _tokens),
+    "gpt2": (gpt2, {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}, _tokens),
+    "bert": (bert, {"target_modules": ["query", "value"], "modules_to_save": ["pooler"], "bias": "all"}, _tokens),
+    "convnet": (ConvNet, {"target_modules": ["conv1", "conv2", "head"]}, _image),
+}
+
+
+def _out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**batch)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def _base(factory: Callable[[], nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return factory().eval()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_saved_adapter_loads_in_adapt(case: str, tmp_path: Path) -> None:
+    factory, kwargs, batch_fn = CASES[case]
+    base = _base(factory)
+    torch.manual_seed(1)
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kwargs)
+    ).eval()
+    peft_model.save_pretrained(tmp_path)
+    batch = batch_fn(base)
+    expected = _out(peft_model, batch)
+    ours = AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    got = _out(ours, batch)
+    diff = (got - expected).abs().max().item()
+    print(f"{case}: PEFT-saved adapter in adapt, max abs diff {diff:.3g}")
+    assert diff <= TOL
+    assert not torch.allclose(expected, _out(base, batch)), "adapter had no effect: test is vacuous"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_adapt_saved_adapter_loads_in_peft(case: str, tmp_path: Path) -> None:
+    factory, kwargs, batch_fn = CASES[case]
+    base = _base(factory)
+    torch.manual_seed(2)
+    ours = adapt(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kwargs)).eval()
+    ours.save_pretrained(tmp_path)
+    batch = batch_fn(base)
+    expected = _out(ours, batch)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    got = _out(theirs, batch)
+    diff = (got - expected).abs().max().item()
+    print(f"{case}: adapt-saved adapter in PEFT, max abs diff {diff:.3g}")
+    assert diff <= TOL
+    # the same keys PEFT itself would write
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, **kwargs))
+    peft_dir = tmp_path / "peft"
+    peft_model.save_pretrained(peft_dir)
+    from safetensors.torch import load_file
+
+    ours_keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    peft_keys = set(load_file(str(peft_dir / "adapter_model.safetensors")))
+    assert ours_keys <= peft_keys
+    # what PEFT writes beyond ours: embedding base weights when embeddings are targets, and
+    # (bias="all") duplicate biases of modules_to_save wrappers; adapt reads both
+    extra = peft_keys - ours_keys
+    assert all(
+        ".original_module." in k or ".modules_to_save." in k or "embed_tokens.base_layer" in k
+        for k in extra
+    ), extra
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["inference_mode"] is True
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_merge_matches_peft(case: str, tmp_path: Path) -> None:
+    factory, kwargs, batch_fn = CASES[case]
+    if kwargs.get("modules_to_save"):
+        pytest.skip("merge compares adapter layers only")
+    base = _base(factory)
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kwargs)
+    )
+    peft_model.save_pretrained(tmp_path)
+    batch = batch_fn(base)
+    theirs = _out(peft_model.merge_and_unload().eval(), batch)
+    ours = _out(AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path).merge_and_unload().eval(), batch)
+    diff = (ours - theirs).abs().max().item()
+    print(f"{case}: merged model vs PEFT's merged model, max abs diff {diff:.3g}")
+    assert diff <= TOL
+
+
+def test_second_adapter_folder_layout_matches_peft(tmp_path: Path) -> None:
+    base = _base(llama)
+    cfg = {"target_modules": ["q_proj"], "init_lora_weights": False}
+    ours = adapt(copy.deepcopy(base), LoraConfig(r=2, **cfg))
+    ours.add_adapter("other", LoraConfig(r=3, **cfg))
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file()
+    assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "other", adapter_name="other")
+    batch = _tokens(base)
+    ours.set_adapter("other")
+    diff = (_out(theirs.eval(), batch) - _out(ours.eval(), batch)).abs().max().item()
+    assert diff <= TOL
