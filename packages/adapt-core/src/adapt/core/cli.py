@@ -1,0 +1,211 @@
+"""The ``adapt`` command line: ``plugins``, ``inspect PATH``, ``merge --base --adapter --out``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import AdaptError
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), line]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(s.rstrip() for s in out)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .registry import GROUPS, get_registry
+
+    registry = get_registry()
+    rows: list[list[str]] = []
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        for group in GROUPS:
+            for entry in registry.entries(group):
+                rows.append(
+                    [group.split(".")[-1], entry.name, entry.distribution, entry.version, entry.status]
+                )
+    if not rows:
+        print("No adapt plugins found. Install a method, e.g. `pip install adapt-lora`.")
+        return 0
+    print(_table(rows, ["kind", "name", "distribution", "version", "status"]))
+    failed = [r for r in rows if r[4].startswith("failed")]
+    if failed:
+        print(f"\n{len(failed)} plugin(s) failed to load; they are skipped.")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from .checkpoint import WEIGHTS_NAME, read_config
+    from .errors import CheckpointError
+
+    path = Path(args.path)
+    config = read_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{str(path)!r} holds no {WEIGHTS_NAME}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        with safe_open(str(weights), "pt") as fh:
+            for key in fh.keys():
+                shapes[key] = tuple(fh.get_slice(key).get_shape())
+    except Exception as exc:
+        raise CheckpointError(f"{weights} is corrupt and cannot be read: {exc}") from exc
+    modules: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
+    shared: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        if key.startswith("base_model.") and not key.startswith("base_model.model."):
+            shared[key] = shape
+            continue
+        rel = key.removeprefix("base_model.model.")
+        parts = rel.split(".")
+        cut = next(
+            (i for i, p in enumerate(parts) if "_" in p and p.split("_")[0] in ("lora", "vera")),
+            len(parts) - 1,
+        )
+        modules[".".join(parts[:cut])][".".join(parts[cut:])] = shape
+    n_params = 0
+    for shape in shapes.values():
+        count = 1
+        for d in shape:
+            count *= d
+        n_params += count
+    print(f"adapter:      {path}")
+    print(f"method:       {config.get('peft_type')}")
+    print(f"base model:   {config.get('base_model_name_or_path') or '(not recorded)'}")
+    print(f"targets:      {config.get('target_modules')}")
+    for key in ("r", "init_r", "target_r", "lora_alpha", "use_rslora", "projection_prng_key", "save_projection"):
+        if key in config:
+            print(f"{key + ':':<13} {config[key]}")
+    if config.get("modules_to_save"):
+        print(f"modules_to_save: {config['modules_to_save']}")
+    print(f"tensors:      {len(shapes)} in {len(modules)} modules, {n_params:,} parameters")
+    print(f"size on disk: {_human_bytes(weights.stat().st_size)}")
+    rows = []
+    for module, tensors in sorted(modules.items()):
+        rank = ""
+        for name, shape in tensors.items():
+            if name.split(".")[0] in ("lora_A", "lora_embedding_A") and shape:
+                rank = str(shape[0])
+            elif name == "vera_lambda_d" and shape:
+                rank = str(shape[0])
+        desc = ", ".join(f"{n} {list(s)}" for n, s in sorted(tensors.items()))
+        rows.append([module, rank, desc])
+    limit = None if args.all else 20
+    shown = rows if limit is None else rows[:limit]
+    if shown:
+        print()
+        print(_table(shown, ["module", "rank", "tensors"]))
+        if limit is not None and len(rows) > limit:
+            print(f"… {len(rows) - limit} more modules (use --all to list every one)")
+    if shared:
+        print("\nshared tensors: " + ", ".join(f"{k} {list(v)}" for k, v in sorted(shared.items())))
+    if args.json:
+        print(json.dumps({"config": config, "tensors": {k: list(v) for k, v in shapes.items()}}, indent=2))
+    return 0
+
+
+def _load_base(model_dir: str, dtype: str | None) -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise AdaptError("`adapt merge` loads transformers models: `pip install transformers`") from exc
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise AdaptError(f"{model_dir!r} is not a transformers model folder (no config.json)")
+    hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    architectures = hf_config.get("architectures") or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        cls = transformers.AutoModel
+    kwargs: dict[str, Any] = {}
+    if dtype:
+        import torch
+
+        kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = getattr(torch, dtype)
+    return cls.from_pretrained(model_dir, **kwargs)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .model import AdaptedModel
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise AdaptError(f"{str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    print(f"[1/4] loading base model from {args.base}", flush=True)
+    base = _load_base(args.base, args.dtype)
+    print(f"[2/4] loading adapter from {args.adapter}", flush=True)
+    model = AdaptedModel.from_pretrained(base, args.adapter)
+    n_layers = sum(1 for _ in model.adapter_layers())
+    print(f"[3/4] merging {n_layers} adapted layers", flush=True)
+    merged = model.merge_and_unload(safe_merge=True, progress_bar=None if sys.stderr.isatty() else False)
+    print(f"[4/4] saving merged model to {out}", flush=True)
+    merged.save_pretrained(out)
+    tok = Path(args.base)
+    for name in os.listdir(tok):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) and not (out / name).exists():
+            (out / name).write_bytes((tok / name).read_bytes())
+    print(f"done in {time.perf_counter() - start:.1f} s: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .__about__ import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="adapt", description="adapt: parameter-efficient fine-tuning adapters (PEFT-compatible)."
+    )
+    parser.add_argument("--version", action="version", version=f"adapt-core {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="list installed methods, layers and backends")
+    p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("inspect", help="describe a saved adapter (method, targets, ranks, size)")
+    p.add_argument("path", help="folder holding adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--all", action="store_true", help="list every module, not the first 20")
+    p.add_argument("--json", action="store_true", help="also print config and tensor shapes as JSON")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("merge", help="merge an adapter into a transformers model and save it")
+    p.add_argument("--base", required=True, help="transformers model folder")
+    p.add_argument("--adapter", required=True, help="saved adapter folder")
+    p.add_argument("--out", required=True, help="output folder for the merged model")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="load the base in this dtype")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    p.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except AdaptError as exc:
+        print(f"adapt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
