@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import re
+import types
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -109,6 +111,7 @@ class AdaptedModel(nn.Module):
         self.active_adapters: list[str] = []
         self.is_trainable = is_trainable
         self.add_adapter(adapter_name, config)
+        _expose_forward_signature(self)
 
     # -- pass-through -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -714,6 +717,41 @@ def _normalise_peft_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
             key = plain
         out[key] = value
     return out
+
+
+def _expose_forward_signature(adapted: AdaptedModel) -> None:
+    """Give ``adapted.forward`` the wrapped model's signature (plus ``adapter_names``).
+
+    transformers' ``Trainer`` keeps only the batch columns the model's ``forward`` names; a
+    bare ``(*args, **kwargs)`` would make it drop ``input_ids``. The bound method is rebuilt per
+    instance on a function carrying ``__signature__``; copies rebind to the copy.
+    """
+    try:
+        sig = inspect.signature(adapted.model.forward)
+    except (TypeError, ValueError):
+        return
+    kind = inspect.Parameter
+    params = [kind("self", kind.POSITIONAL_OR_KEYWORD)]
+    var_kw = None
+    for p in sig.parameters.values():
+        if p.kind is kind.VAR_KEYWORD:
+            var_kw = p
+        elif p.name not in ("self", "adapter_names"):
+            params.append(p)
+    params.append(kind("adapter_names", kind.KEYWORD_ONLY, default=None))
+    if var_kw is not None:
+        params.append(var_kw)
+    try:
+        new_sig = sig.replace(parameters=params)
+    except ValueError:
+        return
+    impl = AdaptedModel.forward
+    func = types.FunctionType(impl.__code__, impl.__globals__, "forward", impl.__defaults__, impl.__closure__)
+    func.__kwdefaults__ = impl.__kwdefaults__
+    func.__qualname__ = impl.__qualname__
+    func.__doc__ = impl.__doc__
+    func.__signature__ = new_sig  # type: ignore[attr-defined]
+    object.__setattr__(adapted, "forward", types.MethodType(func, adapted))
 
 
 def load_config(model_id: str | os.PathLike[str]) -> AdapterConfig:
