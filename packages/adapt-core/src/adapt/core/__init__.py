@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from .backends import DenseBackend, MergeReport, WeightBackend
+from .basis import SharedBasis
 from .config import ANY_VALUE, AdapterConfig
 from .errors import (
     AdapterStateError,
@@ -42,6 +43,7 @@ __all__ = [
     "MissingMethodError",
     "ModulesToSave",
     "PluginError",
+    "SharedBasis",
     "TargetError",
     "WeightBackend",
     "__version__",

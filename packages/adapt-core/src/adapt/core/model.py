@@ -500,15 +500,21 @@ class AdaptedModel(nn.Module):
             keep = wrapper._current() if keep_modules_to_save else wrapper.original_module
             self._replace(path, keep)
         for name in list(self.peft_config):
-            self.method_of(name).on_delete(self, name)
+            method = self.method_of(name)
+            del self.peft_config[name]
+            method.on_delete(self, name)
         model = self.model
-        self.peft_config.clear()
         self.active_adapters = []
         return model
 
     # -- checkpoints --------------------------------------------------------------------------
-    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under PEFT's on-disk keys (adapter name removed)."""
+    def adapter_state_dict(
+        self, adapter_name: str, *, include_shared: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's on-disk keys (adapter name removed).
+
+        ``include_shared`` adds state a method keeps outside the layers (VeRA's projection).
+        """
         if adapter_name not in self.peft_config:
             raise AdapterStateError(
                 f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}"
@@ -527,9 +533,9 @@ class AdaptedModel(nn.Module):
         if bias != "none":
             for pname, param in self._bias_parameters(all_biases=bias == "all").items():
                 out.setdefault(f"{prefix}{pname}", param)
-        method = self.method_of(adapter_name)
-        for key, tensor in method.extra_state(self, adapter_name).items():
-            out[f"base_model.{key}"] = tensor
+        if include_shared:
+            for key, tensor in self.method_of(adapter_name).extra_state(self, adapter_name).items():
+                out[f"base_model.{key}"] = tensor
         return out
 
     def save_pretrained(
@@ -616,8 +622,7 @@ class AdaptedModel(nn.Module):
         method = self.method_of(adapter_name)
         extra_keys = {k for k in tensors if k.startswith("base_model.") and not k.startswith("base_model.model.")}
         extra = {k[len("base_model."):]: tensors[k] for k in extra_keys}
-        targets = self.adapter_state_dict(adapter_name)
-        targets = {k: v for k, v in targets.items() if k not in {f"base_model.{e}" for e in method.extra_state(self, adapter_name)}}
+        targets = self.adapter_state_dict(adapter_name, include_shared=False)
         tensors = _normalise_peft_keys(tensors)
         file_keys = set(tensors) - extra_keys
         for key in file_keys - set(targets):

@@ -1,0 +1,50 @@
+"""``VeraConfig``: VeRA's hyper-parameters, in PEFT's field names and defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from adapt.core import AdapterConfig, ConfigError
+
+_BIAS = ("none", "all", "vera_only")
+
+
+@dataclasses.dataclass
+class VeraConfig(AdapterConfig):
+    """VeRA: ΔW = diag(λ_b) · B · diag(λ_d) · A with A, B frozen, random and shared.
+
+    * ``r``: rank of the shared basis (VeRA uses large ranks cheaply: only λ_d has r entries).
+    * ``projection_prng_key``: seed of the basis; every adapter on a model uses the same key.
+    * ``save_projection``: save A and B with the adapter (once, not per layer); without it they
+      are regenerated from the key when loading.
+    * ``vera_dropout``: dropout on the adapter's input. ``d_initial``: initial value of λ_d
+      (λ_b starts at 0, so the adapter starts as the identity).
+    * ``bias``: ``"none"``, ``"all"`` or ``"vera_only"``: which biases train and are saved.
+    * ``init_weights``: ``False`` starts λ_b = 1 and λ_d random (not the identity; for tests).
+    """
+
+    peft_type: ClassVar[str] = "VERA"
+    peft_ignored_keys: ClassVar[dict[str, Any]] = {}
+
+    r: int = 256
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    init_weights: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        self._check_number(name, "r", self.r, kind=int, low=0, low_open=True)
+        self._check_number(name, "projection_prng_key", self.projection_prng_key, kind=int, low=0)
+        self._check_number(name, "vera_dropout", self.vera_dropout, low=0, high=1, high_open=True)
+        self._check_number(name, "d_initial", self.d_initial)
+        if self.bias not in _BIAS:
+            raise ConfigError(f"{name}.bias must be one of {_BIAS}, got {self.bias!r}")
+        for field in ("save_projection", "fan_in_fan_out", "init_weights"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(f"{name}.{field} must be true or false, got {getattr(self, field)!r}")

@@ -1,0 +1,91 @@
+"""VeRA layers: ``out = base(x) + λ_b ⊙ (B_s (λ_d ⊙ (A_s · dropout(x))))``.
+
+``A_s = A[:r, :in]`` and ``B_s = B[:out, :r]`` are zero-copy slices of the model's one
+:class:`~adapt.core.SharedBasis`; a layer holds only λ_d (r) and λ_b (out) per adapter. The
+base weight is reached only through the weight backend, so the same class serves
+``nn.Linear``, transformers ``Conv1D`` and quantised linears.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapt.core import AdapterLayer, SharedBasis, adapter_dtype_device
+from adapt.core.backends import CONV1D_TRANSFORMERS
+
+from .config import VeraConfig
+
+
+class VeraLayer(AdapterLayer):
+    """Base of VeRA layers: per-adapter λ vectors, rank and dropout; the basis is shared."""
+
+    method: ClassVar[str] = "vera"
+    adapter_layer_names: ClassVar[tuple[str, ...]] = ("vera_lambda_b", "vera_lambda_d")
+    other_param_names: ClassVar[tuple[str, ...]] = ("vera_dropout",)
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        self.vera_lambda_b = nn.ParameterDict()
+        self.vera_lambda_d = nn.ParameterDict()
+        self.vera_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+
+    @property
+    def basis(self) -> SharedBasis:
+        basis: SharedBasis | None = self.__dict__.get("_basis")
+        if basis is None:
+            raise RuntimeError("this VeRA layer has no shared basis; it was not created by adapt()")
+        return basis
+
+    def update_layer(
+        self, adapter_name: str, config: VeraConfig, basis: SharedBasis | None = None, **kwargs: Any
+    ) -> None:
+        if basis is None:
+            raise TypeError("VeRA layers need the model's shared basis (basis=...)")
+        basis.require(config.r, self.in_features, self.out_features, what=f"VeRA adapter {adapter_name!r}")
+        # a plain reference, not a submodule: the basis is registered once, on the model
+        self.__dict__["_basis"] = basis
+        dtype, device = adapter_dtype_device(self)
+        self.r[adapter_name] = config.r
+        dropout = config.vera_dropout
+        self.vera_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        if config.init_weights:
+            lambda_b = torch.zeros(self.out_features, dtype=dtype, device=device)
+            lambda_d = torch.full((config.r,), float(config.d_initial), dtype=dtype, device=device)
+        else:
+            lambda_b = torch.ones(self.out_features, dtype=dtype, device=device)
+            lambda_d = torch.randn(config.r, dtype=dtype, device=device)
+        self.vera_lambda_b[adapter_name] = nn.Parameter(lambda_b)
+        self.vera_lambda_d[adapter_name] = nn.Parameter(lambda_d)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.r.pop(adapter_name, None)
+
+    def sliced_basis(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.basis.slices(self.in_features, self.out_features, self.r[adapter_name])
+        return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+class VeraLinear(VeraLayer):
+    """VeRA on ``nn.Linear`` and transformers ``Conv1D`` (and subclasses, e.g. quantised)."""
+
+    base_types: ClassVar[tuple[type | str, ...]] = (nn.Linear, CONV1D_TRANSFORMERS)
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        lambda_b = self.vera_lambda_b[adapter_name]
+        lambda_d = self.vera_lambda_d[adapter_name]
+        a, b = self.sliced_basis(adapter_name, lambda_d.dtype, lambda_d.device)
+        x = self.vera_dropout[adapter_name](x.to(lambda_d.dtype))
+        out: torch.Tensor = lambda_b * F.linear(lambda_d * F.linear(x, a), b)
+        return out
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        lambda_b = self.vera_lambda_b[adapter_name]
+        lambda_d = self.vera_lambda_d[adapter_name]
+        a, b = self.sliced_basis(adapter_name, lambda_d.dtype, lambda_d.device)
+        return (lambda_b[:, None] * b) @ (lambda_d[:, None] * a)

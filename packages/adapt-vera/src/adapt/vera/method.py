@@ -1,0 +1,174 @@
+"""The VeRA method object (``adapt.methods`` entry point ``vera``): owns the shared basis."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from adapt.core import (
+    AdaptedModel,
+    AdapterConfig,
+    AdapterLayer,
+    CheckpointError,
+    ConfigError,
+    Method,
+    SharedBasis,
+    get_registry,
+)
+
+from .config import VeraConfig
+
+BASIS_NAME = "vera_basis"
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, AdapterLayer):
+        return module.in_features, module.out_features
+    backend = get_registry().resolve_backend(module)
+    if backend is None:  # the layer lookup reports this case with a better message
+        return 0, 0
+    return backend.shape(module)
+
+
+def _device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class VeraMethod(Method):
+    name: ClassVar[str] = "vera"
+    peft_type: ClassVar[str] = "VERA"
+    package: ClassVar[str] = "adapt-vera"
+    config_class: ClassVar[type[AdapterConfig]] = VeraConfig
+
+    @staticmethod
+    def basis(model: AdaptedModel) -> SharedBasis | None:
+        basis = model.base_model._modules.get(BASIS_NAME)
+        return basis if isinstance(basis, SharedBasis) else None
+
+    def prepare(
+        self,
+        model: AdaptedModel,
+        config: AdapterConfig,
+        adapter_name: str,
+        targets: dict[str, nn.Module],
+    ) -> None:
+        assert isinstance(config, VeraConfig)
+        for other, other_cfg in model.peft_config.items():
+            key = getattr(other_cfg, "projection_prng_key", None)
+            if key != config.projection_prng_key:
+                raise ConfigError(
+                    f"VeRA adapters on one model share one basis, so they need the same "
+                    f"projection_prng_key: adapter {other!r} uses {key}, {adapter_name!r} uses "
+                    f"{config.projection_prng_key}. Set projection_prng_key={key}"
+                )
+        dims = [_dims(m) for m in targets.values()]
+        max_in = max(d[0] for d in dims)
+        max_out = max(d[1] for d in dims)
+        basis = self.basis(model)
+        if basis is None:
+            basis = SharedBasis(config.r, max_in, max_out, config.projection_prng_key)
+            basis.to(_device(next(iter(targets.values()))))
+            model.base_model.add_module(BASIS_NAME, basis)
+        else:
+            basis.require(config.r, max_in, max_out, what=f"VeRA adapter {adapter_name!r}")
+
+    def layer_kwargs(
+        self, model: AdaptedModel, config: AdapterConfig, adapter_name: str, path: str
+    ) -> dict[str, Any]:
+        return {"basis": self.basis(model)}
+
+    def on_delete(self, model: AdaptedModel, adapter_name: str) -> None:
+        if not any(n != adapter_name for n in model.peft_config) and BASIS_NAME in model.base_model._modules:
+            del model.base_model._modules[BASIS_NAME]
+
+    @staticmethod
+    def natural_shape(model: AdaptedModel, adapter_name: str) -> tuple[int, int, int]:
+        """The basis PEFT would build for this adapter alone: (r, max in, max out) of its layers."""
+        config = model.peft_config[adapter_name]
+        assert isinstance(config, VeraConfig)
+        layers = [lay for _, lay in model.adapter_layers() if adapter_name in lay.adapter_names]
+        return (
+            config.r,
+            max(lay.in_features for lay in layers),
+            max(lay.out_features for lay in layers),
+        )
+
+    def extra_state(self, model: AdaptedModel, adapter_name: str) -> dict[str, torch.Tensor]:
+        config = model.peft_config[adapter_name]
+        assert isinstance(config, VeraConfig)
+        basis = self.basis(model)
+        assert basis is not None
+        r, max_in, max_out = self.natural_shape(model, adapter_name)
+        if config.save_projection:
+            a, b = basis.slices(max_in, max_out, r)
+            return {"vera_A": a, "vera_B": b}
+        if basis.shape != (r, max_in, max_out):
+            warnings.warn(
+                f"VeRA adapter {adapter_name!r} is saved without its projection "
+                f"(save_projection=False), but it uses a slice of a basis of shape {basis.shape} "
+                f"rather than the basis {(r, max_in, max_out)} its key regenerates; loading it "
+                "elsewhere (adapt or PEFT) will give different outputs. Save with "
+                "save_projection=True",
+                UserWarning,
+                stacklevel=3,
+            )
+        return {}
+
+    def load_extra_state(
+        self, model: AdaptedModel, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> list[str]:
+        config = model.peft_config[adapter_name]
+        assert isinstance(config, VeraConfig)
+        basis = self.basis(model)
+        assert basis is not None
+        r, max_in, max_out = self.natural_shape(model, adapter_name)
+        has_a, has_b = "vera_A" in tensors, "vera_B" in tensors
+        if has_a != has_b:
+            raise CheckpointError(
+                "the checkpoint holds only one of base_model.vera_A / base_model.vera_B; a saved "
+                "projection needs both"
+            )
+        if not has_a:
+            if config.save_projection:
+                raise CheckpointError(
+                    "the adapter's config says save_projection=true but the checkpoint holds no "
+                    "base_model.vera_A / base_model.vera_B; the file is incomplete"
+                )
+            if basis.shape != (r, max_in, max_out):
+                raise CheckpointError(
+                    f"this VeRA adapter was saved without its projection and needs the basis "
+                    f"regenerated at (r, in, out) = {(r, max_in, max_out)}, but the model's shared "
+                    f"basis is {basis.shape}; load it as the first adapter of a fresh model"
+                )
+            return []
+        a, b = tensors["vera_A"], tensors["vera_B"]
+        if tuple(a.shape) != (r, max_in) or tuple(b.shape) != (max_out, r):
+            raise CheckpointError(
+                f"saved projection has vera_A {tuple(a.shape)} and vera_B {tuple(b.shape)}, but "
+                f"this adapter's layers need ({r}, {max_in}) and ({max_out}, {r}); the checkpoint "
+                "was saved for another model or config"
+            )
+        if not (a.is_floating_point() and b.is_floating_point()) or not (
+            torch.isfinite(a).all() and torch.isfinite(b).all()
+        ):
+            raise CheckpointError("saved projection vera_A / vera_B must be finite floating-point tensors")
+        if len(model.peft_config) == 1 and basis.shape == (r, max_in, max_out):
+            with torch.no_grad():
+                basis.A.copy_(a.to(basis.A.dtype))
+                basis.B.copy_(b.to(basis.B.dtype))
+        else:
+            cur_a, cur_b = basis.slices(max_in, max_out, r)
+            if not (torch.equal(cur_a.cpu(), a.to(cur_a.dtype)) and torch.equal(cur_b.cpu(), b.to(cur_b.dtype))):
+                raise CheckpointError(
+                    "the saved projection differs from this model's shared VeRA basis (another "
+                    "projection_prng_key or basis size); load the adapter into a fresh model"
+                )
+        return ["vera_A", "vera_B"]
+
+
+METHOD = VeraMethod()
