@@ -1,0 +1,119 @@
+"""VeRA interop with HF PEFT: bit-identical basis from the same key, same outputs for the same
+λ values, checkpoints both ways with and without the saved projection."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from adapt.core import AdaptedModel, adapt  # noqa: E402
+from adapt.vera import VeraConfig  # noqa: E402
+
+pytestmark = pytest.mark.interop
+
+TOL = 1e-5
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+CASES = {
+    "llama": (llama, LLAMA_TARGETS),
+    "gpt2": (gpt2, ["c_attn", "c_proj", "c_fc"]),
+}
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_saved_vera_loads_in_adapt(case: str, save_projection: bool, tmp_path: Path) -> None:
+    factory, targets = CASES[case]
+    base = factory()
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.VeraConfig(r=8, target_modules=targets, save_projection=save_projection,
+                        init_weights=False, projection_prng_key=7),
+    ).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert torch.equal(theirs.base_model.vera_A["default"], ours.base_model.vera_basis.A)
+    assert torch.equal(theirs.base_model.vera_B["default"], ours.base_model.vera_basis.B)
+    expected = _logits(theirs)
+    diff = (_logits(ours) - expected).abs().max().item()
+    print(f"vera {case} save_projection={save_projection}: PEFT→adapt max abs diff {diff:.3g}")
+    assert diff <= TOL
+    assert (expected - _logits(base)).abs().max().item() > 1e-3, "vacuous: adapter had no effect"
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_adapt_saved_vera_loads_in_peft(case: str, save_projection: bool, tmp_path: Path) -> None:
+    factory, targets = CASES[case]
+    base = factory()
+    torch.manual_seed(2)
+    ours = adapt(
+        copy.deepcopy(base),
+        VeraConfig(r=8, target_modules=targets, save_projection=save_projection, init_weights=False,
+                   projection_prng_key=7),
+    ).eval()
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    diff = (_logits(ours) - _logits(theirs)).abs().max().item()
+    print(f"vera {case} save_projection={save_projection}: adapt→PEFT max abs diff {diff:.3g}")
+    assert diff <= TOL
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert ("base_model.vera_A" in keys) == save_projection
+    assert ("base_model.vera_B" in keys) == save_projection
+    peft_dir = tmp_path / "peft"
+    peft.get_peft_model(
+        copy.deepcopy(base), peft.VeraConfig(r=8, target_modules=targets, save_projection=save_projection)
+    ).save_pretrained(peft_dir)
+    assert keys == set(load_file(str(peft_dir / "adapter_model.safetensors")))
+
+
+def test_same_key_gives_peft_basis_bit_for_bit() -> None:
+    base = llama()
+    for key in (0, 123):
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=16, target_modules=LLAMA_TARGETS, projection_prng_key=key))
+        ours = adapt(copy.deepcopy(base), VeraConfig(r=16, target_modules=LLAMA_TARGETS, projection_prng_key=key))
+        assert torch.equal(theirs.base_model.vera_A["default"], ours.base_model.vera_basis.A)
+        assert torch.equal(theirs.base_model.vera_B["default"], ours.base_model.vera_basis.B)
+
+
+def test_merged_vera_matches_peft(tmp_path: Path) -> None:
+    base = llama()
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=8, target_modules=LLAMA_TARGETS, init_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    diff = (_logits(ours.merge_and_unload().eval()) - _logits(theirs.merge_and_unload().eval())).abs().max().item()
+    print(f"vera merged model vs PEFT merged: max abs diff {diff:.3g}")
+    assert diff <= TOL
