@@ -255,8 +255,9 @@ class AdaptedModel(nn.Module):
                 wrapper.add(adapter_name)
         except BaseException:
             for layer in touched:
-                if adapter_name in layer.adapter_names:
-                    layer.delete_adapter(adapter_name)
+                # unconditionally: a half-built adapter may hold state only in
+                # other_param_names containers, which adapter_names does not list
+                layer.delete_adapter(adapter_name)
             for wrapper in touched_mts:
                 wrapper.modules_to_save.pop(adapter_name, None)
             method.on_delete(self, adapter_name)
@@ -590,11 +591,15 @@ class AdaptedModel(nn.Module):
             config = load_config(model_id)
         config.inference_mode = not is_trainable
         tensors = read_tensors(model_id)
+        # injecting freezes the base; a failed load gives the user's flags back
+        requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         adapted = cls(model, config, adapter_name, is_trainable=is_trainable)
         try:
             adapted._load_tensors(adapter_name, tensors, source=str(model_id))
         except BaseException:
             adapted.unload()
+            for param, flag in requires_grad:
+                param.requires_grad_(flag)
             raise
         return adapted
 
@@ -786,4 +791,6 @@ def adapt(
     adapter_name: str = "default",
 ) -> AdaptedModel:
     """Inject ``config``'s adapter into ``model`` and return the trainable ``AdaptedModel``."""
-    return AdaptedModel(model, config, adapter_name, is_trainable=not config.inference_mode)
+    # getattr: a non-config is refused by add_adapter with a clear ConfigError
+    is_trainable = not getattr(config, "inference_mode", False)
+    return AdaptedModel(model, config, adapter_name, is_trainable=is_trainable)

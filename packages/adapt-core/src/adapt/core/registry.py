@@ -192,6 +192,13 @@ class Registry:
         available = sorted(
             e.name for e in grp.entries if e.loaded
         )
+        broken = [e for e in grp.entries if e.error and e.name.lower() == key]
+        if broken:
+            raise MissingMethodError(
+                f"the adapter method {name!r} is installed (distribution {broken[0].distribution} "
+                f"{broken[0].version}) but its plugin failed to import: {broken[0].error}. "
+                "Fix or reinstall that package"
+            )
         package = KNOWN_METHOD_PACKAGES.get(key)
         hint = (
             f"install it with `pip install {package}`"

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapt.core import AdapterLayer, ConfigError, adapter_dtype_device
-from adapt.core.backends import CONV1D_TRANSFORMERS
+from adapt.core import AdapterLayer, ConfigError, TargetError, adapter_dtype_device
+from adapt.core.backends import CONV1D_TRANSFORMERS, describe
 
 from .config import LoraConfig
 
@@ -156,6 +156,15 @@ class LoraEmbedding(LoraLayer):
         return (weight_b @ weight_a).T * self.scaling[adapter_name]
 
 
+def grouped_conv_message(name: str, conv: nn.modules.conv._ConvNd) -> str:
+    """Why LoRA refuses a grouped convolution, naming it (by path when known)."""
+    return (
+        f"{name} is a {type(conv).__name__} with groups={conv.groups}; LoRA on grouped "
+        "convolutions is not implemented in adapt-lora. Remove it from target_modules "
+        "(or list it in exclude_modules)"
+    )
+
+
 class LoraConv(LoraLayer):
     """LoRA on ``nn.Conv1d/2d/3d``: A is a convolution with the base's kernel, stride, padding
     and dilation into r channels; B a 1×…×1 convolution back to the output channels."""
@@ -164,11 +173,16 @@ class LoraConv(LoraLayer):
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
-        return isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1
+        # Grouped convolutions are claimed (not refused here) so that LoraMethod.prepare can
+        # refuse them with a message naming the module and its groups; refusing here would
+        # give core's generic "no lora layer can adapt Conv2d" message instead.
+        return isinstance(module, nn.modules.conv._ConvNd)
 
     def create_adapter(self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device) -> None:
         base = self.get_base_layer()
         assert isinstance(base, nn.modules.conv._ConvNd)
+        if base.groups != 1:
+            raise TargetError(grouped_conv_message(describe(base), base))
         conv_cls = type(base) if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else {
             1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d
         }[len(base.kernel_size)]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from adapt.core import AdaptedModel, AdapterConfig, Method
+from torch import nn
+
+from adapt.core import AdaptedModel, AdapterConfig, Method, TargetError, get_registry
 
 from .config import LoraConfig
+from .layer import LoraConv, grouped_conv_message
 
 
 class LoraMethod(Method):
@@ -14,6 +17,22 @@ class LoraMethod(Method):
     peft_type: ClassVar[str] = "LORA"
     package: ClassVar[str] = "adapt-lora"
     config_class: ClassVar[type[AdapterConfig]] = LoraConfig
+
+    def prepare(
+        self,
+        model: AdaptedModel,
+        config: AdapterConfig,
+        adapter_name: str,
+        targets: dict[str, nn.Module],
+    ) -> None:
+        # refuse grouped convolutions up front, by path, before any layer is created
+        for path, module in targets.items():
+            if (
+                isinstance(module, nn.modules.conv._ConvNd)
+                and module.groups != 1
+                and get_registry().resolve_layer(self.name, module) is LoraConv
+            ):
+                raise TargetError(grouped_conv_message(path, module))
 
     def layer_kwargs(
         self, model: AdaptedModel, config: AdapterConfig, adapter_name: str, path: str

@@ -40,7 +40,10 @@ class VeraConfig(AdapterConfig):
         super().validate()
         name = type(self).__name__
         self._check_number(name, "r", self.r, kind=int, low=0, low_open=True)
-        self._check_number(name, "projection_prng_key", self.projection_prng_key, kind=int, low=0)
+        # torch.Generator.manual_seed takes an unsigned 64-bit seed
+        self._check_number(
+            name, "projection_prng_key", self.projection_prng_key, kind=int, low=0, high=2**64 - 1
+        )
         self._check_number(name, "vera_dropout", self.vera_dropout, low=0, high=1, high_open=True)
         self._check_number(name, "d_initial", self.d_initial)
         if self.bias not in _BIAS:

@@ -1,0 +1,257 @@
+"""Nox sessions for the adapt monorepo.
+
+`nox` alone runs what CI needs (see ``nox.options.sessions``); `nox -l` lists every session.
+
+Rules every session follows:
+
+* torch is installed first, alone, pinned to ``TORCH`` (a CPU wheel found through
+  ``--find-links /opt/wheels`` when that folder exists); every later install in the same venv
+  passes a constraints file pinning torch, so pip can never swap in another torch build.
+* Each venv installs torch exactly once.
+* Hugging Face libraries run offline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nox
+import tomllib
+
+ROOT = Path(__file__).resolve().parent
+PACKAGES_DIR = ROOT / "packages"
+
+TORCH = "2.13.0"
+TRANSFORMERS_MIN = "4.46.3"  # minimum supported
+TRANSFORMERS_LATEST = "5.23.0"
+PEFT = "0.21.2"  # test-only dependency of the `interop` session
+RUFF = "0.17.6"
+MYPY = "2.4.1"
+TEST_DEPS = ["pytest", "hypothesis"]
+
+# Local wheel folder (the CPU torch wheel lives there on our machines and in CI).
+WHEELS_DIR = Path("/opt/wheels")
+
+# Packages that come first, in dependency order; any other folder under packages/ follows.
+PACKAGE_ORDER = ["adapt-core", "adapt-lora", "adapt-vera", "adapt-adalora", "adapt-bnb"]
+
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
+
+nox.options.default_venv_backend = "venv"  # never uv: uv does not look in /opt/wheels
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+nox.options.sessions = ["lint", "tests", "typecheck", "interop", "wheels"]
+
+
+# ----------------------------------------------------------------------------- packages
+
+
+def _pyproject(pkg: str) -> dict:
+    with open(PACKAGES_DIR / pkg / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def _dist_name(requirement: str) -> str:
+    return re.split(r"[\s\[<>=!~;@(]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def discover_packages() -> list[str]:
+    """Folders under packages/ with a pyproject.toml: PACKAGE_ORDER first, others sorted."""
+    found = sorted(
+        p.name for p in PACKAGES_DIR.iterdir() if p.is_dir() and (p / "pyproject.toml").is_file()
+    )
+    known = [p for p in PACKAGE_ORDER if p in found]
+    return known + [p for p in found if p not in known]
+
+
+PACKAGES = discover_packages()
+
+
+def local_deps(pkg: str) -> list[str]:
+    """`pkg` and the packages under packages/ it needs (transitively), dependencies first."""
+    needed: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in needed:
+            return
+        needed.add(name)
+        for req in _pyproject(name).get("project", {}).get("dependencies", []):
+            dep = _dist_name(req)
+            if dep in PACKAGES:
+                visit(dep)
+
+    visit(pkg)
+    return [p for p in PACKAGES if p in needed]
+
+
+def import_names(pkg: str) -> list[str]:
+    """Top-level modules a package ships under the `adapt` namespace, e.g. ['adapt.core']."""
+    ns = PACKAGES_DIR / pkg / "src" / "adapt"
+    if not ns.is_dir():
+        return []
+    return sorted(f"adapt.{p.name}" for p in ns.iterdir() if (p / "__init__.py").is_file())
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def find_links() -> list[str]:
+    return ["--find-links", str(WHEELS_DIR)] if WHEELS_DIR.is_dir() else []
+
+
+def constraints_file(session: nox.Session) -> str:
+    path = Path(session.create_tmp()).resolve() / "torch-constraints.txt"
+    path.write_text(f"torch=={TORCH}\n")
+    return str(path)
+
+
+def install_torch(session: nox.Session) -> str:
+    """Install torch first and alone; return a constraints file for every later install."""
+    session.install(f"torch=={TORCH}", *find_links())
+    return constraints_file(session)
+
+
+def install(session: nox.Session, constraints: str, *args: str) -> None:
+    """pip install that can never change torch (constraints pin it to TORCH)."""
+    session.install("-c", constraints, *find_links(), *args)
+
+
+def editable(pkgs: list[str]) -> list[str]:
+    args: list[str] = []
+    for p in pkgs:
+        args += ["-e", str(PACKAGES_DIR / p)]
+    return args
+
+
+def setup(session: nox.Session) -> None:
+    session.env.update(ENV)
+
+
+def pytest_args(session: nox.Session) -> list[str]:
+    """Each pytest run also writes a JUnit report, which .ci/run sums up."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", session.name).strip("_")
+    report = ROOT / ".nox" / "_reports" / f"{name}.xml"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    return [f"--junitxml={report}"]
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check + ruff format --check."""
+    setup(session)
+    session.install(f"ruff=={RUFF}")
+    paths = [p for p in ("packages", "tests", "tools", "docs", "noxfile.py") if (ROOT / p).exists()]
+    session.run("ruff", "check", *paths, *session.posargs)
+    session.run("ruff", "format", "--check", "--diff", *paths)
+
+
+@nox.session
+@nox.parametrize(
+    ("package", "transformers"),
+    [(p, t) for p in PACKAGES for t in (TRANSFORMERS_MIN, TRANSFORMERS_LATEST)],
+)
+def tests(session: nox.Session, package: str, transformers: str) -> None:
+    """A package's own tests, against the minimum and the latest supported transformers."""
+    setup(session)
+    tests_dir = PACKAGES_DIR / package / "tests"
+    if not tests_dir.is_dir():
+        session.error(f"{package} has no tests/ folder ({tests_dir})")
+    constraints = install_torch(session)
+    install(session, constraints, f"transformers=={transformers}")
+    install(session, constraints, *editable(local_deps(package)), *TEST_DEPS)
+    session.run("pytest", str(tests_dir), *pytest_args(session), *session.posargs)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy over every package's src (strict for adapt.core, see pyproject.toml)."""
+    setup(session)
+    constraints = install_torch(session)
+    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}")
+    install(session, constraints, *editable(PACKAGES), f"mypy=={MYPY}", "types-tqdm")
+    modules = [m for p in PACKAGES for m in import_names(p)]
+    args = [a for m in modules for a in ("-p", m)]
+    session.run("mypy", *args, *session.posargs)
+
+
+@nox.session
+def interop(session: nox.Session) -> None:
+    """tests/interop against HF PEFT (a test-only dependency) and the latest transformers."""
+    setup(session)
+    constraints = install_torch(session)
+    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}")
+    install(session, constraints, *editable(PACKAGES), *TEST_DEPS)
+    session.run("pytest", "-m", "interop", "tests/interop", *pytest_args(session), *session.posargs)
+
+
+@nox.session
+def wheels(session: nox.Session) -> None:
+    """Build every package's wheel, install them by name into a fresh venv, smoke-test it."""
+    setup(session)
+    session.install("build")
+    tmp = Path(session.create_tmp()).resolve()
+    dist = tmp / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    dist.mkdir()
+    for pkg in PACKAGES:
+        session.run(
+            "python", "-m", "build", "--wheel", "--outdir", str(dist), str(PACKAGES_DIR / pkg)
+        )
+
+    # Fresh venv every time: nothing editable, nothing left from a previous run.
+    venv = tmp / "fresh-venv"
+    shutil.rmtree(venv, ignore_errors=True)
+    session.run("python", "-m", "venv", str(venv))
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "--quiet"]
+    constraints = constraints_file(session)
+
+    session.run(*pip, f"torch=={TORCH}", *find_links(), external=True)
+    # The adapt packages come from the wheel folder only (--no-index), by name ...
+    session.run(
+        *pip, "--no-index", "--no-deps", "--find-links", str(dist), *PACKAGES, external=True
+    )
+    # ... then their other dependencies (safetensors, tqdm, ...) from the normal index.
+    # The adapt packages are already satisfied, so pip keeps the wheels installed above.
+    report = tmp / "pip-report.json"
+    session.run(
+        *pip, "-c", constraints, *find_links(), "--find-links", str(dist),
+        "--report", str(report), *PACKAGES, external=True,
+    )  # fmt: skip
+    installed = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
+    if stray := sorted(installed & set(PACKAGES)):
+        session.error(f"adapt packages were (re)installed from outside {dist}: {stray}")
+    session.run(py, "-m", "pip", "check", external=True)
+
+    # Run from the session tmp dir so the repo is not on sys.path.
+    with session.chdir(tmp):
+        session.run(py, str(ROOT / "tools" / "smoke.py"), external=True)
+        session.run(py, str(ROOT / "tools" / "check_entry_points.py"), external=True)
+        session.run(str(venv / "bin" / "adapt"), "plugins", external=True)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Run docs/examples/quickstart.py (the README's demo command)."""
+    setup(session)
+    constraints = install_torch(session)
+    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}")
+    install(session, constraints, *editable(PACKAGES))
+    session.run("python", str(ROOT / "docs" / "examples" / "quickstart.py"), *session.posargs)
+
+
+# Planned, not yet written: `docs` (execute the guides), `bench` (tools/bench), `plugin`
+# (build + install the example third-party plugin from docs/examples and test discovery).
+# Follow the same pattern: setup(); install_torch(); install(session, constraints, ...).

@@ -1,0 +1,73 @@
+"""The public test kit itself: registration helpers and the assertions plugin authors use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from core_testutils import mlp, tiny_llama
+
+from adapt.core import MissingMethodError, adapt, get_registry
+from adapt.core.registry import GROUP_LAYERS, Registry
+from adapt.core.testing import (
+    ToyConfig,
+    ToyLayer,
+    assert_merge_roundtrip,
+    assert_mixed_batch_matches,
+    isolated_registry,
+    output_tensor,
+    registered_toy,
+)
+
+
+def test_registered_toy_unregisters_afterwards(registry: Registry) -> None:
+    with isolated_registry() as inner:
+        assert get_registry() is inner
+        with pytest.raises(MissingMethodError):
+            inner.get_method("toy")
+        with registered_toy() as method:
+            assert inner.get_method("TOY") is method
+            assert [e.obj for e in inner.entries(GROUP_LAYERS)] == [ToyLayer]
+        assert inner.entries(GROUP_LAYERS) == []
+        with pytest.raises(MissingMethodError):
+            inner.get_method("toy")
+    assert get_registry() is registry  # the outer registry is back
+
+
+def test_helpers_on_a_transformers_model() -> None:
+    model = adapt(tiny_llama(), ToyConfig(target_modules=["q_proj", "v_proj"], init_identity=False))
+    model.add_adapter("b", ToyConfig(target_modules=["o_proj"], init_identity=False))
+    batch = {"input_ids": torch.randint(3, 32, (3, 5), generator=torch.Generator().manual_seed(0))}
+    assert_merge_roundtrip(model, lambda: batch, atol=1e-5)
+    assert_mixed_batch_matches(model, batch, ["b", "__base__", "default"], atol=1e-5)
+    with torch.no_grad():
+        assert output_tensor(model(**batch)).shape == (3, 5, 32)
+
+
+class WrongDelta(ToyLayer):
+    """A buggy layer: its ΔW disagrees with its forward contribution."""
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return 2 * super().delta_weight(adapter_name)
+
+
+def test_merge_roundtrip_catches_a_wrong_delta_weight(registry: Registry) -> None:
+    with registered_toy(registry, layer=WrongDelta):
+        model = adapt(mlp(), ToyConfig(target_modules=["up"], init_identity=False))
+    x = torch.randn(2, 8)
+    with pytest.raises(AssertionError, match="merged output vs unmerged output"):
+        assert_merge_roundtrip(model, lambda: x, atol=1e-6)
+
+
+def test_merge_roundtrip_refuses_a_merged_model() -> None:
+    model = adapt(mlp(), ToyConfig(target_modules=["up"], init_identity=False))
+    model.merge_adapter()
+    with pytest.raises(AssertionError, match="up is already merged"):
+        assert_merge_roundtrip(model, lambda: torch.randn(2, 8))
+
+
+def test_output_tensor() -> None:
+    t = torch.zeros(1)
+    assert output_tensor(t) is t
+    assert output_tensor((t, 1)) is t
+    with pytest.raises(TypeError, match="cannot find the output tensor in a dict"):
+        output_tensor({"a": 1})

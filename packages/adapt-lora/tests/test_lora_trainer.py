@@ -1,0 +1,82 @@
+"""An adapted tiny Llama trains under transformers' ``Trainer``."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lora_testutils import LLAMA_TARGETS, tiny_llama  # noqa: E402
+
+from adapt.core import AdaptedModel, adapt  # noqa: E402
+from adapt.lora import LoraConfig  # noqa: E402
+
+
+class TokenDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Eight dicts with ``input_ids`` and ``labels``, as a tokenised LM dataset yields."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        input_ids = (torch.arange(8) * (i + 1) + 3) % 64
+        return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def _train(
+    tmp_path: Path, **extra: object
+) -> tuple[AdaptedModel, transformers.TrainOutput, dict[str, torch.Tensor]]:
+    model = adapt(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        **extra,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenDataset())
+    result = trainer.train()
+    params = dict(model.named_parameters())
+    # the frozen base is bit-identical after training
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    return model, result, before
+
+
+def _assert_adapters_trained(model: AdaptedModel, before: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    assert before and all(".lora_" in n for n in before)
+    changed = [n for n, v in before.items() if not torch.equal(params[n], v)]
+    assert sorted(changed) == sorted(before)
+
+
+def test_trainer_keeps_the_columns_and_trains_the_adapter(tmp_path: Path) -> None:
+    # Trainer keeps only the columns AdaptedModel.forward's signature names
+    params = inspect.signature(
+        adapt(tiny_llama(), LoraConfig(target_modules=["q_proj"])).forward
+    ).parameters
+    assert "input_ids" in params and "labels" in params
+    model, result, before = _train(tmp_path)  # remove_unused_columns defaults to True
+    assert result.global_step == 3
+    assert math.isfinite(result.training_loss) and result.training_loss > 0
+    _assert_adapters_trained(model, before)
+
+
+def test_trainer_with_gradient_checkpointing(tmp_path: Path) -> None:
+    model, result, before = _train(tmp_path, gradient_checkpointing=True)
+    assert model.model.is_gradient_checkpointing
+    assert result.global_step == 3
+    assert math.isfinite(result.training_loss)
+    _assert_adapters_trained(model, before)
