@@ -35,13 +35,19 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
     )
     base = LlamaForCausalLM(config)
     pristine = copy.deepcopy(base)
 
-    model = adapt(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"))
+    model = adapt(
+        base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
+    )
     model.print_trainable_parameters()
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -71,7 +77,9 @@ def main() -> None:
         model.save_pretrained(out)
         reloaded = AdaptedModel.from_pretrained(copy.deepcopy(pristine), out).eval()
         with torch.no_grad():
-            reload_diff = (reloaded(input_ids=held_out["input_ids"]).logits - logits).abs().max().item()
+            reload_diff = (
+                (reloaded(input_ids=held_out["input_ids"]).logits - logits).abs().max().item()
+            )
     merged = model.merge_and_unload()
     with torch.no_grad():
         merge_diff = (merged(input_ids=held_out["input_ids"]).logits - logits).abs().max().item()

@@ -27,8 +27,12 @@ TOL = 1e-5
 
 def llama() -> nn.Module:
     cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
     )
     return transformers.LlamaForCausalLM(cfg)
 
@@ -40,8 +44,12 @@ def gpt2() -> nn.Module:
 
 def bert() -> nn.Module:
     cfg = transformers.BertConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        vocab_size=128, max_position_embeddings=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     return transformers.BertModel(cfg)
 
@@ -69,10 +77,18 @@ def _image(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 CASES: dict[str, tuple[Callable[[], nn.Module], dict, Callable]] = {
-    "llama": (llama, {"target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"]}, _tokens),
+    "llama": (
+        llama,
+        {"target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"]},
+        _tokens,
+    ),
     "llama-all-linear": (llama, {"target_modules": "all-linear", "use_rslora": True}, _tokens),
     "gpt2": (gpt2, {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}, _tokens),
-    "bert": (bert, {"target_modules": ["query", "value"], "modules_to_save": ["pooler"], "bias": "all"}, _tokens),
+    "bert": (
+        bert,
+        {"target_modules": ["query", "value"], "modules_to_save": ["pooler"], "bias": "all"},
+        _tokens,
+    ),
     "convnet": (ConvNet, {"target_modules": ["conv1", "conv2", "head"]}, _image),
 }
 
@@ -82,7 +98,9 @@ def _out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model(**batch)
     if isinstance(out, torch.Tensor):
         return out
-    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+    return (
+        out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+    )
 
 
 def _base(factory: Callable[[], nn.Module]) -> nn.Module:
@@ -114,7 +132,9 @@ def test_adapt_saved_adapter_loads_in_peft(case: str, tmp_path: Path) -> None:
     factory, kwargs, batch_fn = CASES[case]
     base = _base(factory)
     torch.manual_seed(2)
-    ours = adapt(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kwargs)).eval()
+    ours = adapt(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kwargs)
+    ).eval()
     ours.save_pretrained(tmp_path)
     batch = batch_fn(base)
     expected = _out(ours, batch)
@@ -156,7 +176,9 @@ def test_merge_matches_peft(case: str, tmp_path: Path) -> None:
     peft_model.save_pretrained(tmp_path)
     batch = batch_fn(base)
     theirs = _out(peft_model.merge_and_unload().eval(), batch)
-    ours = _out(AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path).merge_and_unload().eval(), batch)
+    ours = _out(
+        AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path).merge_and_unload().eval(), batch
+    )
     diff = (ours - theirs).abs().max().item()
     print(f"{case}: merged model vs PEFT's merged model, max abs diff {diff:.3g}")
     assert diff <= TOL
@@ -170,7 +192,9 @@ def test_second_adapter_folder_layout_matches_peft(tmp_path: Path) -> None:
     ours.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_config.json").is_file()
     assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "other", adapter_name="other")
+    theirs = peft.PeftModel.from_pretrained(
+        copy.deepcopy(base), tmp_path / "other", adapter_name="other"
+    )
     batch = _tokens(base)
     ours.set_adapter("other")
     diff = (_out(theirs.eval(), batch) - _out(ours.eval(), batch)).abs().max().item()

@@ -25,8 +25,12 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 def llama() -> nn.Module:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
     )
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -57,8 +61,13 @@ def test_peft_saved_vera_loads_in_adapt(case: str, save_projection: bool, tmp_pa
     torch.manual_seed(1)
     theirs = peft.get_peft_model(
         copy.deepcopy(base),
-        peft.VeraConfig(r=8, target_modules=targets, save_projection=save_projection,
-                        init_weights=False, projection_prng_key=7),
+        peft.VeraConfig(
+            r=8,
+            target_modules=targets,
+            save_projection=save_projection,
+            init_weights=False,
+            projection_prng_key=7,
+        ),
     ).eval()
     theirs.save_pretrained(tmp_path)
     ours = AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
@@ -79,8 +88,13 @@ def test_adapt_saved_vera_loads_in_peft(case: str, save_projection: bool, tmp_pa
     torch.manual_seed(2)
     ours = adapt(
         copy.deepcopy(base),
-        VeraConfig(r=8, target_modules=targets, save_projection=save_projection, init_weights=False,
-                   projection_prng_key=7),
+        VeraConfig(
+            r=8,
+            target_modules=targets,
+            save_projection=save_projection,
+            init_weights=False,
+            projection_prng_key=7,
+        ),
     ).eval()
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
@@ -94,7 +108,8 @@ def test_adapt_saved_vera_loads_in_peft(case: str, save_projection: bool, tmp_pa
     assert ("base_model.vera_B" in keys) == save_projection
     peft_dir = tmp_path / "peft"
     peft.get_peft_model(
-        copy.deepcopy(base), peft.VeraConfig(r=8, target_modules=targets, save_projection=save_projection)
+        copy.deepcopy(base),
+        peft.VeraConfig(r=8, target_modules=targets, save_projection=save_projection),
     ).save_pretrained(peft_dir)
     assert keys == set(load_file(str(peft_dir / "adapter_model.safetensors")))
 
@@ -102,8 +117,14 @@ def test_adapt_saved_vera_loads_in_peft(case: str, save_projection: bool, tmp_pa
 def test_same_key_gives_peft_basis_bit_for_bit() -> None:
     base = llama()
     for key in (0, 123):
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=16, target_modules=LLAMA_TARGETS, projection_prng_key=key))
-        ours = adapt(copy.deepcopy(base), VeraConfig(r=16, target_modules=LLAMA_TARGETS, projection_prng_key=key))
+        theirs = peft.get_peft_model(
+            copy.deepcopy(base),
+            peft.VeraConfig(r=16, target_modules=LLAMA_TARGETS, projection_prng_key=key),
+        )
+        ours = adapt(
+            copy.deepcopy(base),
+            VeraConfig(r=16, target_modules=LLAMA_TARGETS, projection_prng_key=key),
+        )
         assert torch.equal(theirs.base_model.vera_A["default"], ours.base_model.vera_basis.A)
         assert torch.equal(theirs.base_model.vera_B["default"], ours.base_model.vera_basis.B)
 
@@ -111,9 +132,16 @@ def test_same_key_gives_peft_basis_bit_for_bit() -> None:
 def test_merged_vera_matches_peft(tmp_path: Path) -> None:
     base = llama()
     torch.manual_seed(3)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=8, target_modules=LLAMA_TARGETS, init_weights=False))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.VeraConfig(r=8, target_modules=LLAMA_TARGETS, init_weights=False)
+    )
     theirs.save_pretrained(tmp_path)
     ours = AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    diff = (_logits(ours.merge_and_unload().eval()) - _logits(theirs.merge_and_unload().eval())).abs().max().item()
+    diff = (
+        (_logits(ours.merge_and_unload().eval()) - _logits(theirs.merge_and_unload().eval()))
+        .abs()
+        .max()
+        .item()
+    )
     print(f"vera merged model vs PEFT merged: max abs diff {diff:.3g}")
     assert diff <= TOL

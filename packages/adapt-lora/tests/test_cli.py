@@ -19,8 +19,12 @@ from adapt.lora import LoraConfig  # noqa: E402
 def _llama() -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
     )
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -30,7 +34,9 @@ def saved(tmp_path: Path) -> tuple[Path, Path, torch.Tensor]:
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     _llama().save_pretrained(base_dir)
     torch.manual_seed(1)
-    model = adapt(_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = adapt(
+        _llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.save_pretrained(adapter_dir)
     ids = torch.arange(10).unsqueeze(0)
     with torch.no_grad():
@@ -43,7 +49,10 @@ def test_merge_writes_a_model_with_the_adapter_folded_in(
 ) -> None:
     base_dir, adapter_dir, expected = saved
     out = tmp_path / "merged"
-    assert main(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out)]) == 0
+    assert (
+        main(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out)])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "[3/4] merging 4 adapted layers" in text and "done in" in text
     merged = transformers.LlamaForCausalLM.from_pretrained(out).eval()
@@ -53,36 +62,48 @@ def test_merge_writes_a_model_with_the_adapter_folded_in(
     assert (got - expected).abs().max().item() < 1e-5
 
 
-def test_merge_refuses_a_non_empty_output(saved: tuple[Path, Path, torch.Tensor], tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_merge_refuses_a_non_empty_output(
+    saved: tuple[Path, Path, torch.Tensor], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base_dir, adapter_dir, _ = saved
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert main(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out)]) == 1
+    assert (
+        main(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out)])
+        == 1
+    )
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_inspect_lists_method_targets_and_ranks(saved: tuple[Path, Path, torch.Tensor],
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_lists_method_targets_and_ranks(
+    saved: tuple[Path, Path, torch.Tensor], capsys: pytest.CaptureFixture[str]
+) -> None:
     _, adapter_dir, _ = saved
     assert main(["inspect", str(adapter_dir)]) == 0
     text = capsys.readouterr().out
     assert "method:       LORA" in text
     assert "model.layers.0.self_attn.q_proj" in text
     assert "tensors:      8 in 4 modules" in text
-    row = next(line for line in text.splitlines() if line.startswith("model.layers.1.self_attn.v_proj"))
+    row = next(
+        line for line in text.splitlines() if line.startswith("model.layers.1.self_attn.v_proj")
+    )
     assert row.split()[1] == "4"
 
 
-def test_inspect_missing_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_missing_folder_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["inspect", str(tmp_path / "nope")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_plugins_lists_lora_with_its_distribution() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "adapt.core.cli", "plugins"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "adapt.core.cli", "plugins"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     lines = {tuple(line.split()[:3]) for line in out.splitlines()[2:]}
     assert ("methods", "lora", "adapt-lora") in lines

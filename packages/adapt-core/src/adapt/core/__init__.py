@@ -13,8 +13,8 @@ from .backends import DenseBackend, MergeReport, WeightBackend
 from .basis import SharedBasis
 from .config import ANY_VALUE, AdapterConfig
 from .errors import (
-    AdapterStateError,
     AdaptError,
+    AdapterStateError,
     CheckpointError,
     ConfigError,
     MissingMethodError,

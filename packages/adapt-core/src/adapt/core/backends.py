@@ -16,7 +16,7 @@ dense backend ships with core.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -100,7 +100,7 @@ class DenseBackend:
             return base.num_embeddings, base.embedding_dim
         if isinstance(base, nn.modules.conv._ConvNd):
             return base.in_channels, base.out_channels
-        weight = base.weight
+        weight = cast(torch.Tensor, base.weight)
         if self._is_transposed(base):
             return int(weight.shape[0]), int(weight.shape[1])
         if isinstance(base, nn.Linear):
@@ -108,11 +108,11 @@ class DenseBackend:
         return int(weight.shape[1]), int(weight.shape[0])
 
     def get_weight(self, base: nn.Module) -> torch.Tensor:
-        weight: torch.Tensor = base.weight
+        weight = cast(torch.Tensor, base.weight)
         return weight.T if self._is_transposed(base) else weight
 
     def set_weight(self, base: nn.Module, weight: torch.Tensor) -> MergeReport:
-        target: torch.Tensor = base.weight
+        target = cast(torch.Tensor, base.weight)
         new = weight.T if self._is_transposed(base) else weight
         if new.shape != target.shape:
             raise TargetError(
@@ -124,7 +124,7 @@ class DenseBackend:
         return MergeReport()
 
     def compute_dtype(self, base: nn.Module) -> torch.dtype:
-        dtype: torch.dtype = base.weight.dtype
+        dtype = cast(torch.Tensor, base.weight).dtype
         return dtype if dtype.is_floating_point else torch.float32
 
 

@@ -37,7 +37,9 @@ class SharedBasis(nn.Module):
     def __init__(self, r: int, max_in: int, max_out: int, seed: int) -> None:
         super().__init__()
         if min(r, max_in, max_out) <= 0:
-            raise ValueError(f"a shared basis needs positive sizes, got r={r}, in={max_in}, out={max_out}")
+            raise ValueError(
+                f"a shared basis needs positive sizes, got r={r}, in={max_in}, out={max_out}"
+            )
         generator = torch.Generator(device="cpu").manual_seed(seed)
         self.register_buffer("A", kaiming_uniform((r, max_in), generator))
         self.register_buffer("B", kaiming_uniform((max_out, r), generator))
@@ -64,7 +66,9 @@ class SharedBasis(nn.Module):
             "or size the basis up front for every adapter you plan to add"
         )
 
-    def slices(self, in_features: int, out_features: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def slices(
+        self, in_features: int, out_features: int, r: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-copy views ``A[:r, :in_features]`` and ``B[:out_features, :r]``."""
         return self.A[:r, :in_features], self.B[:out_features, :r]
 

@@ -46,14 +46,14 @@ def _atomic_write(path: Path, write: Any) -> None:
         pass
 
 
-def write_adapter(folder: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+def write_adapter(
+    folder: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> Path:
     """Write one adapter: weights first, then the config, each atomically."""
     from safetensors.torch import save_file
 
     out = Path(folder)
-    clean = {
-        k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())
-    }
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(clean, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
 

@@ -43,7 +43,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for group in GROUPS:
             for entry in registry.entries(group):
                 rows.append(
-                    [group.split(".")[-1], entry.name, entry.distribution, entry.version, entry.status]
+                    [
+                        group.split(".")[-1],
+                        entry.name,
+                        entry.distribution,
+                        entry.version,
+                        entry.status,
+                    ]
                 )
     if not rows:
         print("No adapt plugins found. Install a method, e.g. `pip install adapt-lora`.")
@@ -69,7 +75,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     shapes: dict[str, tuple[int, ...]] = {}
     try:
         with safe_open(str(weights), "pt") as fh:
-            for key in fh.keys():
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 shapes[key] = tuple(fh.get_slice(key).get_shape())
     except Exception as exc:
         raise CheckpointError(f"{weights} is corrupt and cannot be read: {exc}") from exc
@@ -96,7 +102,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"method:       {config.get('peft_type')}")
     print(f"base model:   {config.get('base_model_name_or_path') or '(not recorded)'}")
     print(f"targets:      {config.get('target_modules')}")
-    for key in ("r", "init_r", "target_r", "lora_alpha", "use_rslora", "projection_prng_key", "save_projection"):
+    for key in (
+        "r",
+        "init_r",
+        "target_r",
+        "lora_alpha",
+        "use_rslora",
+        "projection_prng_key",
+        "save_projection",
+    ):
         if key in config:
             print(f"{key + ':':<13} {config[key]}")
     if config.get("modules_to_save"):
@@ -107,9 +121,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for module, tensors in sorted(modules.items()):
         rank = ""
         for name, shape in tensors.items():
-            if name.split(".")[0] in ("lora_A", "lora_embedding_A") and shape:
-                rank = str(shape[0])
-            elif name == "vera_lambda_d" and shape:
+            if (name.split(".")[0] in ("lora_A", "lora_embedding_A") and shape) or (
+                name == "vera_lambda_d" and shape
+            ):
                 rank = str(shape[0])
         desc = ", ".join(f"{n} {list(s)}" for n, s in sorted(tensors.items()))
         rows.append([module, rank, desc])
@@ -123,7 +137,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if shared:
         print("\nshared tensors: " + ", ".join(f"{k} {list(v)}" for k, v in sorted(shared.items())))
     if args.json:
-        print(json.dumps({"config": config, "tensors": {k: list(v) for k, v in shapes.items()}}, indent=2))
+        print(
+            json.dumps(
+                {"config": config, "tensors": {k: list(v) for k, v in shapes.items()}}, indent=2
+            )
+        )
     return 0
 
 
@@ -131,7 +149,9 @@ def _load_base(model_dir: str, dtype: str | None) -> Any:
     try:
         import transformers
     except ImportError as exc:
-        raise AdaptError("`adapt merge` loads transformers models: `pip install transformers`") from exc
+        raise AdaptError(
+            "`adapt merge` loads transformers models: `pip install transformers`"
+        ) from exc
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
         raise AdaptError(f"{model_dir!r} is not a transformers model folder (no config.json)")
@@ -144,7 +164,9 @@ def _load_base(model_dir: str, dtype: str | None) -> Any:
     if dtype:
         import torch
 
-        kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = getattr(torch, dtype)
+        kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = (
+            getattr(torch, dtype)
+        )
     return cls.from_pretrained(model_dir, **kwargs)
 
 
@@ -161,12 +183,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model = AdaptedModel.from_pretrained(base, args.adapter)
     n_layers = sum(1 for _ in model.adapter_layers())
     print(f"[3/4] merging {n_layers} adapted layers", flush=True)
-    merged = model.merge_and_unload(safe_merge=True, progress_bar=None if sys.stderr.isatty() else False)
+    merged: Any = model.merge_and_unload(
+        safe_merge=True, progress_bar=None if sys.stderr.isatty() else False
+    )
     print(f"[4/4] saving merged model to {out}", flush=True)
     merged.save_pretrained(out)
     tok = Path(args.base)
     for name in os.listdir(tok):
-        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) and not (out / name).exists():
+        if (
+            name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
+            and not (out / name).exists()
+        ):
             (out / name).write_bytes((tok / name).read_bytes())
     print(f"done in {time.perf_counter() - start:.1f} s: {out}")
     return 0
@@ -176,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .__about__ import __version__
 
     parser = argparse.ArgumentParser(
-        prog="adapt", description="adapt: parameter-efficient fine-tuning adapters (PEFT-compatible)."
+        prog="adapt",
+        description="adapt: parameter-efficient fine-tuning adapters (PEFT-compatible).",
     )
     parser.add_argument("--version", action="version", version=f"adapt-core {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,13 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a saved adapter (method, targets, ranks, size)")
     p.add_argument("path", help="folder holding adapter_config.json and adapter_model.safetensors")
     p.add_argument("--all", action="store_true", help="list every module, not the first 20")
-    p.add_argument("--json", action="store_true", help="also print config and tensor shapes as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="also print config and tensor shapes as JSON"
+    )
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("merge", help="merge an adapter into a transformers model and save it")
     p.add_argument("--base", required=True, help="transformers model folder")
     p.add_argument("--adapter", required=True, help="saved adapter folder")
     p.add_argument("--out", required=True, help="output folder for the merged model")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="load the base in this dtype")
+    p.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], help="load the base in this dtype"
+    )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     p.set_defaults(func=cmd_merge)
     return parser

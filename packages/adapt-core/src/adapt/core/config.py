@@ -75,7 +75,11 @@ class AdapterConfig:
         for name in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, (set, frozenset, tuple)):
-                setattr(self, name, sorted(value) if isinstance(value, (set, frozenset)) else list(value))
+                setattr(
+                    self,
+                    name,
+                    sorted(value) if isinstance(value, (set, frozenset)) else list(value),
+                )
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
         self.validate()
@@ -90,8 +94,7 @@ class AdapterConfig:
                 continue
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(
-                    f"{cls}.{name} must be a list of module names or a regex string, "
-                    f"got {value!r}"
+                    f"{cls}.{name} must be a list of module names or a regex string, got {value!r}"
                 )
         if self.modules_to_save is not None and (
             not isinstance(self.modules_to_save, list)
@@ -121,7 +124,9 @@ class AdapterConfig:
                 "target_modules=['q_proj', 'v_proj'], or use 'all-linear'"
             )
         if not isinstance(self.inference_mode, bool):
-            raise ConfigError(f"{cls}.inference_mode must be true or false, got {self.inference_mode!r}")
+            raise ConfigError(
+                f"{cls}.inference_mode must be true or false, got {self.inference_mode!r}"
+            )
 
     @staticmethod
     def _check_number(
@@ -184,8 +189,10 @@ class AdapterConfig:
                 continue
             if key in ignored:
                 neutral = ignored[key]
-                if neutral is ANY_VALUE or value == neutral or (
-                    isinstance(neutral, tuple) and value in neutral
+                if (
+                    neutral is ANY_VALUE
+                    or value == neutral
+                    or (isinstance(neutral, tuple) and value in neutral)
                 ):
                     continue
                 raise ConfigError(

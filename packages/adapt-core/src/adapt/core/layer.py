@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ class AdapterLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         names: list[str] = []
         for attr in self.adapter_layer_names:
-            for key in getattr(self, attr).keys():
+            for key in getattr(self, attr):
                 if key not in names:
                     names.append(key)
         return names
@@ -102,7 +102,7 @@ class AdapterLayer(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (so code that reads ``module.weight`` keeps working)."""
-        weight: torch.Tensor = self.get_base_layer().weight
+        weight = cast(torch.Tensor, self.get_base_layer().weight)
         return weight
 
     @property
@@ -223,7 +223,9 @@ class AdapterLayer(nn.Module):
         ``safe_merge`` computes the result first and refuses it (layer unchanged) when it holds
         NaN or Inf.
         """
-        names = self._check_names(adapter_names if adapter_names is not None else self.active_adapters)
+        names = self._check_names(
+            adapter_names if adapter_names is not None else self.active_adapters
+        )
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return None
@@ -260,7 +262,9 @@ class AdapterLayer(nn.Module):
         yield from self.adapter_tensors(adapter_name).values()
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, adapters={self.adapter_names}, active={self.active_adapters}"
+        return (
+            f"method={self.method!r}, adapters={self.adapter_names}, active={self.active_adapters}"
+        )
 
 
 def adapter_dtype_device(layer: AdapterLayer) -> tuple[torch.dtype, torch.device]:

@@ -15,7 +15,7 @@ import types
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -51,7 +51,11 @@ class ModulesToSave(nn.Module):
         return self.original_module
 
     def _current(self) -> nn.Module:
-        if self.disabled or self.active_adapter not in self.modules_to_save:
+        if (
+            self.disabled
+            or self.active_adapter is None
+            or self.active_adapter not in self.modules_to_save
+        ):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
@@ -142,8 +146,11 @@ class AdaptedModel(nn.Module):
         with route_batch(list(adapter_names)):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        generate = self.model.generate
+    def generate(
+        self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> Any:
+        model: Any = self.model
+        generate = model.generate
         if adapter_names is None:
             return generate(*args, **kwargs)
         self._check_batch_names(adapter_names)
@@ -152,7 +159,9 @@ class AdaptedModel(nn.Module):
 
     def _check_batch_names(self, adapter_names: Sequence[str]) -> None:
         if isinstance(adapter_names, str):
-            raise ValueError("adapter_names takes one adapter name per sample (a list), not a string")
+            raise ValueError(
+                "adapter_names takes one adapter name per sample (a list), not a string"
+            )
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
         if unknown:
             raise AdapterStateError(
@@ -259,7 +268,8 @@ class AdaptedModel(nn.Module):
                 # other_param_names containers, which adapter_names does not list
                 layer.delete_adapter(adapter_name)
             for wrapper in touched_mts:
-                wrapper.modules_to_save.pop(adapter_name, None)
+                if adapter_name in wrapper.modules_to_save:
+                    del wrapper.modules_to_save[adapter_name]
             method.on_delete(self, adapter_name)
             raise
         for path, new in created.items():
@@ -391,7 +401,8 @@ class AdaptedModel(nn.Module):
                 if not layer.adapter_names:
                     self._replace(path, layer.base_layer)
         for path, wrapper in list(self._modules_to_save()):
-            wrapper.modules_to_save.pop(adapter_name, None)
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
             if not len(wrapper.modules_to_save):
                 self._replace(path, wrapper.original_module)
         method.on_delete(self, adapter_name)
@@ -406,14 +417,15 @@ class AdaptedModel(nn.Module):
         """Run the base model: every adapter (and modules_to_save copy) is bypassed inside."""
         layers = [layer for _, layer in self.adapter_layers()]
         wrappers = [w for _, w in self._modules_to_save()]
-        previous = [m.disabled for m in (*layers, *wrappers)]
-        for module in (*layers, *wrappers):
+        modules: list[AdapterLayer | ModulesToSave] = [*layers, *wrappers]
+        previous = [m.disabled for m in modules]
+        for module in modules:
             module.disabled = True
         try:
             yield
         finally:
-            for module, was in zip((*layers, *wrappers), previous, strict=True):
-                module.disabled = was
+            for mod, was in zip(modules, previous, strict=True):
+                mod.disabled = was
 
     # -- parameters ---------------------------------------------------------------------------
     def trainable_parameters(self) -> tuple[int, int]:
@@ -456,7 +468,9 @@ class AdaptedModel(nn.Module):
         layers = [layer for _, layer in self.adapter_layers()]
         if safe_merge:
             for layer in layers:
-                todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
+                todo = [
+                    n for n in names if n in layer.adapter_names and n not in layer.merged_adapters
+                ]
                 if todo and not torch.isfinite(layer.merged_weight(todo)).all():
                     raise AdapterStateError(
                         f"safe_merge: merging {todo} into {describe(layer.get_base_layer())} gives "
@@ -564,9 +578,9 @@ class AdaptedModel(nn.Module):
             config["inference_mode"] = True
             config.setdefault("base_model_name_or_path", None)
             if config.get("base_model_name_or_path") is None:
-                config["base_model_name_or_path"] = getattr(
-                    getattr(self.model, "config", None), "name_or_path", None
-                ) or None
+                config["base_model_name_or_path"] = (
+                    getattr(getattr(self.model, "config", None), "name_or_path", None) or None
+                )
             folder = root if name == "default" else root / name
             write_adapter(folder, config, tensors)
 
@@ -623,10 +637,16 @@ class AdaptedModel(nn.Module):
             self.delete_adapter(adapter_name)
             raise
 
-    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    def _load_tensors(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str
+    ) -> None:
         method = self.method_of(adapter_name)
-        extra_keys = {k for k in tensors if k.startswith("base_model.") and not k.startswith("base_model.model.")}
-        extra = {k[len("base_model."):]: tensors[k] for k in extra_keys}
+        extra_keys = {
+            k
+            for k in tensors
+            if k.startswith("base_model.") and not k.startswith("base_model.model.")
+        }
+        extra = {k[len("base_model.") :]: tensors[k] for k in extra_keys}
         targets = self.adapter_state_dict(adapter_name, include_shared=False)
         tensors = _normalise_peft_keys(tensors)
         file_keys = set(tensors) - extra_keys
@@ -694,7 +714,7 @@ class AdaptedModel(nn.Module):
             if head is not None:
                 heads.add(id(head.get_base_layer() if isinstance(head, AdapterLayer) else head))
         if isinstance(owner, nn.Embedding) or id(owner) in heads:
-            weight: torch.Tensor = owner.weight
+            weight = cast(torch.Tensor, owner.weight)
             return weight
         return None
 
@@ -702,7 +722,8 @@ class AdaptedModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Enable the wrapped transformers model's gradient checkpointing, with input grads on
         so a frozen embedding still lets gradients reach the adapters."""
-        self.model.gradient_checkpointing_enable(**kwargs)
+        model: Any = self.model
+        model.gradient_checkpointing_enable(**kwargs)
         enable = getattr(self.model, "enable_input_require_grads", None)
         if callable(enable):
             enable()
@@ -756,7 +777,9 @@ def _expose_forward_signature(adapted: AdaptedModel) -> None:
     except ValueError:
         return
     impl = AdaptedModel.forward
-    func = types.FunctionType(impl.__code__, impl.__globals__, "forward", impl.__defaults__, impl.__closure__)
+    func = types.FunctionType(
+        impl.__code__, impl.__globals__, "forward", impl.__defaults__, impl.__closure__
+    )
     func.__kwdefaults__ = impl.__kwdefaults__
     func.__qualname__ = impl.__qualname__
     func.__doc__ = impl.__doc__
@@ -781,7 +804,9 @@ def find_targets_hint(model: nn.Module, names: Sequence[str]) -> str:
     import difflib
 
     leaves = sorted({p.split(".")[-1] for p, _ in model.named_modules() if p})
-    close = sorted({c for n in names for c in difflib.get_close_matches(n, leaves, n=3, cutoff=0.5)})
+    close = sorted(
+        {c for n in names for c in difflib.get_close_matches(n, leaves, n=3, cutoff=0.5)}
+    )
     return f"did you mean {close}?" if close else f"module names in this model: {leaves[:12]}"
 
 

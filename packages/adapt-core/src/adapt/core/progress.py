@@ -9,7 +9,12 @@ T = TypeVar("T")
 
 
 def progress(
-    items: Iterable[T], *, desc: str, unit: str = "it", enable: bool | None = None, min_items: int = 16
+    items: Iterable[T],
+    *,
+    desc: str,
+    unit: str = "it",
+    enable: bool | None = None,
+    min_items: int = 16,
 ) -> Iterator[T]:
     """Iterate ``items`` with a tqdm bar when ``enable`` (None: only on a terminal and for
     at least ``min_items`` items)."""

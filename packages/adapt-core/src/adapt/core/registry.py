@@ -189,9 +189,7 @@ class Registry:
                 or getattr(obj, "peft_type", "").lower() == key
             ):
                 return obj  # type: ignore[no-any-return]
-        available = sorted(
-            e.name for e in grp.entries if e.loaded
-        )
+        available = sorted(e.name for e in grp.entries if e.loaded)
         broken = [e for e in grp.entries if e.error and e.name.lower() == key]
         if broken:
             raise MissingMethodError(

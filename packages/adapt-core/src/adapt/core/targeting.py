@@ -121,7 +121,9 @@ def find_targets(
 
 
 def _summary(model: nn.Module, limit: int = 12) -> str:
-    leaves = sorted({p.split(".")[-1] for p, m in model.named_modules() if p and not list(m.children())})
+    leaves = sorted(
+        {p.split(".")[-1] for p, m in model.named_modules() if p and not list(m.children())}
+    )
     text = ", ".join(leaves[:limit])
     return text + (", …" if len(leaves) > limit else "")
 

@@ -97,14 +97,20 @@ class LoraConfig(AdapterConfig):
                 setattr(self, field, {})
                 continue
             if not isinstance(pattern, dict):
-                raise ConfigError(f"{name}.{field} must map module names to values, got {pattern!r}")
+                raise ConfigError(
+                    f"{name}.{field} must map module names to values, got {pattern!r}"
+                )
             for key, value in pattern.items():
                 try:
                     re.compile(key)
                 except re.error as exc:
-                    raise ConfigError(f"{name}.{field} key {key!r} is not a valid regex: {exc}") from exc
+                    raise ConfigError(
+                        f"{name}.{field} key {key!r} is not a valid regex: {exc}"
+                    ) from exc
                 if kind is int:
-                    self._check_number(name, f"{field}[{key!r}]", value, kind=int, low=0, low_open=True)
+                    self._check_number(
+                        name, f"{field}[{key!r}]", value, kind=int, low=0, low_open=True
+                    )
                 else:
                     self._check_number(name, f"{field}[{key!r}]", value)
 

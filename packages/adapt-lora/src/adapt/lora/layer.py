@@ -8,7 +8,7 @@ and applied for their module type. Third-party layers subclass :class:`LoraLayer
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,11 @@ from adapt.core import AdapterLayer, ConfigError, TargetError, adapter_dtype_dev
 from adapt.core.backends import CONV1D_TRANSFORMERS, describe
 
 from .config import LoraConfig
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """A sub-layer's ``weight`` parameter, typed."""
+    return cast(torch.Tensor, module.weight)
 
 
 class LoraLayer(AdapterLayer):
@@ -66,7 +71,9 @@ class LoraLayer(AdapterLayer):
         self.create_adapter(adapter_name, r, dtype=dtype, device=device)
         self.reset_lora_parameters(adapter_name, config.init_lora_weights)
 
-    def create_adapter(self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device) -> None:
+    def create_adapter(
+        self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
         """Create ``lora_A[adapter_name]`` / ``lora_B[adapter_name]`` (or the embedding pair)."""
         raise NotImplementedError
 
@@ -77,12 +84,12 @@ class LoraLayer(AdapterLayer):
             return
         with torch.no_grad():
             if adapter_name in self.lora_A:
-                weight_a = self.lora_A[adapter_name].weight
+                weight_a = _weight(self.lora_A[adapter_name])
                 if init == "gaussian":
                     nn.init.normal_(weight_a, std=1 / self.r[adapter_name])
                 else:
                     nn.init.kaiming_uniform_(weight_a, a=math.sqrt(5))
-                nn.init.zeros_(self.lora_B[adapter_name].weight)
+                nn.init.zeros_(_weight(self.lora_B[adapter_name]))
             if adapter_name in self.lora_embedding_A:
                 nn.init.zeros_(self.lora_embedding_A[adapter_name])
                 nn.init.normal_(self.lora_embedding_B[adapter_name])
@@ -95,7 +102,7 @@ class LoraLayer(AdapterLayer):
     def _ab(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         lora_a = self.lora_A[adapter_name]
         lora_b = self.lora_B[adapter_name]
-        x = x.to(lora_a.weight.dtype)
+        x = x.to(_weight(lora_a).dtype)
         out: torch.Tensor = lora_b(lora_a(self.lora_dropout[adapter_name](x)))
         return out * self.scaling[adapter_name]
 
@@ -106,17 +113,24 @@ class LoraLinear(LoraLayer):
 
     base_types: ClassVar[tuple[type | str, ...]] = (nn.Linear, CONV1D_TRANSFORMERS)
 
-    def create_adapter(self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device) -> None:
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
+    def create_adapter(
+        self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.lora_A[adapter_name] = nn.Linear(
+            self.in_features, r, bias=False, dtype=dtype, device=device
+        )
+        self.lora_B[adapter_name] = nn.Linear(
+            r, self.out_features, bias=False, dtype=dtype, device=device
+        )
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return self._ab(x, adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        weight_b = self.lora_B[adapter_name].weight
-        weight_a = self.lora_A[adapter_name].weight
-        return (weight_b @ weight_a) * self.scaling[adapter_name]
+        weight_b = _weight(self.lora_B[adapter_name])
+        weight_a = _weight(self.lora_A[adapter_name])
+        out: torch.Tensor = (weight_b @ weight_a) * self.scaling[adapter_name]
+        return out
 
 
 class LoraEmbedding(LoraLayer):
@@ -124,7 +138,9 @@ class LoraEmbedding(LoraLayer):
 
     base_types: ClassVar[tuple[type | str, ...]] = (nn.Embedding,)
 
-    def create_adapter(self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device) -> None:
+    def create_adapter(
+        self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
         # random (not zero) so that init_lora_weights=False gives a non-identity adapter
         self.lora_embedding_A[adapter_name] = nn.Parameter(
             torch.randn(r, self.in_features, dtype=dtype, device=device)
@@ -153,7 +169,8 @@ class LoraEmbedding(LoraLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_a = self.lora_embedding_A[adapter_name]
         weight_b = self.lora_embedding_B[adapter_name]
-        return (weight_b @ weight_a).T * self.scaling[adapter_name]
+        out: torch.Tensor = (weight_b @ weight_a).T * self.scaling[adapter_name]
+        return out
 
 
 def grouped_conv_message(name: str, conv: nn.modules.conv._ConvNd) -> str:
@@ -178,36 +195,47 @@ class LoraConv(LoraLayer):
         # give core's generic "no lora layer can adapt Conv2d" message instead.
         return isinstance(module, nn.modules.conv._ConvNd)
 
-    def create_adapter(self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device) -> None:
+    def create_adapter(
+        self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device
+    ) -> None:
         base = self.get_base_layer()
         assert isinstance(base, nn.modules.conv._ConvNd)
         if base.groups != 1:
             raise TargetError(grouped_conv_message(describe(base), base))
-        conv_cls = type(base) if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else {
-            1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d
-        }[len(base.kernel_size)]
+        conv_cls: Any = (
+            type(base)
+            if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+            else {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(base.kernel_size)]
+        )
         ones = (1,) * len(base.kernel_size)
         self.lora_A[adapter_name] = conv_cls(
             self.in_features,
             r,
-            base.kernel_size,  # type: ignore[arg-type]
-            stride=base.stride,  # type: ignore[arg-type]
-            padding=base.padding,  # type: ignore[arg-type]
-            dilation=base.dilation,  # type: ignore[arg-type]
+            base.kernel_size,
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
             padding_mode=base.padding_mode,
             bias=False,
             dtype=dtype,
             device=device,
         )
         self.lora_B[adapter_name] = conv_cls(
-            r, self.out_features, ones, stride=ones, bias=False, dtype=dtype, device=device  # type: ignore[arg-type]
+            r,
+            self.out_features,
+            ones,
+            stride=ones,
+            bias=False,
+            dtype=dtype,
+            device=device,
         )
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return self._ab(x, adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        weight_a = self.lora_A[adapter_name].weight  # (r, in, *k)
-        weight_b = self.lora_B[adapter_name].weight  # (out, r, 1, ...)
+        weight_a = _weight(self.lora_A[adapter_name])  # (r, in, *k)
+        weight_b = _weight(self.lora_B[adapter_name])  # (out, r, 1, ...)
         delta = weight_b.flatten(1) @ weight_a.flatten(1)
-        return delta.view(self.out_features, *weight_a.shape[1:]) * self.scaling[adapter_name]
+        out: torch.Tensor = delta.view(self.out_features, *weight_a.shape[1:])
+        return out * self.scaling[adapter_name]

@@ -50,4 +50,6 @@ class VeraConfig(AdapterConfig):
             raise ConfigError(f"{name}.bias must be one of {_BIAS}, got {self.bias!r}")
         for field in ("save_projection", "fan_in_fan_out", "init_weights"):
             if not isinstance(getattr(self, field), bool):
-                raise ConfigError(f"{name}.{field} must be true or false, got {getattr(self, field)!r}")
+                raise ConfigError(
+                    f"{name}.{field} must be true or false, got {getattr(self, field)!r}"
+                )

@@ -46,7 +46,9 @@ class VeraLayer(AdapterLayer):
     ) -> None:
         if basis is None:
             raise TypeError("VeRA layers need the model's shared basis (basis=...)")
-        basis.require(config.r, self.in_features, self.out_features, what=f"VeRA adapter {adapter_name!r}")
+        basis.require(
+            config.r, self.in_features, self.out_features, what=f"VeRA adapter {adapter_name!r}"
+        )
         # a plain reference, not a submodule: the basis is registered once, on the model
         self.__dict__["_basis"] = basis
         dtype, device = adapter_dtype_device(self)
@@ -66,7 +68,9 @@ class VeraLayer(AdapterLayer):
         super().delete_adapter(adapter_name)
         self.r.pop(adapter_name, None)
 
-    def sliced_basis(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def sliced_basis(
+        self, adapter_name: str, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.basis.slices(self.in_features, self.out_features, self.r[adapter_name])
         return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
 
@@ -88,4 +92,5 @@ class VeraLinear(VeraLayer):
         lambda_b = self.vera_lambda_b[adapter_name]
         lambda_d = self.vera_lambda_d[adapter_name]
         a, b = self.sliced_basis(adapter_name, lambda_d.dtype, lambda_d.device)
-        return (lambda_b[:, None] * b) @ (lambda_d[:, None] * a)
+        delta: torch.Tensor = (lambda_b[:, None] * b) @ (lambda_d[:, None] * a)
+        return delta

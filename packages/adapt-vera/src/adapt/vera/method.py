@@ -83,7 +83,10 @@ class VeraMethod(Method):
         return {"basis": self.basis(model)}
 
     def on_delete(self, model: AdaptedModel, adapter_name: str) -> None:
-        if not any(n != adapter_name for n in model.peft_config) and BASIS_NAME in model.base_model._modules:
+        if (
+            not any(n != adapter_name for n in model.peft_config)
+            and BASIS_NAME in model.base_model._modules
+        ):
             del model.base_model._modules[BASIS_NAME]
 
     @staticmethod
@@ -156,14 +159,19 @@ class VeraMethod(Method):
         if not (a.is_floating_point() and b.is_floating_point()) or not (
             torch.isfinite(a).all() and torch.isfinite(b).all()
         ):
-            raise CheckpointError("saved projection vera_A / vera_B must be finite floating-point tensors")
+            raise CheckpointError(
+                "saved projection vera_A / vera_B must be finite floating-point tensors"
+            )
         if len(model.peft_config) == 1 and basis.shape == (r, max_in, max_out):
             with torch.no_grad():
                 basis.A.copy_(a.to(basis.A.dtype))
                 basis.B.copy_(b.to(basis.B.dtype))
         else:
             cur_a, cur_b = basis.slices(max_in, max_out, r)
-            if not (torch.equal(cur_a.cpu(), a.to(cur_a.dtype)) and torch.equal(cur_b.cpu(), b.to(cur_b.dtype))):
+            if not (
+                torch.equal(cur_a.cpu(), a.to(cur_a.dtype))
+                and torch.equal(cur_b.cpu(), b.to(cur_b.dtype))
+            ):
                 raise CheckpointError(
                     "the saved projection differs from this model's shared VeRA basis (another "
                     "projection_prng_key or basis size); load the adapter into a fresh model"
