@@ -30,7 +30,7 @@ TRANSFORMERS_LATEST = "5.23.0"
 PEFT = "0.21.2"  # test-only dependency of the `interop` session
 RUFF = "0.17.6"
 MYPY = "2.4.1"
-TEST_DEPS = ["pytest", "hypothesis"]
+TEST_DEPS = ["pytest", "hypothesis", "accelerate>=1.1"]  # accelerate: transformers Trainer
 
 # Local wheel folder (the CPU torch wheel lives there on our machines and in CI).
 WHEELS_DIR = Path("/opt/wheels")

@@ -92,6 +92,15 @@ class DenseBackend:
     lossy: ClassVar[bool] = False
 
     @staticmethod
+    def accepts(base: nn.Module) -> bool:
+        """Whether the module holds an ordinary floating-point weight this backend can read
+        (a subclass that packs its weight into integers needs its own backend)."""
+        weight = getattr(base, "weight", None)
+        return isinstance(weight, torch.Tensor) and (
+            weight.is_floating_point() or weight.device.type == "meta"
+        )
+
+    @staticmethod
     def _is_transposed(base: nn.Module) -> bool:
         return CONV1D_TRANSFORMERS in type_names(type(base))
 

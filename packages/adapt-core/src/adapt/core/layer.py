@@ -27,7 +27,7 @@ from torch import nn
 
 from .backends import MergeReport, WeightBackend, describe
 from .errors import AdapterStateError, TargetError
-from .registry import get_registry
+from .registry import backend_hint, get_registry
 from .routing import BASE, current_adapter_names
 
 
@@ -50,10 +50,7 @@ class AdapterLayer(nn.Module):
         if backend is None:
             backend = get_registry().resolve_backend(base_layer)
         if backend is None:
-            raise TargetError(
-                f"no weight backend can read the weight of {describe(base_layer)}; install the "
-                "package that supports this layer type (e.g. adapt-bnb for bitsandbytes layers)"
-            )
+            raise TargetError(no_backend_message(base_layer))
         self.base_layer = base_layer
         self.backend: WeightBackend = backend
         self.in_features, self.out_features = backend.shape(base_layer)
@@ -280,3 +277,25 @@ def adapter_dtype_device(layer: AdapterLayer) -> tuple[torch.dtype, torch.device
     if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
         dtype = torch.float32
     return dtype, device
+
+
+def no_backend_message(module: nn.Module) -> str:
+    """Why no weight backend serves ``module``, and what to install."""
+    hint = backend_hint(module)
+    if hint is not None:
+        type_name, package = hint
+        return (
+            f"no weight backend can read the weight of {describe(module)} (a {type_name} "
+            f"stores a quantised, packed weight): install it with `pip install {package}`"
+        )
+    weight = getattr(module, "weight", None)
+    stored = (
+        f" (its weight is a {weight.dtype} tensor of shape {tuple(weight.shape)})"
+        if isinstance(weight, torch.Tensor)
+        else ""
+    )
+    return (
+        f"no weight backend can read the weight of {describe(module)}{stored}; install the "
+        "package that supports this layer type (e.g. adapt-bnb for bitsandbytes layers), or "
+        "register a weight backend for it under the 'adapt.backends' entry point"
+    )

@@ -7,6 +7,7 @@ The wrapped model sits at ``adapted.base_model.model`` so that state-dict keys r
 from __future__ import annotations
 
 import contextlib
+import logging
 import copy
 import inspect
 import os
@@ -32,6 +33,8 @@ from .routing import BASE, current_adapter_names, route_batch
 from .targeting import find_targets, matches_name
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+
+logger = logging.getLogger("adapt")
 
 
 class ModulesToSave(nn.Module):
@@ -480,12 +483,20 @@ class AdaptedModel(nn.Module):
         for layer in progress(layers, desc="merging", unit="layer", enable=progress_bar):
             todo = [n for n in names if n in layer.adapter_names]
             report = layer.merge(todo)
-            if report is not None and report.max_abs_error >= worst.max_abs_error:
+            if report is not None:
                 worst = MergeReport(
                     max(report.max_abs_error, worst.max_abs_error),
                     max(report.rel_error, worst.rel_error),
                     report.lossy or worst.lossy,
                 )
+        if worst.lossy:
+            logger.info(
+                "merged %s into quantised layers: requantisation changed the weights by up to "
+                "%.3g (max abs), %.2f%% (relative, Frobenius)",
+                names,
+                worst.max_abs_error,
+                100 * worst.rel_error,
+            )
         return worst
 
     def unmerge_adapter(self) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .backends import DenseBackend, WeightBackend, describe, mro_distance
+from .backends import DenseBackend, WeightBackend, describe, mro_distance, type_names
 from .errors import MissingMethodError, PluginError
 
 if TYPE_CHECKING:
@@ -36,7 +36,22 @@ KNOWN_METHOD_PACKAGES = {
     "adalora": "adapt-adalora",
 }
 
+#: Base-layer types whose weights only a plugin can read, and the package that adds the backend.
+#: Matched by dotted name anywhere in a module's MRO, so subclasses (``LinearNF4``) count.
+KNOWN_BACKEND_PACKAGES = {
+    "bitsandbytes.nn.modules.Linear8bitLt": "adapt-bnb",
+    "bitsandbytes.nn.modules.Linear4bit": "adapt-bnb",
+}
+
 IN_PROCESS = "<in-process>"
+
+
+def backend_hint(module: nn.Module) -> tuple[str, str] | None:
+    """``(type name, package)`` when ``module`` is a quantised type a known package supports."""
+    for name in type_names(type(module)):
+        if name in KNOWN_BACKEND_PACKAGES:
+            return name, KNOWN_BACKEND_PACKAGES[name]
+    return None
 
 
 @dataclass
@@ -256,12 +271,18 @@ class Registry:
             if dist is not None:
                 candidates.append((dist, -entry.priority, entry.name, backend))
         dist = mro_distance(type(module), DenseBackend.base_types)
-        if dist is not None:
+        if dist is not None and DenseBackend.accepts(module):
             candidates.append((dist, 1, "~dense", self._dense))
         if not candidates:
             return None
         candidates.sort(key=lambda t: (t[0], t[1], t[2]))
-        return candidates[0][3]
+        best_dist, _, _, best = candidates[0]
+        hint = backend_hint(module)
+        if hint is not None and best_dist > type_names(type(module)).index(hint[0]):
+            # Only a parent type (nn.Linear) is served: its reading of the packed weight
+            # would be wrong, so there is no backend for this module.
+            return None
+        return best
 
 
 _REGISTRY = Registry()
