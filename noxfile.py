@@ -93,6 +93,15 @@ def local_deps(pkg: str) -> list[str]:
     return [p for p in PACKAGES if p in needed]
 
 
+def test_packages(pkg: str) -> list[str]:
+    """What `pkg`'s tests need from packages/: its own deps plus `[tool.adapt] test-packages`."""
+    extra = _pyproject(pkg).get("tool", {}).get("adapt", {}).get("test-packages", [])
+    needed = set(local_deps(pkg))
+    for name in extra:
+        needed.update(local_deps(name))
+    return [p for p in PACKAGES if p in needed]
+
+
 def import_names(pkg: str) -> list[str]:
     """Top-level modules a package ships under the `adapt` namespace, e.g. ['adapt.core']."""
     ns = PACKAGES_DIR / pkg / "src" / "adapt"
@@ -170,7 +179,7 @@ def tests(session: nox.Session, package: str, transformers: str) -> None:
         session.error(f"{package} has no tests/ folder ({tests_dir})")
     constraints = install_torch(session)
     install(session, constraints, f"transformers=={transformers}")
-    install(session, constraints, *editable(local_deps(package)), *TEST_DEPS)
+    install(session, constraints, *editable(test_packages(package)), *TEST_DEPS)
     session.run("pytest", str(tests_dir), *pytest_args(session), *session.posargs)
 
 
@@ -240,6 +249,33 @@ def wheels(session: nox.Session) -> None:
         session.run(py, str(ROOT / "tools" / "smoke.py"), external=True)
         session.run(py, str(ROOT / "tools" / "check_entry_points.py"), external=True)
         session.run(str(venv / "bin" / "adapt"), "plugins", external=True)
+
+    # The user story of adapt-bnb: `pip install adapt-vera adapt-bnb` (nothing else of ours)
+    # into another fresh venv, then VeRA on a 4-bit model trains, saves, loads and merges.
+    if {"adapt-vera", "adapt-bnb"} <= set(PACKAGES):
+        story = tmp / "story-venv"
+        shutil.rmtree(story, ignore_errors=True)
+        session.run("python", "-m", "venv", str(story))
+        spy = str(story / "bin" / "python")
+        spip = [spy, "-m", "pip", "install", "--quiet"]
+        session.run(*spip, f"torch=={TORCH}", *find_links(), external=True)
+        story_report = tmp / "story-report.json"
+        session.run(
+            *spip, "-c", constraints, *find_links(), "--find-links", str(dist),
+            "--report", str(story_report), "adapt-vera", "adapt-bnb", external=True,
+        )  # fmt: skip
+        ours = {
+            i["metadata"]["name"].lower(): i["download_info"]["url"]
+            for i in json.loads(story_report.read_text())["install"]
+            if i["metadata"]["name"].lower() in PACKAGES
+        }
+        if set(ours) != {"adapt-core", "adapt-vera", "adapt-bnb"}:
+            session.error(f"pip install adapt-vera adapt-bnb installed {sorted(ours)}")
+        if stray := {n: u for n, u in ours.items() if not u.startswith(dist.as_uri())}:
+            session.error(f"adapt packages came from outside {dist}: {stray}")
+        session.run(spy, "-m", "pip", "check", external=True)
+        with session.chdir(tmp):
+            session.run(spy, str(ROOT / "tools" / "story_vera_bnb.py"), external=True)
 
 
 @nox.session

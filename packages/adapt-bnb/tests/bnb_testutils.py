@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapt.core import AdapterLayer, AdaptedModel
+from adapt.core import AdaptedModel, AdapterLayer
 
 #: name -> (bitsandbytes layer factory kwargs, transformers BitsAndBytesConfig kwargs)
 KINDS: dict[str, dict[str, Any]] = {

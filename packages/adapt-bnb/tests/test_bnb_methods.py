@@ -23,7 +23,7 @@ from bnb_testutils import (
 )
 
 from adapt.bnb import FourBitBackend, Int8Backend
-from adapt.core import AdapterStateError, AdaptedModel, adapt
+from adapt.core import AdaptedModel, AdapterStateError, adapt
 from adapt.lora import LoraConfig
 from adapt.vera import VeraConfig
 
@@ -55,7 +55,7 @@ def test_backend_is_resolved_for_the_quantised_layer(kind: str) -> None:
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("kind", MAIN_KINDS + ["nf4-dq"])
+@pytest.mark.parametrize("kind", [*MAIN_KINDS, "nf4-dq"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_forward_matches_the_dequantised_definition(kind: str, method: str, mode: str) -> None:
     model = adapted(kind, method)
@@ -172,7 +172,7 @@ def test_merged_layer_computes_the_merged_weight(kind: str, method: str) -> None
     x = x_batch()
     inputs = layer_inputs(model, x)
     model.merge_adapter()
-    for path, layer in model.adapter_layers():
+    for layer in adapter_layers(model):
         inp = inputs[id(layer)]
         with torch.no_grad():
             got = layer(inp)  # merged: only the base layer runs
@@ -206,7 +206,9 @@ def test_merge_and_unload_leaves_a_quantised_model_that_runs(kind: str, method: 
 @pytest.mark.parametrize("kind", MAIN_KINDS)
 def test_unmerge_warns_that_it_is_lossy(kind: str) -> None:
     model = adapted(kind, "lora")
-    before = {p: layer.backend.get_weight(layer.base_layer).clone() for p, layer in model.adapter_layers()}
+    before = {
+        p: layer.backend.get_weight(layer.base_layer).clone() for p, layer in model.adapter_layers()
+    }
     model.merge_adapter()
     merged_absmax = {
         p: layer.backend.get_weight(layer.base_layer).abs().max().item()

@@ -32,8 +32,15 @@ def _report(written: torch.Tensor, wanted: torch.Tensor) -> MergeReport:
     return MergeReport(max_abs_error=float(diff.max().item()), rel_error=rel, lossy=True)
 
 
+def _features(base: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` as the layer declares them (not the packed storage)."""
+    layer: Any = base
+    return int(layer.in_features), int(layer.out_features)
+
+
 def _check_shape(base: nn.Module, weight: torch.Tensor) -> None:
-    want = (int(base.out_features), int(base.in_features))
+    n_in, n_out = _features(base)
+    want = (n_out, n_in)
     if tuple(weight.shape) != want:
         raise TargetError(
             f"cannot write a weight of shape {tuple(weight.shape)} into {describe(base)}, whose "
@@ -53,7 +60,7 @@ class Int8Backend:
     lossy: ClassVar[bool] = True
 
     def shape(self, base: nn.Module) -> tuple[int, int]:
-        return int(base.in_features), int(base.out_features)
+        return _features(base)
 
     @staticmethod
     def _codes(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +133,6 @@ def _unpack_cpu_layout(packed: torch.Tensor, state: Any, block_n: int = 32) -> t
     sequence, two codes per byte, first code in the high nibble.
     """
     n_out, half_in = packed.shape
-    n_in = half_in * 2
     if n_out % block_n:
         raise AdapterStateError(
             f"cannot read a CPU-packed 4-bit weight of shape {tuple(packed.shape)}: "
@@ -155,7 +161,7 @@ class FourBitBackend:
     lossy: ClassVar[bool] = True
 
     def shape(self, base: nn.Module) -> tuple[int, int]:
-        return int(base.in_features), int(base.out_features)
+        return _features(base)
 
     @staticmethod
     def _state(base: nn.Module) -> Any:
@@ -175,7 +181,7 @@ class FourBitBackend:
         # The CPU layout keeps one absmax per block, transposed, in bfloat16 (that is what the
         # kernel multiplies by, so it is the weight the layer computes with).
         absmax = state.absmax.T.reshape(-1).float()
-        standard = bnbf.QuantState(
+        standard = bnbf.QuantState(  # type: ignore[no-untyped-call]
             absmax=absmax,
             shape=state.shape,
             code=state.code,
@@ -196,7 +202,7 @@ class FourBitBackend:
 
         codes, standard = self._standard(base)
         dense = bnbf.dequantize_4bit(codes, standard)
-        return cast(torch.Tensor, dense.float())
+        return dense.float()
 
     def set_weight(self, base: nn.Module, weight: torch.Tensor) -> MergeReport:
         _check_shape(base, weight)
@@ -222,7 +228,7 @@ class FourBitBackend:
         param.data = codes
         param.quant_state = new_state  # type: ignore[attr-defined]
         if getattr(base, "quant_state", None) is not None:
-            base.quant_state = new_state
+            setattr(base, "quant_state", new_state)  # noqa: B010 (not a tensor or module)
         written = bnbf.dequantize_4bit(codes, copy.copy(new_state))
         return _report(written, weight)
 

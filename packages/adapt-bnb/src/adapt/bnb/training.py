@@ -38,7 +38,7 @@ def prepare_for_kbit_training(
         param.requires_grad_(False)
 
     for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
+        for param in module.parameters(recurse=False):
             if _is_quantised(param) or param.dtype not in (torch.float16, torch.bfloat16):
                 continue
             param.data = param.data.float()

@@ -7,9 +7,9 @@ The wrapped model sits at ``adapted.base_model.model`` so that state-dict keys r
 from __future__ import annotations
 
 import contextlib
-import logging
 import copy
 import inspect
+import logging
 import os
 import re
 import types
