@@ -259,9 +259,22 @@ def wheels(session: nox.Session) -> None:
         spy = str(story / "bin" / "python")
         spip = [spy, "-m", "pip", "install", "--quiet"]
         session.run(*spip, f"torch=={TORCH}", *find_links(), external=True)
+        # PyPI has unrelated projects with our names (an `adapt-core` 0.1.0 exists there), so
+        # the third-party dependencies come from the index first, then the two packages are
+        # installed with --no-index: pip must resolve adapt-core from their metadata and the
+        # wheel folder alone.
+        third_party = sorted(
+            {
+                req
+                for pkg in local_deps("adapt-vera") + local_deps("adapt-bnb")
+                for req in _pyproject(pkg)["project"].get("dependencies", [])
+                if _dist_name(req) not in PACKAGES
+            }
+        )
+        session.run(*spip, "-c", constraints, *find_links(), *third_party, external=True)
         story_report = tmp / "story-report.json"
         session.run(
-            *spip, "-c", constraints, *find_links(), "--find-links", str(dist),
+            *spip, "--no-index", "--find-links", str(dist),
             "--report", str(story_report), "adapt-vera", "adapt-bnb", external=True,
         )  # fmt: skip
         ours = {

@@ -61,6 +61,18 @@ class Method:
     def on_delete(self, model: AdaptedModel, adapter_name: str) -> None:
         """Called when an adapter is removed (or a failed add is rolled back)."""
 
+    def checkpoint_state(
+        self, model: AdaptedModel, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The tensors to write for ``adapter_name``, given its live state dict (on-disk keys).
+        AdaLoRA writes only the ranks its budget kept."""
+        return tensors
+
+    def postprocess_output(self, model: AdaptedModel, adapter_name: str, output: Any) -> Any:
+        """Called with the wrapped model's output for each active adapter of this method
+        (AdaLoRA adds its orthogonal regulariser to ``output.loss``)."""
+        return output
+
     def update_and_allocate(self, model: AdaptedModel, global_step: int) -> None:
         from .errors import AdapterStateError
 

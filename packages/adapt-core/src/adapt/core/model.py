@@ -144,10 +144,37 @@ class AdaptedModel(nn.Module):
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:
-            return self.model(*args, **kwargs)
-        self._check_batch_names(adapter_names)
-        with route_batch(list(adapter_names)):
-            return self.model(*args, **kwargs)
+            output = self.model(*args, **kwargs)
+        else:
+            self._check_batch_names(adapter_names)
+            with route_batch(list(adapter_names)):
+                output = self.model(*args, **kwargs)
+        for name in self._postprocessing:
+            if name in self.peft_config:
+                output = self.method_of(name).postprocess_output(self, name, output)
+        return output
+
+    @property
+    def _postprocessing(self) -> list[str]:
+        """Active adapters whose method post-processes the model's output."""
+        return [
+            name
+            for name in self.active_adapters
+            if name in self.peft_config
+            and type(self.method_of(name)).postprocess_output is not Method.postprocess_output
+        ]
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA's rank-allocation step for the trainable adapter: call it after
+        ``loss.backward()`` and ``optimizer.step()``, before ``zero_grad()``, every step."""
+        names = [n for n in self.active_adapters if not self.peft_config[n].inference_mode]
+        if not names:
+            raise AdapterStateError(
+                "update_and_allocate needs a trainable adapter; the active adapters "
+                f"{self.active_adapters} are in inference mode (load with is_trainable=True)"
+            )
+        for name in names:
+            self.method_of(name).update_and_allocate(self, global_step)
 
     def generate(
         self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
@@ -584,7 +611,9 @@ class AdaptedModel(nn.Module):
         if root.exists() and not root.is_dir():
             raise CheckpointError(f"cannot save into {str(root)!r}: it is a file, not a folder")
         for name in names:
-            tensors = self.adapter_state_dict(name)
+            tensors = self.method_of(name).checkpoint_state(
+                self, name, self.adapter_state_dict(name)
+            )
             config = self.peft_config[name].to_dict()
             config["inference_mode"] = True
             config.setdefault("base_model_name_or_path", None)

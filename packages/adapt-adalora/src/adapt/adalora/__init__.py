@@ -1,0 +1,24 @@
+"""adapt-adalora: AdaLoRA, SVD-form adapters whose ranks are pruned to a budget in training.
+
+``AdaLoraConfig(init_r=12, target_r=8, total_step=...)``; call
+``model.update_and_allocate(step)`` after each optimizer step.
+"""
+
+from .__about__ import __version__
+from .allocator import RankAllocator, budget_at, schedule
+from .config import AdaLoraConfig
+from .layer import AdaLoraLayer, SVDLinear
+from .method import METHOD, AdaLoraMethod, orthogonal_regulariser
+
+__all__ = [
+    "METHOD",
+    "AdaLoraConfig",
+    "AdaLoraLayer",
+    "AdaLoraMethod",
+    "RankAllocator",
+    "SVDLinear",
+    "__version__",
+    "budget_at",
+    "orthogonal_regulariser",
+    "schedule",
+]

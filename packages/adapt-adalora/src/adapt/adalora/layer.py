@@ -1,0 +1,134 @@
+"""AdaLoRA's SVD-form layer: ``out = base(x) + (α / init_r) · ((dropout(x) (A ⊙ E)ᵀ) Bᵀ)``.
+
+Per adapter: ``lora_A`` (r × in, right singular vectors), ``lora_E`` (r × 1, singular
+values), ``lora_B`` (out × r, left singular vectors), with r = ``init_r`` while training and
+the number of kept ranks after loading a budgeted adapter. The scale divides by ``init_r``
+(PEFT's ``ranknum``) in both cases, so a pruned adapter computes what it computed before.
+
+Written against the weight-backend protocol: the same class serves ``nn.Linear``,
+transformers ``Conv1D`` and quantised linears (adapt-bnb).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from adapt.core import AdapterLayer, ConfigError, adapter_dtype_device
+from adapt.core.backends import CONV1D_TRANSFORMERS
+
+from .config import AdaLoraConfig
+
+#: Added to the rank in the scale, as PEFT does (so a rank-0 layer does not divide by zero).
+RANK_EPS = 1e-5
+
+
+class AdaLoraLayer(AdapterLayer):
+    """Base of AdaLoRA layers; third-party layers subclass it and set ``base_types``."""
+
+    method: ClassVar[str] = "adalora"
+    adapter_layer_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_E")
+    other_param_names: ClassVar[tuple[str, ...]] = ("lora_dropout",)
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.ranknum: dict[str, float] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: AdaLoraConfig,
+        r: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Create the triplets: ``r`` of them (default ``init_r``; fewer when loading a
+        budgeted adapter). E starts at zero, so the adapter starts as the identity."""
+        r = config.init_r if r is None else r
+        if not isinstance(r, int) or r < 0:
+            raise ConfigError(f"AdaLoRA rank must be a non-negative integer, got {r!r}")
+        dtype, device = adapter_dtype_device(self)
+        self.r[adapter_name] = r
+        self.ranknum[adapter_name] = float(config.init_r)
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.lora_alpha if config.lora_alpha > 0 else float(r)
+        p = config.lora_dropout
+        self.lora_dropout[adapter_name] = nn.Dropout(p=p) if p > 0 else nn.Identity()
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.randn(*shape, dtype=dtype, device=device))
+
+        self.lora_A[adapter_name] = param(r, self.in_features)
+        self.lora_E[adapter_name] = param(r, 1)
+        self.lora_B[adapter_name] = param(self.out_features, r)
+        if config.init_lora_weights:
+            with torch.no_grad():
+                nn.init.zeros_(self.lora_E[adapter_name])
+                nn.init.normal_(self.lora_A[adapter_name], mean=0.0, std=0.02)
+                nn.init.normal_(self.lora_B[adapter_name], mean=0.0, std=0.02)
+
+    def scale(self, adapter_name: str) -> float:
+        return self.scaling[adapter_name] / (self.ranknum[adapter_name] + RANK_EPS)
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        a = self.lora_A[adapter_name]
+        e = self.lora_E[adapter_name]
+        b = self.lora_B[adapter_name]
+        x = self.lora_dropout[adapter_name](x.to(a.dtype))
+        out: torch.Tensor = (x @ (a * e).T) @ b.T
+        return out * self.scale(adapter_name)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a = self.lora_A[adapter_name]
+        e = self.lora_E[adapter_name]
+        b = self.lora_B[adapter_name]
+        delta: torch.Tensor = (b @ (a * e)) * self.scale(adapter_name)
+        return delta
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for table in (self.r, self.ranknum, self.lora_alpha, self.scaling):
+            table.pop(adapter_name, None)
+
+    # -- budgeting ------------------------------------------------------------------------------
+    def kept_tensors(self, adapter_name: str, mask: list[bool]) -> dict[str, torch.Tensor]:
+        """The adapter's tensors restricted to the ranks ``mask`` keeps (as saved on disk).
+
+        ``mask`` has one entry per initial rank; a layer that already holds only the kept
+        ranks (loaded from a budgeted checkpoint) is returned as is.
+        """
+        tensors = self.adapter_tensors(adapter_name)
+        r = self.r[adapter_name]
+        kept = sum(mask)
+        if r == kept or len(mask) != r:
+            return tensors
+        index = torch.tensor([i for i, keep in enumerate(mask) if keep], dtype=torch.long)
+        index = index.to(tensors["lora_A"].device)
+        return {
+            "lora_A": tensors["lora_A"].index_select(0, index),
+            "lora_E": tensors["lora_E"].index_select(0, index),
+            "lora_B": tensors["lora_B"].index_select(1, index),
+        }
+
+    def apply_mask(self, adapter_name: str, mask: list[bool]) -> None:
+        """Zero the singular values of the ranks ``mask`` drops (kept ranks untouched)."""
+        e = self.lora_E[adapter_name]
+        if len(mask) != e.shape[0]:
+            return
+        drop = ~torch.tensor(mask, dtype=torch.bool, device=e.device).unsqueeze(-1)
+        with torch.no_grad():
+            e.masked_fill_(drop, 0.0)
+
+
+class SVDLinear(AdaLoraLayer):
+    """AdaLoRA on ``nn.Linear``, transformers ``Conv1D`` and quantised linears."""
+
+    base_types: ClassVar[tuple[type | str, ...]] = (nn.Linear, CONV1D_TRANSFORMERS)

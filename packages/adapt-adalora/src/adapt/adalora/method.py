@@ -1,0 +1,175 @@
+"""The AdaLoRA method object, published under the ``adapt.methods`` entry point ``adalora``."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from adapt.core import AdaptedModel, AdapterConfig, AdapterStateError, ConfigError, Method
+
+from .allocator import RankAllocator
+from .config import AdaLoraConfig
+from .layer import AdaLoraLayer
+
+_STATE_ATTR = "_adalora_allocators"
+
+
+def allocators(model: AdaptedModel) -> dict[str, RankAllocator]:
+    """The rank allocators of ``model``'s AdaLoRA adapters, by adapter name."""
+    found = model.__dict__.get(_STATE_ATTR)
+    if found is None:
+        found = {}
+        model.__dict__[_STATE_ATTR] = found
+    return found
+
+
+def adalora_layers(model: AdaptedModel, adapter_name: str) -> dict[str, AdaLoraLayer]:
+    return {
+        path: layer
+        for path, layer in model.adapter_layers()
+        if isinstance(layer, AdaLoraLayer) and adapter_name in layer.lora_A
+    }
+
+
+def orthogonal_regulariser(model: AdaptedModel, adapter_name: str) -> torch.Tensor:
+    """Mean over the adapter's A and B matrices of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F."""
+    total: torch.Tensor | None = None
+    count = 0
+    for layer in adalora_layers(model, adapter_name).values():
+        for attr in ("lora_A", "lora_B"):
+            p = getattr(layer, attr)[adapter_name]
+            if p.numel() == 0:
+                continue
+            cov = p @ p.T if attr == "lora_A" else p.T @ p
+            eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+            term = torch.linalg.matrix_norm(cov - eye)
+            total = term if total is None else total + term
+            count += 1
+    if total is None:
+        return torch.zeros(())
+    return total / count
+
+
+class AdaLoraMethod(Method):
+    name: ClassVar[str] = "adalora"
+    peft_type: ClassVar[str] = "ADALORA"
+    package: ClassVar[str] = "adapt-adalora"
+    config_class: ClassVar[type[AdapterConfig]] = AdaLoraConfig
+
+    def prepare(
+        self,
+        model: AdaptedModel,
+        config: AdapterConfig,
+        adapter_name: str,
+        targets: dict[str, nn.Module],
+    ) -> None:
+        assert isinstance(config, AdaLoraConfig)
+        if config.inference_mode:
+            return
+        others = [
+            n
+            for n, c in model.peft_config.items()
+            if n != adapter_name and isinstance(c, AdaLoraConfig) and not c.inference_mode
+        ]
+        if others:
+            raise ConfigError(
+                f"adapter {others[0]!r} is already a trainable AdaLoRA adapter; rank allocation "
+                "trains one AdaLoRA adapter at a time. Add this one with inference_mode=True, "
+                "or delete the other first"
+            )
+
+    def layer_kwargs(
+        self, model: AdaptedModel, config: AdapterConfig, adapter_name: str, path: str
+    ) -> dict[str, Any]:
+        assert isinstance(config, AdaLoraConfig)
+        mask = config.kept_ranks(path)
+        # a budgeted adapter is created with the ranks it kept (as saved on disk)
+        return {"r": sum(mask) if mask is not None else config.init_r}
+
+    def allocator(self, model: AdaptedModel, adapter_name: str) -> RankAllocator:
+        found = allocators(model)
+        alloc = found.get(adapter_name)
+        if alloc is None:
+            config = model.peft_config[adapter_name]
+            assert isinstance(config, AdaLoraConfig)
+            alloc = RankAllocator(config, adapter_name, adalora_layers(model, adapter_name))
+            found[adapter_name] = alloc
+        return alloc
+
+    def update_and_allocate(self, model: AdaptedModel, global_step: int) -> None:
+        config = model.peft_config[adapter_name := self._trainable(model)]
+        assert isinstance(config, AdaLoraConfig) and config.total_step is not None
+        alloc = self.allocator(model, adapter_name)
+        if any(layer.r[adapter_name] != config.init_r for layer in alloc.layers.values()):
+            raise AdapterStateError(
+                f"adapter {adapter_name!r} was loaded already budgeted (its layers hold the "
+                "kept ranks only); rank allocation needs the full init_r ranks. Train a new "
+                "AdaLoRA adapter, or fine-tune this one without update_and_allocate"
+            )
+        final = config.total_step - config.tfinal
+        if global_step < final:
+            alloc.update_importance()
+            budget, mask_now = alloc.schedule(global_step)
+            if mask_now:
+                config.rank_pattern = alloc.mask_to_budget(budget)
+        elif global_step == final:
+            budget, _ = alloc.schedule(global_step)
+            config.rank_pattern = alloc.mask_to_budget(budget)
+            alloc.reset_importance()
+        elif config.rank_pattern is not None:
+            alloc.mask_with_pattern(config.rank_pattern)
+        else:
+            warnings.warn(
+                f"update_and_allocate({global_step}) is past the budgeting phase "
+                f"(total_step={config.total_step}, tfinal={config.tfinal}) but no rank was ever "
+                "allocated: call it after every optimizer step from step 0",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @staticmethod
+    def _trainable(model: AdaptedModel) -> str:
+        for name in model.active_adapters:
+            config = model.peft_config[name]
+            if isinstance(config, AdaLoraConfig) and not config.inference_mode:
+                return name
+        raise AdapterStateError(
+            "update_and_allocate needs an active, trainable AdaLoRA adapter; active adapters: "
+            f"{model.active_adapters}"
+        )
+
+    def postprocess_output(self, model: AdaptedModel, adapter_name: str, output: Any) -> Any:
+        config = model.peft_config[adapter_name]
+        assert isinstance(config, AdaLoraConfig)
+        loss = getattr(output, "loss", None)
+        if config.inference_mode or not isinstance(loss, torch.Tensor):
+            return output
+        if config.orth_reg_weight > 0:
+            reg = orthogonal_regulariser(model, adapter_name).to(loss.device, loss.dtype)
+            output.loss = loss + config.orth_reg_weight * reg
+        return output
+
+    def checkpoint_state(
+        self, model: AdaptedModel, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        config = model.peft_config[adapter_name]
+        assert isinstance(config, AdaLoraConfig)
+        if not config.rank_pattern:
+            return tensors
+        out = dict(tensors)
+        for path, layer in adalora_layers(model, adapter_name).items():
+            mask = config.kept_ranks(path)
+            if mask is None:
+                continue
+            for attr, tensor in layer.kept_tensors(adapter_name, mask).items():
+                out[f"base_model.model.{path}.{attr}"] = tensor
+        return out
+
+    def on_delete(self, model: AdaptedModel, adapter_name: str) -> None:
+        allocators(model).pop(adapter_name, None)
+
+
+METHOD = AdaLoraMethod()

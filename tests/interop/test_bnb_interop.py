@@ -1,0 +1,225 @@
+"""LoRA and VeRA interop with HF PEFT on the same bitsandbytes-quantised model (8-bit, 4-bit nf4,
+4-bit fp4 with double quantisation, on the CPU): checkpoints load both ways and give the same
+logits, and merging on either side gives a quantised model that still runs.
+
+Both sides run the same bitsandbytes kernels for the base layers, so the logits should agree to
+float32 round-off. Needs adapt-bnb (the quantised-layer backends) and bitsandbytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("adapt.bnb")
+
+from adapt.core import AdaptedModel, adapt  # noqa: E402
+from adapt.lora import LoraConfig  # noqa: E402
+from adapt.vera import VeraConfig  # noqa: E402
+
+pytestmark = pytest.mark.interop
+
+TOL = 1e-5
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+#: name -> BitsAndBytesConfig kwargs
+KINDS: dict[str, dict[str, Any]] = {
+    "8bit": {"load_in_8bit": True},
+    "nf4": {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": False,
+        "bnb_4bit_compute_dtype": torch.float32,
+    },
+    "fp4-dq": {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "fp4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": torch.float32,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(root)
+    return root
+
+
+def _load(folder: Path, kind: str) -> nn.Module:
+    """A fresh quantised copy of the saved model (one per side, so neither sees the other)."""
+    return transformers.LlamaForCausalLM.from_pretrained(
+        folder,
+        quantization_config=transformers.BitsAndBytesConfig(**KINDS[kind]),
+        device_map="cpu",
+    )
+
+
+def _check_quantised(model: nn.Module, kind: str) -> None:
+    """The base layers are bitsandbytes layers (under an adapter wrapper, if any)."""
+    layer = model.model.layers[0].mlp.down_proj
+    while hasattr(layer, "base_layer"):
+        layer = layer.base_layer
+    assert type(layer).__name__ == ("Linear8bitLt" if kind == "8bit" else "Linear4bit")
+
+
+def _peft_config(method: str) -> Any:
+    if method == "lora":
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    return peft.VeraConfig(r=16, target_modules=TARGETS, projection_prng_key=7)
+
+
+def _adapt_config(method: str) -> Any:
+    if method == "lora":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    return VeraConfig(r=16, target_modules=TARGETS, projection_prng_key=7)
+
+
+def _perturb(model: nn.Module, seed: int, scale: float = 0.1) -> int:
+    """Random values for every LoRA matrix and VeRA scaling vector (λ_b starts at 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_" in name or "vera_lambda" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+                count += 1
+    assert count > 0, "no adapter parameters found"
+    return count
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=_ids()).logits.float()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max().item())
+
+
+def _check_vera_basis(theirs: Any, ours: AdaptedModel) -> None:
+    assert torch.equal(theirs.base_model.vera_A["default"], ours.base_model.vera_basis.A)
+    assert torch.equal(theirs.base_model.vera_B["default"], ours.base_model.vera_basis.B)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_peft_saved_adapter_on_quantised_model_loads_in_adapt(
+    folder: Path, method: str, kind: str, tmp_path: Path
+) -> None:
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(_load(folder, kind), _peft_config(method))
+    _check_quantised(theirs.base_model.model, kind)
+    if method == "vera":
+        _perturb(theirs, seed=11)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path)
+
+    ours = AdaptedModel.from_pretrained(_load(folder, kind), tmp_path).eval()
+    _check_quantised(ours.model, kind)
+    if method == "vera":
+        _check_vera_basis(theirs, ours)
+    expected = _logits(theirs)
+    got = _logits(ours)
+    diff = _max_diff(got, expected)
+    print(f"{method} {kind}: PEFT-saved adapter in adapt, max abs diff {diff:.3g}")
+    assert torch.isfinite(expected).all()
+    assert diff <= TOL
+    with theirs.disable_adapter():
+        base = _logits(theirs)
+    assert _max_diff(expected, base) > 1e-3, "adapter had no effect: test is vacuous"
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_adapt_saved_adapter_on_quantised_model_loads_in_peft(
+    folder: Path, method: str, kind: str, tmp_path: Path
+) -> None:
+    torch.manual_seed(2)
+    ours = adapt(_load(folder, kind), _adapt_config(method))
+    _check_quantised(ours.model, kind)
+    _perturb(ours, seed=12)
+    ours.eval()
+    ours.save_pretrained(tmp_path)
+
+    theirs = peft.PeftModel.from_pretrained(_load(folder, kind), tmp_path).eval()
+    _check_quantised(theirs.base_model.model, kind)
+    if method == "vera":
+        _check_vera_basis(theirs, ours)
+    expected = _logits(ours)
+    got = _logits(theirs)
+    diff = _max_diff(got, expected)
+    print(f"{method} {kind}: adapt-saved adapter in PEFT, max abs diff {diff:.3g}")
+    assert torch.isfinite(expected).all()
+    assert diff <= TOL
+    with ours.disable_adapter():
+        base = _logits(ours)
+    assert _max_diff(expected, base) > 1e-3, "adapter had no effect: test is vacuous"
+    # PEFT read every tensor adapt wrote and needed no other: it writes back the same keys
+    from safetensors.torch import load_file
+
+    peft_dir = tmp_path / "peft"
+    theirs.save_pretrained(peft_dir)
+    ours_keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    peft_keys = set(load_file(str(peft_dir / "adapter_model.safetensors")))
+    assert ours_keys == peft_keys, ours_keys ^ peft_keys
+
+
+@pytest.mark.parametrize("kind", ["8bit", "nf4"])
+def test_merged_lora_on_quantised_model_vs_peft(folder: Path, kind: str, tmp_path: Path) -> None:
+    """Merging requantises, so the merged models differ from the unmerged ones (and from each
+    other, if the two libraries requantise differently); only soundness is asserted.
+
+    The models stay in train mode (outputs under ``torch.no_grad``) so that bitsandbytes never
+    repacks a 4-bit weight for its CPU kernel before the merge: PEFT mis-merges a repacked one.
+    """
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(_load(folder, kind), _peft_config("lora"))
+    theirs.save_pretrained(tmp_path)
+    ours = AdaptedModel.from_pretrained(_load(folder, kind), tmp_path)
+    theirs.train()
+    ours.train()
+    unmerged_theirs = _logits(theirs)
+    unmerged_ours = _logits(ours)
+    diff = _max_diff(unmerged_ours, unmerged_theirs)
+    assert diff <= TOL, f"unmerged outputs differ by {diff:.3g}"
+
+    merged_theirs = theirs.merge_and_unload().train()
+    merged_ours = ours.merge_and_unload().train()
+    _check_quantised(merged_theirs, kind)
+    _check_quantised(merged_ours, kind)
+    out_theirs = _logits(merged_theirs)
+    out_ours = _logits(merged_ours)
+    change_theirs = _max_diff(out_theirs, unmerged_theirs)
+    change_ours = _max_diff(out_ours, unmerged_ours)
+    between = _max_diff(out_ours, out_theirs)
+    print(
+        f"lora {kind} merged: adapt vs PEFT max abs diff {between:.3g}; change vs unmerged: "
+        f"adapt {change_ours:.3g}, PEFT {change_theirs:.3g}"
+    )
+    assert torch.isfinite(out_theirs).all()
+    assert torch.isfinite(out_ours).all()
+    if kind == "8bit":
+        assert change_ours <= 1.5 * change_theirs + 1e-3
