@@ -321,3 +321,15 @@ def test_delete_and_method_lookup_after_failed_load(tmp_path: Path) -> None:
         fresh.load_adapter(tmp_path, adapter_name="x")
     assert VeraMethod.basis(fresh) is not None
     assert all(la.adapter_names == ["default"] for _, la in fresh.adapter_layers())
+
+
+def test_config_file_has_no_exclude_modules_unless_used(tmp_path: Path) -> None:
+    """PEFT's VeraConfig has no exclude_modules: the key stays out of the file when unused."""
+    config = VeraConfig(r=8, target_modules=["q_proj", "v_proj"])
+    assert "exclude_modules" not in config.to_dict()
+    used = VeraConfig(r=8, target_modules=["q_proj", "k_proj"], exclude_modules=["k_proj"])
+    with pytest.warns(UserWarning, match="PEFT's VeraConfig does not have"):
+        data = used.to_dict()
+    assert data["exclude_modules"] == ["k_proj"]
+    # and adapt reads its own file back with the exclusion
+    assert VeraConfig.from_dict(data).exclude_modules == ["k_proj"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar
 
 from adapt.core import AdapterConfig, ConfigError
@@ -53,3 +54,20 @@ class VeraConfig(AdapterConfig):
                 raise ConfigError(
                     f"{name}.{field} must be true or false, got {getattr(self, field)!r}"
                 )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        # PEFT's VeraConfig has no exclude_modules: leave it out of the file when unused, and
+        # say so when it is used (PEFT would ignore it and adapt the excluded modules too).
+        if data.get("exclude_modules") is None:
+            data.pop("exclude_modules", None)
+        else:
+            warnings.warn(
+                "this VeRA adapter uses exclude_modules, which PEFT's VeraConfig does not have: "
+                "adapt loads it correctly, but PEFT would ignore the exclusion and adapt those "
+                "modules too. To share the adapter with PEFT users, list the modules to adapt in "
+                "target_modules instead",
+                UserWarning,
+                stacklevel=3,
+            )
+        return data
