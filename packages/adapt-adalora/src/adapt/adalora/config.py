@@ -28,7 +28,7 @@ _PEFT_ADALORA_KEYS: dict[str, Any] = {
 PEFT_DEFAULT_R = 8
 
 R_IGNORED = (
-    "AdaLoraConfig ignores `r` (got r={r}): AdaLoRA's ranks are set by `init_r` (the rank every "
+    "AdaLoraConfig ignores `r` (got r={r}): AdaLoRA's ranks are set by `init_r` (the initial rank every "
     "matrix starts with, default 12) and `target_r` (the average rank left after budgeting, "
     "default 8). Use AdaLoraConfig(init_r=..., target_r=...) instead."
 )
