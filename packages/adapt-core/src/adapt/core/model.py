@@ -222,7 +222,15 @@ class AdaptedModel(nn.Module):
         setattr(parent, child, new)
 
     def method_of(self, adapter_name: str) -> Method:
-        return get_registry().get_method(self.peft_config[adapter_name].peft_type)
+        """The method object of ``adapter_name`` (resolved once, then cached per adapter)."""
+        peft_type = self.peft_config[adapter_name].peft_type
+        cache: dict[str, tuple[str, Method]] = self.__dict__.setdefault("_method_cache", {})
+        hit = cache.get(adapter_name)
+        if hit is not None and hit[0] == peft_type:
+            return hit[1]
+        method = get_registry().get_method(peft_type)
+        cache[adapter_name] = (peft_type, method)
+        return method
 
     # -- adding, selecting, deleting ----------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
@@ -437,6 +445,7 @@ class AdaptedModel(nn.Module):
                 self._replace(path, wrapper.original_module)
         method.on_delete(self, adapter_name)
         del self.peft_config[adapter_name]
+        self.__dict__.get("_method_cache", {}).pop(adapter_name, None)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         if not self.active_adapters and self.peft_config:
             self.active_adapters = [next(iter(self.peft_config))]
@@ -555,6 +564,7 @@ class AdaptedModel(nn.Module):
         for name in list(self.peft_config):
             method = self.method_of(name)
             del self.peft_config[name]
+            self.__dict__.get("_method_cache", {}).pop(name, None)
             method.on_delete(self, name)
         model = self.model
         self.active_adapters = []
@@ -611,9 +621,8 @@ class AdaptedModel(nn.Module):
         if root.exists() and not root.is_dir():
             raise CheckpointError(f"cannot save into {str(root)!r}: it is a file, not a folder")
         for name in names:
-            tensors = self.method_of(name).checkpoint_state(
-                self, name, self.adapter_state_dict(name)
-            )
+            state = self.adapter_state_dict(name)  # refuses unknown names
+            tensors = self.method_of(name).checkpoint_state(self, name, state)
             config = self.peft_config[name].to_dict()
             config["inference_mode"] = True
             config.setdefault("base_model_name_or_path", None)
