@@ -448,3 +448,20 @@ def test_adapter_layer_without_backend_says_what_to_install() -> None:
     msg = str(info.value)
     assert "no weight backend" in msg and "torch.nn.modules.normalization.LayerNorm" in msg
     assert "install" in msg
+
+
+def test_status_shows_shadowing_and_failures(capsys: pytest.CaptureFixture[str]) -> None:
+    from adapt.core import cli
+    from adapt.core.testing import ToyLayer, isolated_registry, registered_toy
+
+    class Better(ToyLayer):
+        priority = 5
+
+    with isolated_registry() as reg, registered_toy():
+        reg.register_layer(Better, name="better-linear")
+        entries = {e.name: e for e in reg.entries(GROUP_LAYERS)}
+        assert reg.status_of(entries["better-linear"]) == "ok"
+        assert reg.status_of(entries["toy-linear"]) == "shadowed by better-linear for Linear"
+        assert cli.main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "shadowed by better-linear for Linear" in out

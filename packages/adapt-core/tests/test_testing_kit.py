@@ -71,3 +71,76 @@ def test_output_tensor() -> None:
     assert output_tensor((t, 1)) is t
     with pytest.raises(TypeError, match="cannot find the output tensor in a dict"):
         output_tensor({"a": 1})
+
+
+# ----------------------------------------------------------------------------- check_layer
+
+
+def _linear() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(10, 7)
+
+
+def test_check_layer_passes_a_correct_layer() -> None:
+    from adapt.core.testing import check_layer
+
+    report = check_layer(ToyLayer, _linear, ToyConfig(r=3))
+    assert report.ok and not report.skipped
+    assert len(report.passed) == 12
+    text = str(report)
+    assert text.startswith("adapt conformance of adapt.core.testing.ToyLayer: 12 passed")
+    assert "PASS  merged output equals unmerged" in text
+
+
+class LeakyLayer(ToyLayer):
+    """Broken: its checkpoint names carry the adapter name (PEFT's keys do not)."""
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        out = super().adapter_tensors(adapter_name)
+        return {f"{k}.{adapter_name}": v for k, v in out.items()}
+
+
+def test_check_layer_reports_a_wrong_delta_weight_in_words() -> None:
+    from adapt.core.testing import check_layer
+
+    with pytest.raises(AssertionError) as info:
+        check_layer(WrongDelta, _linear, ToyConfig(r=3))
+    msg = str(info.value)
+    print(msg)
+    assert "adapt conformance of" in msg and "WrongDelta" in msg
+    assert (
+        "FAIL  merged output equals unmerged, merge→unmerge restores the weight: "
+        "AssertionError: merged output vs unmerged output: max abs difference" in msg
+    )
+    # the failure does not cascade: the forward-only checks still pass
+    assert "PASS  disable_adapter() gives the base output" in msg
+    assert "PASS  save_pretrained → from_pretrained gives the same output" in msg
+
+
+def test_check_layer_reports_bad_checkpoint_names() -> None:
+    from adapt.core.testing import check_layer
+
+    report = check_layer(LeakyLayer, _linear, ToyConfig(r=3), raise_on_failure=False)
+    failed = dict(report.failed)
+    assert (
+        "contains the adapter name" in failed["state-dict names follow the checkpoint convention"]
+    )
+
+
+def test_check_layer_documents_a_non_identity_start() -> None:
+    from adapt.core.testing import check_layer
+
+    report = check_layer(ToyLayer, _linear, ToyConfig(r=3, init_identity=False),
+                         identity_at_init=False)  # fmt: skip
+    assert report.ok
+    assert report.skipped == [("a new adapter starts as the identity", "documented as not")]
+
+
+def test_check_layer_says_when_the_registry_picks_another_class() -> None:
+    from adapt.core.testing import check_layer
+
+    class NotForLinear(ToyLayer):
+        base_types = (torch.nn.Conv1d,)
+
+    with pytest.raises(AssertionError, match="the registry picks the layer class"):
+        check_layer(NotForLinear, _linear, ToyConfig(r=3))

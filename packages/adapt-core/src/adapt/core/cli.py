@@ -48,7 +48,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                         entry.name,
                         entry.distribution,
                         entry.version,
-                        entry.status,
+                        registry.status_of(entry),
                     ]
                 )
     if not rows:

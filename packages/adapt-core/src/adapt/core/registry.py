@@ -143,6 +143,38 @@ class Registry:
                 self._load(entry)
         return list(grp.entries)
 
+    def status_of(self, entry: PluginEntry) -> str:
+        """What ``adapt plugins`` shows for ``entry``: ok, failed (with the error), shadowed by
+        another plugin for some base type, or in conflict with one."""
+        if entry.error or not entry.loaded or entry.group == GROUP_METHODS:
+            return entry.status
+        method = getattr(entry.obj, "method", None)
+        rivals = [
+            e
+            for e in self.entries(entry.group)
+            if e is not entry
+            and e.obj is not None
+            and e.obj is not entry.obj
+            and getattr(e.obj, "method", None) == method
+        ]
+        notes: list[str] = []
+        for want in getattr(entry.obj, "base_types", ()):
+            label = want if isinstance(want, str) else f"{want.__module__}.{want.__qualname__}"
+            for other in rivals:
+                if want not in getattr(other.obj, "base_types", ()):
+                    continue
+                if other.priority > entry.priority:
+                    notes.append(f"shadowed by {other.name} for {label.rsplit('.', 1)[-1]}")
+                elif other.priority == entry.priority:
+                    if other.distribution != entry.distribution:
+                        notes.append(
+                            f"conflict with {other.name} ({other.distribution}) for "
+                            f"{label.rsplit('.', 1)[-1]}: same priority"
+                        )
+                    elif other.name < entry.name:
+                        notes.append(f"shadowed by {other.name} for {label.rsplit('.', 1)[-1]}")
+        return "; ".join(dict.fromkeys(notes)) or "ok"
+
     # -- in-process registration -------------------------------------------------------------
     def _register(self, group: str, name: str, obj: Any, priority: int | None) -> PluginEntry:
         entry = PluginEntry(

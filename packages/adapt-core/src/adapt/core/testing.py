@@ -49,11 +49,13 @@ from .routing import BASE
 __all__ = [
     "TOY_LAYER_NAME",
     "TOY_METHOD_NAME",
+    "ConformanceReport",
     "ToyConfig",
     "ToyLayer",
     "ToyMethod",
     "assert_merge_roundtrip",
     "assert_mixed_batch_matches",
+    "check_layer",
     "isolated_registry",
     "output_tensor",
     "registered_toy",
@@ -298,3 +300,269 @@ def assert_mixed_batch_matches(
     finally:
         if previous:
             model.set_adapter(previous)
+
+
+# ----------------------------------------------------------------------------- conformance kit
+
+
+@dataclasses.dataclass
+class ConformanceReport:
+    """What :func:`check_layer` found: each check passed, failed (with why) or skipped."""
+
+    layer: str
+    passed: list[str] = dataclasses.field(default_factory=list)
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def __str__(self) -> str:
+        lines = [f"adapt conformance of {self.layer}: {len(self.passed)} passed, "
+                 f"{len(self.failed)} failed, {len(self.skipped)} skipped"]  # fmt: skip
+        lines += [f"  PASS  {name}" for name in self.passed]
+        lines += [f"  FAIL  {name}: {why}" for name, why in self.failed]
+        lines += [f"  SKIP  {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+class _Host(nn.Module):
+    """A one-module model: ``target`` is the base module under test."""
+
+    def __init__(self, target: nn.Module) -> None:
+        super().__init__()
+        self.target = target
+
+    def forward(self, x: Any) -> Any:
+        return self.target(x)
+
+
+def _randomise(layer: AdapterLayer, adapter_name: str, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, tensor in sorted(layer.adapter_tensors(adapter_name).items()):
+            if tensor.is_floating_point() and isinstance(tensor, nn.Parameter):
+                noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
+                tensor.copy_((noise * 0.1).to(tensor.dtype))
+
+
+@contextlib.contextmanager
+def _registered(layer_cls: type[AdapterLayer]) -> Iterator[str]:
+    """Register ``layer_cls`` above every other layer for the duration of the block."""
+    reg = get_registry()
+    name = f"conformance:{layer_cls.__module__}.{layer_cls.__qualname__}"
+    reg.register_layer(layer_cls, name=name, priority=10**6)
+    try:
+        yield name
+    finally:
+        reg.unregister(GROUP_LAYERS, name)
+
+
+def check_layer(
+    layer_cls: type[AdapterLayer],
+    make_base: Callable[[], nn.Module],
+    config: AdapterConfig,
+    *,
+    make_input: Callable[[], torch.Tensor] | None = None,
+    identity_at_init: bool = True,
+    atol: float = 1e-5,
+    raise_on_failure: bool = True,
+    tmp_dir: str | None = None,
+) -> ConformanceReport:
+    """Check that an adapter-layer class honours adapt's layer protocol.
+
+    ``make_base()`` returns a fresh base module of the type the class serves, the same weights
+    every call (seed inside it); ``config`` is a config of the layer's method (its
+    ``target_modules`` is replaced by the module under test); ``make_input()`` returns a batch
+    of at least three samples for the base module (default: ``torch.randn(4, in_features)``).
+    ``identity_at_init=False`` documents a method whose new adapter changes the output.
+
+    Checks, each reported in words: the registry picks the class; a new adapter is the
+    identity; only the adapter's tensors are trainable and they get gradients; state-dict
+    names follow the checkpoint convention; ``delta_weight`` has the weight's shape; forward
+    with one and with several adapters; ``disable_adapter``; a mixed batch; merged output equals
+    unmerged and merge→unmerge restores the weight; save/load round trip; ``delete_adapter``.
+
+    Raises ``AssertionError`` with the report when a check fails (unless
+    ``raise_on_failure=False``); returns the :class:`ConformanceReport`.
+    """
+    import tempfile
+
+    report = ConformanceReport(layer=f"{layer_cls.__module__}.{layer_cls.__qualname__}")
+    cfg = dataclasses.replace(config, target_modules=["target"], inference_mode=False)
+    other_cfg = dataclasses.replace(cfg, inference_mode=True)
+
+    holder: dict[str, Any] = {}
+
+    def run(name: str, check: Callable[[], None]) -> bool:
+        try:
+            check()
+        except Exception as exc:
+            report.failed.append((name, f"{type(exc).__name__}: {exc}".strip()))
+            # leave the model unmerged so one failure does not cascade into the next checks
+            if "model" in holder:
+                with contextlib.suppress(Exception):
+                    holder["model"].unmerge_adapter()
+            return False
+        report.passed.append(name)
+        return True
+
+    with _registered(layer_cls):
+        host = _Host(make_base())
+        base_copy = _Host(make_base())
+
+        def build() -> None:
+            model = AdaptedModel(host, cfg, "default", is_trainable=True)
+            layer = model.model.target
+            if type(layer) is not layer_cls:
+                raise AssertionError(
+                    f"the registry wrapped the base module in {type(layer).__name__}, not "
+                    f"{layer_cls.__name__} (check `method` and `base_types`)"
+                )
+            holder["model"], holder["layer"] = model, layer
+
+        if not run("the registry picks the layer class for the base module", build):
+            return _finish(report, raise_on_failure)
+        model: AdaptedModel = holder["model"]
+        layer: AdapterLayer = holder["layer"]
+        if make_input is None:
+            n_in = layer.in_features
+
+            def make_input() -> torch.Tensor:
+                return torch.randn(4, n_in, generator=torch.Generator().manual_seed(0))
+
+        x = make_input()
+        base_out = _call(base_copy, x)
+
+        def identity() -> None:
+            _assert_close(_call(model, x), base_out, atol, "output of a new adapter vs base")
+
+        if identity_at_init:
+            run("a new adapter starts as the identity", identity)
+        else:
+            report.skipped.append(("a new adapter starts as the identity", "documented as not"))
+        _randomise(layer, "default", seed=1)
+
+        def trainable() -> None:
+            own = {id(t) for t in layer.adapter_tensors("default").values()}
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            if not params:
+                raise AssertionError("no parameter is trainable after adapt()")
+            strangers = [n for n, p in params if id(p) not in own]
+            if strangers:
+                raise AssertionError(f"trainable parameters outside the adapter: {strangers}")
+            model.zero_grad()
+            out = model(x)
+            loss = output_tensor(out).float().pow(2).mean()
+            torch.autograd.backward(loss)
+            missing = [n for n, p in params if p.grad is None]
+            if missing:
+                raise AssertionError(f"adapter parameters without a gradient: {missing}")
+            model.zero_grad()
+
+        run("only the adapter's tensors are trainable, and they get gradients", trainable)
+
+        def names() -> None:
+            keys = list(model.adapter_state_dict("default", include_shared=False))
+            if not keys:
+                raise AssertionError("adapter_state_dict() is empty")
+            for key in keys:
+                if not key.startswith("base_model.model.target."):
+                    raise AssertionError(f"{key!r} does not start with 'base_model.model.target.'")
+                suffix = key.removeprefix("base_model.model.target.")
+                if suffix.split(".")[0] not in layer.adapter_layer_names:
+                    raise AssertionError(
+                        f"{key!r}: {suffix.split('.')[0]!r} is not in the class's "
+                        f"adapter_layer_names {layer.adapter_layer_names}"
+                    )
+                if ".default" in f".{suffix}":
+                    raise AssertionError(f"{key!r} contains the adapter name; PEFT keys do not")
+
+        run("state-dict names follow the checkpoint convention", names)
+
+        def delta_shape() -> None:
+            weight = layer.backend.get_weight(layer.base_layer)
+            delta = layer.delta_weight("default")
+            if tuple(delta.shape) != tuple(weight.shape):
+                raise AssertionError(
+                    f"delta_weight has shape {tuple(delta.shape)}, the base weight (canonical "
+                    f"layout) {tuple(weight.shape)}"
+                )
+
+        run("delta_weight has the base weight's shape", delta_shape)
+
+        def forward_one() -> None:
+            out = _call(model, x)
+            diff = (out - base_out).abs().max().item()
+            if not diff > atol:
+                raise AssertionError("a randomised adapter does not change the output")
+
+        run("forward with one adapter changes the output", forward_one)
+        run(
+            "merged output equals unmerged, merge→unmerge restores the weight",
+            lambda: assert_merge_roundtrip(model, lambda: x, atol),
+        )
+
+        def several() -> None:
+            # a second adapter for inference (methods such as AdaLoRA train one at a time)
+            model.add_adapter("other", other_cfg)
+            _randomise(layer, "other", seed=2)
+            model.set_adapter("default")
+            one = _call(model, x)
+            model.set_adapter(["default", "other"])
+            both = _call(model, x)
+            if not (both - one).abs().max().item() > atol:
+                raise AssertionError("a second active adapter does not change the output")
+            assert_merge_roundtrip(model, lambda: x, atol)
+            model.set_adapter("default")
+
+        has_other = run("forward with several adapters (and their merge)", several)
+
+        def disabled() -> None:
+            with model.disable_adapter():
+                _assert_close(_call(model, x), base_out, atol, "output inside disable_adapter()")
+            if not (_call(model, x) - base_out).abs().max().item() > atol:
+                raise AssertionError("the adapter stays off after disable_adapter() exits")
+
+        run("disable_adapter() gives the base output", disabled)
+
+        if has_other and x.shape[0] >= 3:
+            routing = ["default", "other", BASE] * (x.shape[0] // 3 + 1)
+            run(
+                "a mixed batch routes each sample to its adapter",
+                lambda: assert_mixed_batch_matches(model, x, routing[: x.shape[0]], atol),
+            )
+        else:
+            report.skipped.append(("a mixed batch", "needs a second adapter and >= 3 samples"))
+
+        def round_trip() -> None:
+            model.set_adapter("default")
+            want = _call(model, x)
+            with tempfile.TemporaryDirectory(dir=tmp_dir) as folder:
+                model.save_pretrained(folder, selected_adapters=["default"])
+                loaded = AdaptedModel.from_pretrained(_Host(make_base()), folder)
+                _assert_close(_call(loaded, x), want, atol, "output after save/load")
+
+        run("save_pretrained → from_pretrained gives the same output", round_trip)
+
+        def delete() -> None:
+            if "other" not in model.peft_config:
+                model.add_adapter("other", other_cfg)
+            model.delete_adapter("other")
+            if "other" in layer.adapter_names:
+                raise AssertionError("the layer still lists 'other' after delete_adapter")
+            left = [
+                k for k, _ in layer.named_parameters() if ".other" in f".{k}" or k.endswith("other")
+            ]
+            if left:
+                raise AssertionError(f"tensors of the deleted adapter remain: {left}")
+
+        run("delete_adapter removes the adapter's tensors", delete)
+    return _finish(report, raise_on_failure)
+
+
+def _finish(report: ConformanceReport, raise_on_failure: bool) -> ConformanceReport:
+    if raise_on_failure and not report.ok:
+        raise AssertionError(str(report))
+    return report

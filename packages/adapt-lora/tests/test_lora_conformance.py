@@ -1,0 +1,40 @@
+"""adapt-lora's layers pass the plugin conformance kit (the same one third parties use)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adapt.core.testing import check_layer
+from adapt.lora import LoraConfig
+from adapt.lora.layer import LoraConv, LoraEmbedding, LoraLinear
+
+
+def seeded(factory):  # type: ignore[no-untyped-def]
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return factory()  # type: ignore[no-any-return]
+
+    return make
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_linear(rslora: bool) -> None:
+    check_layer(LoraLinear, seeded(lambda: nn.Linear(12, 9)), LoraConfig(r=4, use_rslora=rslora))
+
+
+def test_lora_embedding() -> None:
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 1, 2]])
+    check_layer(
+        LoraEmbedding, seeded(lambda: nn.Embedding(16, 6)), LoraConfig(r=3),
+        make_input=lambda: tokens,
+    )  # fmt: skip
+
+
+def test_lora_conv2d() -> None:
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    check_layer(
+        LoraConv, seeded(lambda: nn.Conv2d(3, 5, 3, padding=1)), LoraConfig(r=2),
+        make_input=lambda: x,
+    )  # fmt: skip
