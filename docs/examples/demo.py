@@ -35,11 +35,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+import transformers
+from tqdm.auto import tqdm
 
-from adapt.core import AdaptedModel, adapt  # noqa: E402
+from adapt.core import AdaptedModel, adapt
 
 transformers.logging.set_verbosity_error()
 # bitsandbytes' CPU 4-bit kernel has no autograd registration for its input gradient path;
