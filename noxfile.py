@@ -179,7 +179,8 @@ def tests(session: nox.Session, package: str, transformers: str) -> None:
         session.error(f"{package} has no tests/ folder ({tests_dir})")
     constraints = install_torch(session)
     install(session, constraints, f"transformers=={transformers}")
-    install(session, constraints, *editable(test_packages(package)), *TEST_DEPS)
+    extra = _pyproject(package).get("tool", {}).get("adapt", {}).get("test-deps", [])
+    install(session, constraints, *editable(test_packages(package)), *TEST_DEPS, *extra)
     session.run("pytest", str(tests_dir), *pytest_args(session), *session.posargs)
 
 

@@ -173,3 +173,25 @@ def test_a_matrix_pruned_to_rank_zero_saves_and_loads(tmp_path: Path) -> None:
     loaded = AdaptedModel.from_pretrained(fresh, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), want)
+
+
+def test_inspect_plots_the_rank_heat_map(
+    trained: tuple[AdaptedModel, list[float]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    from adapt.core import cli
+    from adapt.core.cli import rank_grid
+
+    model, _ = trained
+    model.save_pretrained(tmp_path / "adapter")
+    png = tmp_path / "ranks.png"
+    assert cli.main(["inspect", str(tmp_path / "adapter"), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "init_r:" in out and f"rank heat map written to {png}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pattern = model.peft_config["default"].rank_pattern
+    ranks = {k.removesuffix(".lora_E"): sum(v) for k, v in pattern.items()}
+    rows, columns, grid = rank_grid(ranks)
+    assert rows == ["model.layers.0", "model.layers.1"]
+    assert "self_attn.q_proj" in columns and "mlp.down_proj" in columns
+    assert grid[0][columns.index("self_attn.q_proj")] == ranks["model.layers.0.self_attn.q_proj"]
