@@ -277,11 +277,11 @@ def test_pickle_only_folder_is_refused_and_never_unpickled(
     err = load_fails(saved)
     assert isinstance(err, CheckpointError)
     msg = str(err)
-    assert "adapter_model.bin, a pickle file; adapt never unpickles" in msg
+    assert "adapter_model.bin, a pickle file, which adapt does not load by default" in msg
     assert "safetensors" in msg  # says how to convert
     assert not marker.exists()
     model = adapt(mlp(), ToyConfig(target_modules=["up"]))
-    with pytest.raises(CheckpointError, match="never unpickles"):
+    with pytest.raises(CheckpointError, match="does not load by default.*allow_pickle=True"):
         model.load_adapter(saved, adapter_name="b")
     assert not marker.exists()
     assert set(model.peft_config) == {"default"}
@@ -416,3 +416,22 @@ def test_modules_to_save_round_trip(tmp_path: Path, x: torch.Tensor) -> None:
     ]
     loaded = AdaptedModel.from_pretrained(mlp(), tmp_path)
     torch.testing.assert_close(out(loaded, x), expected)
+
+
+def test_pickle_opt_in_uses_weights_only_loading(saved: Path, tmp_path: Path) -> None:
+    """allow_pickle=True reads a .bin with torch.load(weights_only=True): tensors load, and a
+    pickle that would run code is refused instead of executed."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(saved / WEIGHTS_NAME)
+    (saved / WEIGHTS_NAME).unlink()
+    torch.save(tensors, saved / "adapter_model.bin")
+    model = AdaptedModel.from_pretrained(mlp(), saved, allow_pickle=True)
+    got = model.adapter_state_dict("default")
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+
+    marker = tmp_path / "unpickled"
+    (saved / "adapter_model.bin").write_bytes(pickle.dumps(Trap(marker)))
+    with pytest.raises(CheckpointError, match=r"cannot be loaded with torch.load\(weights_only"):
+        AdaptedModel.from_pretrained(mlp(), saved, allow_pickle=True)
+    assert not marker.exists()

@@ -41,13 +41,13 @@ def orthogonal_regulariser(model: AdaptedModel, adapter_name: str) -> torch.Tens
     for layer in adalora_layers(model, adapter_name).values():
         for attr in ("lora_A", "lora_B"):
             p = getattr(layer, attr)[adapter_name]
+            count += 1  # a matrix pruned to rank 0 counts, with a zero term (as in PEFT)
             if p.numel() == 0:
                 continue
             cov = p @ p.T if attr == "lora_A" else p.T @ p
             eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
             term = torch.linalg.matrix_norm(cov - eye)
             total = term if total is None else total + term
-            count += 1
     if total is None:
         return torch.zeros(())
     return total / count

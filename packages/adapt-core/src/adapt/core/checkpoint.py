@@ -46,22 +46,119 @@ def _atomic_write(path: Path, write: Any) -> None:
         pass
 
 
+JOURNAL_NAME = ".adapt-save.json"
+
+
+def _write_temp(folder: Path, name: str, write: Any) -> Path:
+    """Write a complete, fsynced temporary file next to ``folder / name``; return its path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # pragma: no cover - platforms without directory fsync
+        pass
+
+
+def _journal(folder: Path) -> list[tuple[str, str]] | None:
+    """The renames of an interrupted save's commit record, or None if there is none."""
+    file = folder / JOURNAL_NAME
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        renames = [(str(src), str(dst)) for src, dst in data["renames"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{file} (a save's commit record) is unreadable: {exc}") from exc
+    for src, dst in renames:
+        if "/" in src or "/" in dst or dst not in (WEIGHTS_NAME, CONFIG_NAME):
+            raise CheckpointError(f"{file} names unexpected files: {renames}")
+    return renames
+
+
+def _roll_forward(folder: Path, renames: list[tuple[str, str]]) -> None:
+    for src, dst in renames:
+        if (folder / src).exists():
+            os.replace(folder / src, folder / dst)
+    _fsync_dir(folder)
+    (folder / JOURNAL_NAME).unlink(missing_ok=True)
+    _fsync_dir(folder)
+
+
+def recover(folder: str | os.PathLike[str]) -> None:
+    """Finish a save that was interrupted after its commit point, and delete the temporary
+    files of one interrupted before it (which left the previous adapter in place)."""
+    path = Path(folder)
+    renames = _journal(path)
+    if renames is not None:
+        _roll_forward(path, renames)
+    for name in (WEIGHTS_NAME, CONFIG_NAME, JOURNAL_NAME):
+        for stale in path.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def _current(folder: Path, name: str) -> Path:
+    """Where ``name`` is now, as a reader sees it: a save interrupted after its commit point
+    counts as done (without writing anything, so read-only folders work)."""
+    renames = _journal(folder)
+    if renames is not None:
+        for src, dst in renames:
+            if dst == name and (folder / src).exists():
+                return folder / src
+    return folder / name
+
+
 def write_adapter(
     folder: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> Path:
-    """Write one adapter: weights first, then the config, each atomically."""
+    """Write one adapter so that a crash at any point leaves the old adapter or the new one.
+
+    Both files are written completely to temporary names first; then a commit record naming
+    the two renames is written atomically (the commit point); then the renames happen and the
+    record is deleted. A reader (and the next save) completes a committed save that was cut
+    off between the renames, and ignores the temporary files of an uncommitted one.
+    """
     from safetensors.torch import save_file
 
     out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    recover(out)
     clean = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(clean, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
 
-    _atomic_write(out / CONFIG_NAME, write_json)
+    weights = _write_temp(out, WEIGHTS_NAME, lambda tmp: save_file(clean, tmp, {"format": "pt"}))
+    try:
+        conf = _write_temp(out, CONFIG_NAME, write_json)
+    except BaseException:
+        weights.unlink(missing_ok=True)
+        raise
+    renames = [(weights.name, WEIGHTS_NAME), (conf.name, CONFIG_NAME)]
+    try:
+        _atomic_write(out / JOURNAL_NAME, lambda tmp: Path(tmp).write_text(
+            json.dumps({"renames": renames}), encoding="utf-8"))  # fmt: skip
+    except BaseException:
+        weights.unlink(missing_ok=True)
+        conf.unlink(missing_ok=True)
+        raise
+    _roll_forward(out, renames)
     return out
 
 
@@ -69,7 +166,7 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(folder)
     if not path.exists():
         raise CheckpointError(f"no adapter at {str(path)!r}: the folder does not exist")
-    file = path / CONFIG_NAME
+    file = _current(path, CONFIG_NAME)
     if not file.is_file():
         raise CheckpointError(
             f"{str(path)!r} holds no {CONFIG_NAME}; point to the folder save_pretrained wrote "
@@ -86,23 +183,48 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def read_tensors(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load ``adapter_model.safetensors``; pickle files are refused, never unpickled."""
+def read_tensors(
+    folder: str | os.PathLike[str], *, allow_pickle: bool = False
+) -> dict[str, torch.Tensor]:
+    """Load ``adapter_model.safetensors``.
+
+    A folder holding only a pickle file (``adapter_model.bin``) is refused unless
+    ``allow_pickle=True``, which loads it with ``torch.load(weights_only=True)`` (tensors and
+    plain containers only: no code runs). Only do that for files you trust.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(folder)
-    file = path / WEIGHTS_NAME
+    file = _current(path, WEIGHTS_NAME)
     if not file.is_file():
         pickled = [n for n in PICKLE_NAMES if (path / n).is_file()]
+        if pickled and allow_pickle:
+            return _read_pickle(path / pickled[0])
         if pickled:
             raise CheckpointError(
-                f"{str(path)!r} holds only {pickled[0]}, a pickle file; adapt never unpickles. "
-                "Convert it to safetensors in a trusted environment (load it with "
-                "torch.load(weights_only=True) and save with safetensors.torch.save_file)"
+                f"{str(path)!r} holds only {pickled[0]}, a pickle file, which adapt does not "
+                "load by default. If you trust it, pass allow_pickle=True (it is read with "
+                "torch.load(weights_only=True)), or convert it to safetensors once: "
+                "safetensors.torch.save_file(torch.load(f, weights_only=True), "
+                "'adapter_model.safetensors')"
             )
         raise CheckpointError(f"{str(path)!r} holds no {WEIGHTS_NAME}")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{file} is corrupt or truncated and cannot be read: {exc}") from exc
+
+
+def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{file} cannot be loaded with torch.load(weights_only=True): {exc}"
+        ) from exc
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise CheckpointError(f"{file} does not hold a flat dict of named tensors")
+    return dict(data)

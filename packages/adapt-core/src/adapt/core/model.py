@@ -641,19 +641,22 @@ class AdaptedModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: AdapterConfig | None = None,
+        *,
+        allow_pickle: bool = False,
         **kwargs: Any,
     ) -> AdaptedModel:
         """Load a saved adapter (adapt's or PEFT's) onto ``model``.
 
         The method is read from ``adapter_config.json`` and resolved through entry points. On
-        any error ``model`` is left as it was.
+        any error ``model`` is left as it was. ``allow_pickle=True`` accepts an old
+        ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``; trusted files only).
         """
         if kwargs:
             raise TypeError(f"from_pretrained got unexpected arguments {sorted(kwargs)}")
         if config is None:
             config = load_config(model_id)
         config.inference_mode = not is_trainable
-        tensors = read_tensors(model_id)
+        tensors = read_tensors(model_id, allow_pickle=allow_pickle)
         # injecting freezes the base; a failed load gives the user's flags back
         requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         adapted = cls(model, config, adapter_name, is_trainable=is_trainable)
@@ -672,13 +675,15 @@ class AdaptedModel(nn.Module):
         adapter_name: str,
         is_trainable: bool = False,
         config: AdapterConfig | None = None,
+        *,
+        allow_pickle: bool = False,
     ) -> None:
         """Load a saved adapter next to the existing ones (not made active)."""
         self._validate_new_name(adapter_name)
         if config is None:
             config = load_config(model_id)
         config.inference_mode = not is_trainable
-        tensors = read_tensors(model_id)
+        tensors = read_tensors(model_id, allow_pickle=allow_pickle)
         self.add_adapter(adapter_name, config)
         try:
             self._load_tensors(adapter_name, tensors, source=str(model_id))
