@@ -281,7 +281,7 @@ def test_pickle_only_folder_is_refused_and_never_unpickled(
     assert "safetensors" in msg  # says how to convert
     assert not marker.exists()
     model = adapt(mlp(), ToyConfig(target_modules=["up"]))
-    with pytest.raises(CheckpointError, match="does not load by default.*allow_pickle=True"):
+    with pytest.raises(CheckpointError, match=r"does not load by default.*allow_pickle=True"):
         model.load_adapter(saved, adapter_name="b")
     assert not marker.exists()
     assert set(model.peft_config) == {"default"}

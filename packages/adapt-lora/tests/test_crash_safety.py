@@ -194,7 +194,7 @@ def test_an_interrupted_commit_is_completed_by_readers(tmp_path: Path) -> None:
                     [".adapter_model.safetensors.y.tmp", WEIGHTS_NAME],
                     [".adapter_config.json.x.tmp", CONFIG_NAME],
                 ]
-            }  # fmt: skip
+            }
         )
     )
     assert check_whole(folder) == 2
