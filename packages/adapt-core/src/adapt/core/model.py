@@ -32,7 +32,7 @@ from .registry import get_registry
 from .routing import BASE, current_adapter_names, route_batch
 from .targeting import find_targets, matches_name
 
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,99}$")  # also a folder name: <= 100
 
 logger = logging.getLogger("adapt")
 
@@ -321,7 +321,7 @@ class AdaptedModel(nn.Module):
         if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name):
             raise ConfigError(
                 f"invalid adapter name {adapter_name!r}: use letters, digits, '_' and '-' "
-                "(no dots, slashes or spaces), e.g. 'default' or 'task_b'"
+                "(no dots, slashes or spaces; at most 100 characters), e.g. 'default' or 'task_b'"
             )
         if adapter_name == BASE:
             raise ConfigError(f"{BASE!r} is reserved for the base model in mixed batches")
