@@ -49,7 +49,7 @@ ENV = {
 nox.options.default_venv_backend = "venv"  # never uv: uv does not look in /opt/wheels
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "tests", "typecheck", "interop", "wheels"]
+nox.options.sessions = ["lint", "tests", "typecheck", "interop", "wheels", "plugin"]
 
 
 # ----------------------------------------------------------------------------- packages
@@ -305,6 +305,114 @@ def demo(session: nox.Session) -> None:
     session.run("python", str(ROOT / "docs" / "examples" / "demo.py"), *args)
 
 
-# Planned, not yet written: `docs` (execute the guides), `bench` (tools/bench), `plugin`
-# (build + install the example third-party plugin from docs/examples and test discovery).
+# The example third-party plugin: a package of its own, outside packages/ (the worked example of
+# docs/guides/writing-a-plugin.md).
+PLUGIN_EXAMPLE = ROOT / "docs" / "examples" / "adapt-gated-linear"
+
+
+def _plugin_pyproject() -> dict:
+    with open(PLUGIN_EXAMPLE / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+@nox.session
+def plugin(session: nox.Session) -> None:
+    """The third-party plugin story, from wheels: build every package's wheel and the example
+    plugin's (docs/examples/adapt-gated-linear), `pip install adapt-gated-linear` from them into a
+    fresh venv (nothing editable), run the plugin's tests and the plugin guide's test there, and
+    check that `adapt plugins` lists the plugin's layer and backend as ok."""
+    setup(session)
+    # hatchling in this venv: the wheels build without an isolated build env each (faster)
+    session.install("build", "hatchling>=1.21")
+    tmp = Path(session.create_tmp()).resolve()
+    dist = tmp / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    dist.mkdir()
+    for src in [*(PACKAGES_DIR / pkg for pkg in PACKAGES), PLUGIN_EXAMPLE]:
+        session.run(
+            "python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)
+        )
+
+    project = _plugin_pyproject()["project"]
+    plugin_dist = _dist_name(project["name"])
+    requirements = project.get("dependencies", [])
+    # what the plugin needs from packages/ (adapt-lora, and adapt-core through it)
+    needed: set[str] = set()
+    for req in requirements:
+        if _dist_name(req) in PACKAGES:
+            needed.update(local_deps(_dist_name(req)))
+    ours = [p for p in PACKAGES if p in needed]
+    third_party = sorted(
+        {
+            req
+            for req in [
+                *(r for pkg in ours for r in _pyproject(pkg)["project"].get("dependencies", [])),
+                *requirements,
+                *project.get("optional-dependencies", {}).get("test", []),
+            ]
+            if _dist_name(req) not in PACKAGES
+        }
+    )
+
+    # Fresh venv every time: nothing editable, nothing left from a previous run.
+    venv = tmp / "plugin-venv"
+    shutil.rmtree(venv, ignore_errors=True)
+    session.run("python", "-m", "venv", str(venv))
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "--quiet"]
+    constraints = constraints_file(session)
+    session.run(*pip, f"torch=={TORCH}", *find_links(), external=True)
+    # Third-party dependencies from the index first; then the plugin with --no-index, so pip
+    # resolves adapt-lora and adapt-core from the plugin's metadata and the wheel folder alone
+    # (PyPI has an unrelated `adapt-core` 0.1.0).
+    session.run(*pip, "-c", constraints, *find_links(), *third_party, external=True)
+    report = tmp / "plugin-report.json"
+    session.run(
+        *pip, "--no-index", "--find-links", str(dist), "--report", str(report), plugin_dist,
+        external=True,
+    )  # fmt: skip
+    installed = {
+        i["metadata"]["name"].lower(): i["download_info"]["url"]
+        for i in json.loads(report.read_text())["install"]
+    }
+    if set(installed) != {*ours, plugin_dist}:
+        session.error(f"pip install {plugin_dist} installed {sorted(installed)}")
+    if stray := {n: u for n, u in installed.items() if not u.startswith(dist.as_uri())}:
+        session.error(f"packages came from outside {dist}: {stray}")
+    session.run(py, "-m", "pip", "check", external=True)
+
+    # Run from a scratch folder so neither the repo nor the plugin's src/ is on sys.path.
+    run_dir = tmp / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir()
+    module = plugin_dist.replace("-", "_")
+    with session.chdir(run_dir):
+        where = session.run(
+            py, "-c", f"import {module}; print({module}.__file__)", external=True, silent=True
+        )
+        if not str(where).strip().startswith(str(venv)):
+            session.error(f"{module} was imported from {str(where).strip()}, not from {venv}")
+        session.run(
+            py, "-m", "pytest", "-p", "no:cacheprovider", "-rA",
+            str(PLUGIN_EXAMPLE / "tests"), str(ROOT / "docs" / "tests" / "test_plugin_guide.py"),
+            *pytest_args(session), *session.posargs, external=True,
+        )  # fmt: skip
+        listing = str(
+            session.run(str(venv / "bin" / "adapt"), "plugins", external=True, silent=True)
+        )
+    print(listing, flush=True)
+    statuses: dict[tuple[str, str, str], str] = {}
+    for line in listing.splitlines()[2:]:
+        cells = line.split(None, 4)
+        if len(cells) == 5:
+            kind, name, distribution, _, status = cells
+            statuses[(kind, name, distribution)] = status
+    for group, entry_points in project.get("entry-points", {}).items():
+        for name in entry_points:
+            status = statuses.get((group.split(".")[-1], name, plugin_dist), "missing")
+            if status != "ok":
+                session.error(f"`adapt plugins`: {group} entry point {name!r} is {status!r}")
+
+
+# Planned, not yet written: `docs` (execute the guides), `bench` (tools/bench).
 # Follow the same pattern: setup(); install_torch(); install(session, constraints, ...).

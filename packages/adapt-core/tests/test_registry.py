@@ -465,3 +465,40 @@ def test_status_shows_shadowing_and_failures(capsys: pytest.CaptureFixture[str])
         assert cli.main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "shadowed by better-linear for Linear" in out
+
+
+def test_status_treats_a_type_named_by_string_as_the_same_type() -> None:
+    from adapt.core.testing import ToyLayer, isolated_registry, registered_toy
+
+    class ByName(ToyLayer):
+        base_types = ("torch.nn.modules.linear.Linear",)
+
+    with isolated_registry() as reg, registered_toy():
+        reg.register_layer(ByName, name="by-name")
+        entries = {e.name: e for e in reg.entries(GROUP_LAYERS)}
+        # same distribution and priority: the name decides, and the loser says by whom
+        assert reg.status_of(entries["by-name"]) == "ok"
+        assert reg.status_of(entries["toy-linear"]) == "shadowed by by-name for Linear"
+
+
+def test_backends_tying_across_distributions_are_a_conflict() -> None:
+    from adapt.core.registry import GROUP_BACKENDS, PluginEntry
+    from adapt.core.testing import isolated_registry
+
+    class LinearBackend(DenseBackend):
+        base_types = (nn.Linear,)
+
+    class OtherBackend(DenseBackend):
+        base_types = (nn.Linear,)
+
+    with isolated_registry() as reg:
+        reg.register_backend(LinearBackend(), name="first")
+        reg.register_backend(OtherBackend(), name="second")
+        # pretend "second" came from another distribution
+        entry = next(e for e in reg.entries(GROUP_BACKENDS) if e.name == "second")
+        assert isinstance(entry, PluginEntry)
+        entry.distribution = "someone-else"
+        with pytest.raises(PluginError, match=r"'first' .* and 'second' \(someone-else\)"):
+            reg.resolve_backend(nn.Linear(2, 2))
+        entry.priority = 1  # a higher priority settles it
+        assert type(reg.resolve_backend(nn.Linear(2, 2))) is OtherBackend

@@ -38,3 +38,8 @@ def test_lora_conv2d() -> None:
         LoraConv, seeded(lambda: nn.Conv2d(3, 5, 3, padding=1)), LoraConfig(r=2),
         make_input=lambda: x,
     )  # fmt: skip
+
+
+def test_lora_linear_with_dropout() -> None:
+    """The kit compares outputs in eval mode, where dropout is off (also in new adapters)."""
+    check_layer(LoraLinear, seeded(lambda: nn.Linear(12, 9)), LoraConfig(r=4, lora_dropout=0.3))

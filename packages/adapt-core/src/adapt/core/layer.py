@@ -207,7 +207,8 @@ class AdapterLayer(nn.Module):
     def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """W + Σ ΔW for ``adapter_names``, without writing it (used by safe merges)."""
         weight = self.backend.get_weight(self.base_layer)
-        new = weight.detach().clone()
+        # sum in (at least) float32: a float16/bfloat16 weight is rounded once, at the end
+        new = weight.detach().to(_accumulation_dtype(weight.dtype), copy=True)
         for name in adapter_names:
             new += self.delta_weight(name).detach().to(new.dtype)
         return new
@@ -227,10 +228,10 @@ class AdapterLayer(nn.Module):
         if not names:
             return None
         new = self.merged_weight(names)
-        if safe_merge and not torch.isfinite(new).all():
+        if safe_merge and not fits_dtype(new, self.backend.get_weight(self.base_layer).dtype):
             raise AdapterStateError(
                 f"safe_merge: merging {names} into {describe(self.get_base_layer())} gives NaN or "
-                "Inf weights; the layer was left unchanged (check the adapter's weights)"
+                "Inf weights (or values beyond the weight's dtype); the layer was left unchanged (check the adapter's weights)"
             )
         report = self.backend.set_weight(self.base_layer, new)
         self.merged_adapters.extend(names)
@@ -248,7 +249,8 @@ class AdapterLayer(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        weight = self.backend.get_weight(self.base_layer).detach().clone()
+        current = self.backend.get_weight(self.base_layer).detach()
+        weight = current.to(_accumulation_dtype(current.dtype), copy=True)
         for name in reversed(self.merged_adapters):
             weight -= self.delta_weight(name).detach().to(weight.dtype)
         report = self.backend.set_weight(self.base_layer, weight)
@@ -299,3 +301,17 @@ def no_backend_message(module: nn.Module) -> str:
         "package that supports this layer type (e.g. adapt-bnb for bitsandbytes layers), or "
         "register a weight backend for it under the 'adapt.backends' entry point"
     )
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision weights, the weight's own dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def fits_dtype(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``weight`` is finite and stays finite when stored as ``dtype``."""
+    if not torch.isfinite(weight).all():
+        return False
+    if dtype.is_floating_point and weight.dtype != dtype:
+        return bool(weight.abs().max() <= torch.finfo(dtype).max) if weight.numel() else True
+    return True

@@ -25,7 +25,7 @@ from .backends import MergeReport, describe
 from .checkpoint import read_config, read_tensors, write_adapter
 from .config import AdapterConfig
 from .errors import AdapterStateError, CheckpointError, ConfigError, TargetError
-from .layer import AdapterLayer
+from .layer import AdapterLayer, fits_dtype
 from .method import Method
 from .progress import progress
 from .registry import get_registry
@@ -288,9 +288,11 @@ class AdaptedModel(nn.Module):
                     assert isinstance(module, AdapterLayer)
                     touched.append(module)
                     module.update_layer(adapter_name, config, **kwargs)
+                    module.train(module.base_layer.training)  # new dropout follows the mode
                 else:
                     layer = cls(module)
                     layer.update_layer(adapter_name, config, **kwargs)
+                    layer.train(module.training)
                     created[path] = layer
             for path in save_paths:
                 module = self.model.get_submodule(path)
@@ -510,10 +512,13 @@ class AdaptedModel(nn.Module):
                 todo = [
                     n for n in names if n in layer.adapter_names and n not in layer.merged_adapters
                 ]
-                if todo and not torch.isfinite(layer.merged_weight(todo)).all():
+                if todo and not fits_dtype(
+                    layer.merged_weight(todo),
+                    layer.backend.get_weight(layer.base_layer).dtype,
+                ):
                     raise AdapterStateError(
                         f"safe_merge: merging {todo} into {describe(layer.get_base_layer())} gives "
-                        "NaN or Inf weights; nothing was merged (check the adapter's weights)"
+                        "NaN or Inf weights (or values beyond the weight's dtype); nothing was merged (check the adapter's weights)"
                     )
         worst = MergeReport()
         for layer in progress(layers, desc="merging", unit="layer", enable=progress_bar):

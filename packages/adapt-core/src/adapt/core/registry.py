@@ -46,6 +46,11 @@ KNOWN_BACKEND_PACKAGES = {
 IN_PROCESS = "<in-process>"
 
 
+def _type_label(t: type | str) -> str:
+    """A base type as its dotted name, whether it was declared by class or by name."""
+    return t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
+
+
 def backend_hint(module: nn.Module) -> tuple[str, str] | None:
     """``(type name, package)`` when ``module`` is a quantised type a known package supports."""
     for name in type_names(type(module)):
@@ -143,6 +148,9 @@ class Registry:
                 self._load(entry)
         return list(grp.entries)
 
+    def _entry_named(self, group: str, name: str) -> PluginEntry | None:
+        return next((e for e in self.entries(group) if e.name == name), None)
+
     def status_of(self, entry: PluginEntry) -> str:
         """What ``adapt plugins`` shows for ``entry``: ok, failed (with the error), shadowed by
         another plugin for some base type, or in conflict with one."""
@@ -159,9 +167,9 @@ class Registry:
         ]
         notes: list[str] = []
         for want in getattr(entry.obj, "base_types", ()):
-            label = want if isinstance(want, str) else f"{want.__module__}.{want.__qualname__}"
+            label = _type_label(want)
             for other in rivals:
-                if want not in getattr(other.obj, "base_types", ()):
+                if label not in {_type_label(t) for t in getattr(other.obj, "base_types", ())}:
                     continue
                 if other.priority > entry.priority:
                     notes.append(f"shadowed by {other.name} for {label.rsplit('.', 1)[-1]}")
@@ -308,7 +316,22 @@ class Registry:
         if not candidates:
             return None
         candidates.sort(key=lambda t: (t[0], t[1], t[2]))
-        best_dist, _, _, best = candidates[0]
+        best_dist, best_prio, best_name, best = candidates[0]
+        for dist, prio, name, other in candidates[1:]:
+            if (dist, prio) != (best_dist, best_prio):
+                break
+            if other is best or type(other) is type(best):
+                continue
+            a, b = (
+                self._entry_named(GROUP_BACKENDS, best_name),
+                self._entry_named(GROUP_BACKENDS, name),
+            )
+            if a is not None and b is not None and a.distribution != b.distribution:
+                raise PluginError(
+                    f"plugin conflict for {describe(module)}: weight backends {a.name!r} "
+                    f"({a.distribution}) and {b.name!r} ({b.distribution}) both serve it with "
+                    f"priority {a.priority}; give one of them a higher `priority`, or uninstall one"
+                )
         hint = backend_hint(module)
         if hint is not None and best_dist > type_names(type(module)).index(hint[0]):
             # Only a parent type (nn.Linear) is served: its reading of the packed weight
