@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from adapt.core.testing import check_layer
@@ -43,3 +45,25 @@ def test_lora_conv2d() -> None:
 def test_lora_linear_with_dropout() -> None:
     """The kit compares outputs in eval mode, where dropout is off (also in new adapters)."""
     check_layer(LoraLinear, seeded(lambda: nn.Linear(12, 9)), LoraConfig(r=4, lora_dropout=0.3))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n_in=st.integers(3, 24),
+    n_out=st.integers(3, 24),
+    r=st.integers(1, 6),
+    alpha=st.floats(0.5, 64),
+    rslora=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_property_any_shape_and_config(
+    n_in: int, n_out: int, r: int, alpha: float, rslora: bool, bias: bool, seed: int
+) -> None:
+    """Identity at init, merge == unmerged, merge→unmerge restores, save→load round-trips."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Linear(n_in, n_out, bias=bias)
+
+    check_layer(LoraLinear, make, LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora), atol=1e-5)
