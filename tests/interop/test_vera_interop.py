@@ -145,3 +145,34 @@ def test_merged_vera_matches_peft(tmp_path: Path) -> None:
     )
     print(f"vera merged model vs PEFT merged: max abs diff {diff:.3g}")
     assert diff <= TOL
+
+
+@pytest.mark.parametrize("case", ["declared-basis", "lower-r-second"])
+def test_adapt_vera_beyond_peft_still_loads_in_peft(case: str, tmp_path: Path) -> None:
+    """Adapters PEFT could not have built (a basis declared larger, or a second adapter with a
+    lower r) are saved with their projection, and PEFT loads them with the same outputs."""
+    base = llama()
+    if case == "declared-basis":
+        ours = adapt(
+            copy.deepcopy(base),
+            VeraConfig(r=8, target_modules=LLAMA_TARGETS, basis_shape=(32, 256, 256)),
+        )
+        name = "default"
+    else:
+        ours = adapt(copy.deepcopy(base), VeraConfig(r=32, target_modules=LLAMA_TARGETS))
+        ours.add_adapter("small", VeraConfig(r=4, target_modules=LLAMA_TARGETS))
+        ours.set_adapter("small")
+        name = "small"
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in sorted(ours.named_parameters()):
+            if "vera_lambda" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    ours.eval()
+    want = _logits(ours)
+    ours.save_pretrained(tmp_path, selected_adapters=[name])
+    folder = tmp_path if name == "default" else tmp_path / name
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    diff = (_logits(theirs) - want).abs().max().item()
+    print(f"vera {case}: adapt-saved, loaded in PEFT: max abs diff {diff:.3g}")
+    assert diff <= TOL

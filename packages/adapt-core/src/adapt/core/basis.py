@@ -63,7 +63,8 @@ class SharedBasis(nn.Module):
             f"{what} needs a shared basis of at least r={r}, in={in_features}, out={out_features}, "
             f"but this model's basis is r={basis_r}, in={max_in}, out={max_out} (fixed when the "
             "first adapter was added). Add the adapter with the largest rank and layers first, "
-            "or size the basis up front for every adapter you plan to add"
+            "or size the basis up front for every adapter you plan to add (VeRA: "
+            "VeraConfig(basis_shape=(r, max_in, max_out)) on the first adapter)"
         )
 
     def slices(

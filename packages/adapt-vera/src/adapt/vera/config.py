@@ -36,6 +36,9 @@ class VeraConfig(AdapterConfig):
     fan_in_fan_out: bool = False
     bias: str = "none"
     init_weights: bool = True
+    #: Size of the shared basis, ``(r, max_in, max_out)``, when the first adapter should make
+    #: room for larger ones added later (default: just what this adapter's layers need).
+    basis_shape: list[int] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -49,6 +52,24 @@ class VeraConfig(AdapterConfig):
         self._check_number(name, "d_initial", self.d_initial)
         if self.bias not in _BIAS:
             raise ConfigError(f"{name}.bias must be one of {_BIAS}, got {self.bias!r}")
+        if self.basis_shape is not None:
+            shape = self.basis_shape
+            if isinstance(shape, tuple):
+                shape = self.basis_shape = list(shape)
+            if (
+                not isinstance(shape, list)
+                or len(shape) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+            ):
+                raise ConfigError(
+                    f"{name}.basis_shape must be three positive integers (r, max_in, max_out), "
+                    f"got {self.basis_shape!r}"
+                )
+            if shape[0] < self.r:
+                raise ConfigError(
+                    f"{name}.basis_shape has rank {shape[0]} but r is {self.r}: the basis must "
+                    "hold at least r ranks"
+                )
         for field in ("save_projection", "fan_in_fan_out", "init_weights"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(
@@ -59,6 +80,8 @@ class VeraConfig(AdapterConfig):
         data = super().to_dict()
         # PEFT's VeraConfig has no exclude_modules: leave it out of the file when unused, and
         # say so when it is used (PEFT would ignore it and adapt the excluded modules too).
+        if data.get("basis_shape") is None:
+            data.pop("basis_shape", None)  # not a PEFT field; PEFT ignores it when present
         if data.get("exclude_modules") is None:
             data.pop("exclude_modules", None)
         else:

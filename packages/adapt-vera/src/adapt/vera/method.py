@@ -71,7 +71,16 @@ class VeraMethod(Method):
         max_out = max(d[1] for d in dims)
         basis = self.basis(model)
         if basis is None:
-            basis = SharedBasis(config.r, max_in, max_out, config.projection_prng_key)
+            shape = (config.r, max_in, max_out)
+            if config.basis_shape is not None:
+                declared = tuple(config.basis_shape)
+                if any(d < n for d, n in zip(declared, shape, strict=True)):
+                    raise ConfigError(
+                        f"VeraConfig.basis_shape {declared} is smaller than adapter "
+                        f"{adapter_name!r} needs: (r, max_in, max_out) = {shape}; enlarge it"
+                    )
+                shape = declared
+            basis = SharedBasis(*shape, config.projection_prng_key)
             basis.to(_device(next(iter(targets.values()))))
             model.base_model.add_module(BASIS_NAME, basis)
         else:
@@ -111,12 +120,14 @@ class VeraMethod(Method):
             a, b = basis.slices(max_in, max_out, r)
             return {"vera_A": a, "vera_B": b}
         if basis.shape != (r, max_in, max_out):
+            declared = config.basis_shape is not None and tuple(config.basis_shape) == basis.shape
+            where = "PEFT" if declared else "adapt or PEFT"
             warnings.warn(
                 f"VeRA adapter {adapter_name!r} is saved without its projection "
                 f"(save_projection=False), but it uses a slice of a basis of shape {basis.shape} "
-                f"rather than the basis {(r, max_in, max_out)} its key regenerates; loading it "
-                "elsewhere (adapt or PEFT) will give different outputs. Save with "
-                "save_projection=True",
+                f"rather than the basis {(r, max_in, max_out)} PEFT regenerates from its key; "
+                f"loading it in {where} will give different outputs. Save with "
+                "save_projection=True to share it",
                 UserWarning,
                 stacklevel=3,
             )
@@ -142,7 +153,8 @@ class VeraMethod(Method):
                     "the adapter's config says save_projection=true but the checkpoint holds no "
                     "base_model.vera_A / base_model.vera_B; the file is incomplete"
                 )
-            if basis.shape != (r, max_in, max_out):
+            declared = config.basis_shape is not None and tuple(config.basis_shape) == basis.shape
+            if basis.shape != (r, max_in, max_out) and not declared:
                 raise CheckpointError(
                     f"this VeRA adapter was saved without its projection and needs the basis "
                     f"regenerated at (r, in, out) = {(r, max_in, max_out)}, but the model's shared "
