@@ -73,7 +73,8 @@ class VeraMethod(Method):
         if basis is None:
             shape = (config.r, max_in, max_out)
             if config.basis_shape is not None:
-                declared = tuple(config.basis_shape)
+                r_decl, in_decl, out_decl = config.basis_shape
+                declared = (r_decl, in_decl, out_decl)
                 if any(d < n for d, n in zip(declared, shape, strict=True)):
                     raise ConfigError(
                         f"VeraConfig.basis_shape {declared} is smaller than adapter "
