@@ -9,15 +9,18 @@ from .allocator import RankAllocator, budget_at, schedule
 from .config import AdaLoraConfig
 from .layer import AdaLoraLayer, SVDLinear
 from .method import METHOD, AdaLoraMethod, orthogonal_regulariser
+from .training import AdaLoraCallback, allocate_on_step
 
 __all__ = [
     "METHOD",
+    "AdaLoraCallback",
     "AdaLoraConfig",
     "AdaLoraLayer",
     "AdaLoraMethod",
     "RankAllocator",
     "SVDLinear",
     "__version__",
+    "allocate_on_step",
     "budget_at",
     "orthogonal_regulariser",
     "schedule",

@@ -10,6 +10,11 @@ the same ranks in both): for every adapter tensor ``p``
   ``int((b₀ − b_T) (1 − (t − tinit) / (T − tfinal − tinit))³ + b_T)``, then ``target_r × n``;
 * at a masking step the triplets scoring at or below the (b₀ − budget)-th smallest score get
   ``E_i = 0``.
+
+Sharded training (FSDP2 ``fully_shard``): adapter parameters and gradients are then DTensors,
+each rank holding a shard. Scores are computed on the full tensors (gathered with
+``full_tensor()``, a collective: every rank must call ``update_and_allocate`` at every step), so
+every rank keeps the same importance state, finds the same threshold and masks the same ranks.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import AdaLoraConfig
-from .layer import AdaLoraLayer
+from .layer import AdaLoraLayer, full_tensor
 
 
 def budget_at(config: AdaLoraConfig, step: int, init_budget: int, target_budget: int) -> int:
@@ -57,6 +62,11 @@ class RankAllocator:
     #: How many times importance was updated and masks applied (for diagnostics).
     updates: int = 0
     maskings: int = 0
+    #: update_and_allocate calls, training forward passes, and warnings given once.
+    steps_seen: int = 0
+    training_forwards: int = 0
+    warned_past_total: bool = False
+    warned_never_ran: bool = False
 
     @property
     def init_budget(self) -> int:
@@ -87,17 +97,19 @@ class RankAllocator:
         for key, p in self._tensors():
             if p.grad is None:
                 continue
-            ipt = (p * p.grad).abs()
+            full = full_tensor(p)
+            ipt = (full * full_tensor(p.grad)).abs()
             if key not in self.exp_avg_ipt:
-                self.exp_avg_ipt[key] = torch.zeros_like(p)
-                self.exp_avg_unc[key] = torch.zeros_like(p)
+                self.exp_avg_ipt[key] = torch.zeros_like(full)
+                self.exp_avg_unc[key] = torch.zeros_like(full)
             avg = self.exp_avg_ipt[key].mul_(b1).add_(ipt, alpha=1 - b1)
             self.exp_avg_unc[key].mul_(b2).add_((ipt - avg).abs(), alpha=1 - b2)
         self.updates += 1
 
     def _score(self, key: str, like: torch.Tensor) -> torch.Tensor:
         if key not in self.exp_avg_ipt:
-            return torch.zeros_like(like)
+            # like.shape is the full shape, also for a sharded DTensor
+            return torch.zeros(like.shape, dtype=like.dtype, device=like.device)
         return self.exp_avg_ipt[key] * self.exp_avg_unc[key]
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:

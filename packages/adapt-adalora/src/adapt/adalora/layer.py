@@ -25,6 +25,14 @@ from .config import AdaLoraConfig
 RANK_EPS = 1e-5
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a DTensor (a parameter or gradient sharded by FSDP2) is gathered from
+    its shards (a collective; differentiable), any other tensor is returned as is."""
+    gather = getattr(tensor, "full_tensor", None)
+    full: torch.Tensor = gather() if callable(gather) else tensor
+    return full
+
+
 class AdaLoraLayer(AdapterLayer):
     """Base of AdaLoRA layers; third-party layers subclass it and set ``base_types``."""
 
@@ -105,7 +113,8 @@ class AdaLoraLayer(AdapterLayer):
         ``mask`` has one entry per initial rank; a layer that already holds only the kept
         ranks (loaded from a budgeted checkpoint) is returned as is.
         """
-        tensors = self.adapter_tensors(adapter_name)
+        # FSDP2: sharded (DTensor) tensors are gathered whole first, on every rank
+        tensors = {k: full_tensor(v) for k, v in self.adapter_tensors(adapter_name).items()}
         r = self.r[adapter_name]
         kept = sum(mask)
         if r == kept or len(mask) != r:
@@ -124,6 +133,12 @@ class AdaLoraLayer(AdapterLayer):
         if len(mask) != e.shape[0]:
             return
         drop = ~torch.tensor(mask, dtype=torch.bool, device=e.device).unsqueeze(-1)
+        placements = getattr(e, "placements", None)
+        if placements is not None:  # a DTensor (FSDP2): the mask is sharded like E
+            from torch.distributed.tensor import distribute_tensor
+
+            # every rank holds the same full mask; each keeps its own shard, no communication
+            drop = distribute_tensor(drop, e.device_mesh, placements, src_data_rank=None)
         with torch.no_grad():
             e.masked_fill_(drop, 0.0)
 

@@ -12,9 +12,16 @@ from adapt.core import AdaptedModel, AdapterConfig, AdapterStateError, ConfigErr
 
 from .allocator import RankAllocator
 from .config import AdaLoraConfig
-from .layer import AdaLoraLayer
+from .layer import AdaLoraLayer, full_tensor
 
 _STATE_ATTR = "_adalora_allocators"
+
+NEVER_RAN = (
+    "AdaLoRA adapter {name!r}: {what}, but rank allocation has never run, so it trained as "
+    "plain LoRA in SVD form with all init_r ranks. Call model.update_and_allocate(step) after "
+    "every optimizer step, or let it run for you: Trainer(..., callbacks=[AdaLoraCallback()]) "
+    "or adapt.adalora.allocate_on_step(model, optimizer)"
+)
 
 
 def allocators(model: AdaptedModel) -> dict[str, RankAllocator]:
@@ -44,6 +51,8 @@ def orthogonal_regulariser(model: AdaptedModel, adapter_name: str) -> torch.Tens
             count += 1  # a matrix pruned to rank 0 counts, with a zero term (as in PEFT)
             if p.numel() == 0:
                 continue
+            # FSDP2: outside its own unit's forward a parameter is a DTensor shard; gather it
+            p = full_tensor(p)
             cov = p @ p.T if attr == "lora_A" else p.T @ p
             eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
             term = torch.linalg.matrix_norm(cov - eye)
@@ -109,6 +118,17 @@ class AdaLoraMethod(Method):
                 "kept ranks only); rank allocation needs the full init_r ranks. Train a new "
                 "AdaLoRA adapter, or fine-tune this one without update_and_allocate"
             )
+        if global_step >= config.total_step and not alloc.warned_past_total:
+            alloc.warned_past_total = True
+            warnings.warn(
+                f"AdaLoRA adapter {adapter_name!r}: update_and_allocate({global_step}) is past "
+                f"total_step={config.total_step}; the rank schedule was laid out for "
+                f"{config.total_step} optimizer steps, so the ranks stay as they are now. Set "
+                "total_step to the number of optimizer steps you train for",
+                UserWarning,
+                stacklevel=3,
+            )
+        alloc.steps_seen += 1
         final = config.total_step - config.tfinal
         if global_step < final:
             alloc.update_importance()
@@ -144,6 +164,8 @@ class AdaLoraMethod(Method):
     def postprocess_output(self, model: AdaptedModel, adapter_name: str, output: Any) -> Any:
         config = model.peft_config[adapter_name]
         assert isinstance(config, AdaLoraConfig)
+        if not config.inference_mode and model.training and torch.is_grad_enabled():
+            self._count_training_forward(model, adapter_name, config)
         loss = getattr(output, "loss", None)
         if config.inference_mode or not isinstance(loss, torch.Tensor):
             return output
@@ -152,11 +174,40 @@ class AdaLoraMethod(Method):
             output.loss = loss + config.orth_reg_weight * reg
         return output
 
+    def _count_training_forward(
+        self, model: AdaptedModel, adapter_name: str, config: AdaLoraConfig
+    ) -> None:
+        alloc = self.allocator(model, adapter_name)
+        alloc.training_forwards += 1
+        assert config.total_step is not None
+        if (
+            alloc.steps_seen == 0
+            and alloc.training_forwards >= config.total_step
+            and not alloc.warned_never_ran
+        ):
+            alloc.warned_never_ran = True
+            warnings.warn(
+                NEVER_RAN.format(
+                    name=adapter_name,
+                    what=f"training has reached total_step={config.total_step} forward passes",
+                ),
+                UserWarning,
+                stacklevel=5,
+            )
+
     def checkpoint_state(
         self, model: AdaptedModel, adapter_name: str, tensors: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         config = model.peft_config[adapter_name]
         assert isinstance(config, AdaLoraConfig)
+        alloc = allocators(model).get(adapter_name)
+        trained = alloc is not None and alloc.training_forwards > 0
+        if trained and alloc is not None and alloc.steps_seen == 0 and not config.rank_pattern:
+            warnings.warn(
+                NEVER_RAN.format(name=adapter_name, what="it is being saved"),
+                UserWarning,
+                stacklevel=4,
+            )
         if not config.rank_pattern:
             return tensors
         out = dict(tensors)

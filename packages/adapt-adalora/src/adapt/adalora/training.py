@@ -1,0 +1,79 @@
+"""Rank allocation that cannot be forgotten: a transformers ``TrainerCallback`` and an opt-in
+hook on a plain optimizer, both calling ``update_and_allocate`` with the right step count.
+
+transformers stays optional: :func:`AdaLoraCallback` imports it when called.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from adapt.core import AdaptedModel
+
+
+def _adapted(model: Any) -> AdaptedModel:
+    from adapt.core import AdaptedModel
+
+    seen = 0
+    while not isinstance(model, AdaptedModel) and seen < 4:  # DDP / accelerate wrappers
+        model = getattr(model, "module", None)
+        seen += 1
+    if not isinstance(model, AdaptedModel):
+        raise TypeError(
+            "AdaLoRA rank allocation needs the AdaptedModel that adapt() returned (or a "
+            f"DistributedDataParallel around it), got {type(model).__name__}"
+        )
+    return model
+
+
+def allocate_on_step(
+    model: AdaptedModel, optimizer: torch.optim.Optimizer, *, start_step: int = 0
+) -> RemovableHandle:
+    """Run ``model.update_and_allocate(step)`` after every ``optimizer.step()`` (opt-in).
+
+    Steps count from ``start_step``: the first optimizer step is step ``start_step``, as in
+    the usual loop ``for step in range(total_step): ...; optimizer.step();
+    model.update_and_allocate(step); optimizer.zero_grad()``. Returns the hook's handle;
+    ``handle.remove()`` stops it.
+    """
+    counter = {"step": start_step}
+
+    def hook(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        model.update_and_allocate(counter["step"])
+        counter["step"] += 1
+
+    return optimizer.register_step_post_hook(hook)
+
+
+def AdaLoraCallback() -> Any:
+    """A transformers ``TrainerCallback`` that runs AdaLoRA's rank allocation on every optimizer
+    step of a ``Trainer`` (after ``optimizer.step()``, before the gradients are zeroed)::
+
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[AdaLoraCallback()])
+
+    Set ``AdaLoraConfig.total_step`` to the number of optimizer steps the Trainer will make
+    (``max_steps``, or epochs × batches ÷ gradient accumulation).
+    """
+    try:
+        from transformers import TrainerCallback
+    except ImportError as exc:  # pragma: no cover - transformers is optional
+        raise ImportError(
+            "AdaLoraCallback is for transformers' Trainer: `pip install transformers`. Without "
+            "a Trainer, use adapt.adalora.allocate_on_step(model, optimizer)"
+        ) from exc
+
+    class _AdaLoraCallback(TrainerCallback):
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            model = kwargs.get("model")
+            if model is None:
+                raise RuntimeError("the Trainer passed no model to AdaLoraCallback")
+            # global_step counts finished steps: this one is step `global_step` (from 0)
+            _adapted(model).update_and_allocate(state.global_step)
+
+    _AdaLoraCallback.__name__ = _AdaLoraCallback.__qualname__ = "AdaLoraCallback"
+    return _AdaLoraCallback()

@@ -1,0 +1,105 @@
+"""AdaLoRA that cannot silently become LoRA: the Trainer callback, the optimizer hook, and the
+warnings when rank allocation never runs or runs past total_step."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from adalora_testutils import LLAMA_TARGETS, ids, llama
+
+from adapt.adalora import AdaLoraCallback, AdaLoraConfig, allocate_on_step
+from adapt.core import adapt
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+STEPS = 12
+
+
+def config() -> AdaLoraConfig:
+    return AdaLoraConfig(
+        init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=STEPS, lora_alpha=8,
+        target_modules=LLAMA_TARGETS,
+    )  # fmt: skip
+
+
+class Data(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self) -> None:
+        self.ids = ids(64, 12, seed=3)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def trainer(model: torch.nn.Module, tmp_path: Path, callbacks: list[object]) -> object:
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=STEPS,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=callbacks)
+
+
+def test_trainer_with_the_callback_reaches_the_target_budget(tmp_path: Path) -> None:
+    model = adapt(llama(), config())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*rank allocation has never run.*")
+        warnings.filterwarnings("error", message=".*past total_step.*")
+        trainer(model, tmp_path, [AdaLoraCallback()]).train()  # type: ignore[attr-defined]
+    pattern = model.peft_config["default"].rank_pattern
+    assert pattern is not None
+    assert sum(sum(m) for m in pattern.values()) == 2 * 2 * len(LLAMA_TARGETS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.save_pretrained(tmp_path / "adapter")
+
+
+def test_trainer_without_the_callback_warns(tmp_path: Path) -> None:
+    model = adapt(llama(), config())
+    with pytest.warns(UserWarning, match="rank allocation has never run") as record:
+        trainer(model, tmp_path, []).train()  # type: ignore[attr-defined]
+    msg = next(str(w.message) for w in record if "never run" in str(w.message))
+    assert "AdaLoraCallback" in msg and "allocate_on_step" in msg
+    assert model.peft_config["default"].rank_pattern is None
+    with pytest.warns(UserWarning, match="it is being saved, but rank allocation has never run"):
+        model.save_pretrained(tmp_path / "adapter")
+
+
+def test_optimizer_hook_runs_allocation() -> None:
+    model = adapt(llama(), config())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    handle = allocate_on_step(model, opt)
+    batch = ids(8, 12, seed=1)
+    for _ in range(STEPS):
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    handle.remove()
+    pattern = model.peft_config["default"].rank_pattern
+    assert pattern is not None
+    assert sum(sum(m) for m in pattern.values()) == 2 * 2 * len(LLAMA_TARGETS)
+
+
+def test_steps_past_total_step_warn_once() -> None:
+    model = adapt(llama(), config())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    allocate_on_step(model, opt)
+    batch = ids(4, 8)
+    with pytest.warns(UserWarning, match=r"past total_step=12") as record:
+        for _ in range(STEPS + 3):
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert sum("past total_step" in str(w.message) for w in record) == 1
