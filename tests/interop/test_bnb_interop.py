@@ -8,6 +8,7 @@ float32 round-off. Needs adapt-bnb (the quantised-layer backends) and bitsandbyt
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,57 @@ def test_merged_lora_on_quantised_model_vs_peft(folder: Path, kind: str, tmp_pat
     assert torch.isfinite(out_ours).all()
     if kind == "8bit":
         assert change_ours <= 1.5 * change_theirs + 1e-3
+
+
+FOUR_BIT = {
+    "nf4": KINDS["nf4"],
+    "nf4-dq": {**KINDS["nf4"], "bnb_4bit_use_double_quant": True},
+    "fp4": {**KINDS["fp4-dq"], "bnb_4bit_use_double_quant": False},
+    "fp4-dq": KINDS["fp4-dq"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FOUR_BIT))
+def test_4bit_merge_after_eval_inference_vs_peft(folder: Path, kind: str, tmp_path: Path) -> None:
+    """PEFT trap: bitsandbytes repacks a 4-bit weight for its CPU kernel on the first eval
+    forward; merging after that must not corrupt the model. adapt's change in outputs is the
+    same as when merging without prior inference; PEFT's is reported next to it."""
+
+    def load(kind: str) -> nn.Module:
+        return transformers.LlamaForCausalLM.from_pretrained(
+            folder,
+            quantization_config=transformers.BitsAndBytesConfig(**FOUR_BIT[kind]),
+            device_map="cpu",
+        )
+
+    source = peft.get_peft_model(load(kind), _peft_config("lora"))
+    _perturb(source, seed=21)
+    source.save_pretrained(tmp_path)
+
+    def change(lib: str, infer_first: bool) -> float:
+        base = load(kind)
+        if lib == "peft":
+            model = peft.PeftModel.from_pretrained(base, tmp_path)
+        else:
+            model = AdaptedModel.from_pretrained(base, tmp_path)
+        # train mode (no dropout here): bitsandbytes does not repack, so `before` leaves the
+        # weights in their standard layout
+        model.train()
+        before = _logits(model)
+        if infer_first:
+            model.eval()
+            _logits(model)  # an eval-mode forward repacks the 4-bit weights for the CPU kernel
+            model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.merge_adapter()
+        after = _logits(model)
+        return float(((after - before).norm() / before.norm()).item())
+
+    ours_fresh, ours_after = change("adapt", False), change("adapt", True)
+    peft_fresh, peft_after = change("peft", False), change("peft", True)
+    print(
+        f"{kind}: merge changes outputs by — adapt {ours_fresh:.1%} (fresh) / {ours_after:.1%} "
+        f"(after inference); PEFT {peft_fresh:.1%} / {peft_after:.1%}"
+    )
+    assert ours_after <= 1.25 * ours_fresh + 1e-3
