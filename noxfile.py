@@ -49,7 +49,16 @@ ENV = {
 nox.options.default_venv_backend = "venv"  # never uv: uv does not look in /opt/wheels
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "tests", "typecheck", "interop", "wheels", "plugin"]
+nox.options.sessions = [
+    "lint",
+    "tests",
+    "typecheck",
+    "interop",
+    "wheels",
+    "plugin",
+    "distributed",
+    "docs",
+]
 
 
 # ----------------------------------------------------------------------------- packages
@@ -204,6 +213,18 @@ def interop(session: nox.Session) -> None:
     install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}")
     install(session, constraints, *editable(PACKAGES), *TEST_DEPS)
     session.run("pytest", "-m", "interop", "tests/interop", *pytest_args(session), *session.posargs)
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """tests/distributed: LoRA, VeRA and AdaLoRA under DDP and FSDP2 (fully_shard), 2 CPU ranks
+    on localhost (gloo, launched with torchrun), against a single-process run."""
+    setup(session)
+    session.env["OMP_NUM_THREADS"] = "1"
+    constraints = install_torch(session)
+    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}")
+    install(session, constraints, *editable(PACKAGES), *TEST_DEPS)
+    session.run("pytest", "tests/distributed", *pytest_args(session), *session.posargs)
 
 
 @nox.session
@@ -414,5 +435,33 @@ def plugin(session: nox.Session) -> None:
                 session.error(f"`adapt plugins`: {group} entry point {name!r} is {status!r}")
 
 
-# Planned, not yet written: `docs` (execute the guides), `bench` (tools/bench).
-# Follow the same pattern: setup(); install_torch(); install(session, constraints, ...).
+@nox.session
+def bench(session: nox.Session) -> None:
+    """tools/bench/bench.py: adapt against HF PEFT in one run (import, injection, training step,
+    inference, merge, load, AdaLoRA allocation, peak memory); prints a table of medians and
+    ratios against the performance goals. Not part of CI; `-- --quick` is the smoke run, other
+    arguments go to bench.py (see tools/bench/README.md)."""
+    setup(session)
+    constraints = install_torch(session)
+    install(
+        session,
+        constraints,
+        f"transformers=={TRANSFORMERS_LATEST}",
+        f"peft=={PEFT}",
+        "accelerate",
+        *editable(PACKAGES),
+    )
+    session.run("python", str(ROOT / "tools" / "bench" / "bench.py"), *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Execute the documentation (docs/tests/test_docs.py): every ```python block of
+    docs/*.md, docs/guides/*.md and the READMEs, the `$ adapt` commands of their ```console
+    blocks, and the output they show; relative links; config-field tables against the code.
+    PEFT is installed because the checkpoint and migration guides run it to show interop."""
+    setup(session)
+    constraints = install_torch(session)
+    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}")
+    install(session, constraints, "matplotlib", *editable(PACKAGES), *TEST_DEPS)
+    session.run("pytest", "docs/tests/test_docs.py", *pytest_args(session), *session.posargs)

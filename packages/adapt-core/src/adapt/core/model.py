@@ -613,21 +613,35 @@ class AdaptedModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Write each adapter in PEFT's format: ``default`` in ``save_directory``, any other in
-        ``save_directory/<name>/``. Files are replaced atomically."""
+        ``save_directory/<name>/``. Files are replaced atomically.
+
+        In distributed training call it on every rank with ``is_main_process=(rank == 0)``:
+        only the main process writes; with FSDP2 every rank first takes part in gathering the
+        sharded adapter tensors."""
         unknown = sorted(set(kwargs) - {"safe_serialization", "is_main_process"})
         if unknown:
             raise TypeError(f"save_pretrained got unexpected arguments {unknown}")
         if kwargs.get("safe_serialization") is False:
             raise ConfigError("adapt writes safetensors only; drop safe_serialization=False")
-        if kwargs.get("is_main_process", True) is False:
+        main = kwargs.get("is_main_process", True) is not False
+        sharded = any(_is_dtensor(p) for p in self.parameters())
+        if not main and not sharded:
             return
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        # FSDP2 (fully_shard) holds parameters as DTensor shards: every rank takes part in
+        # gathering them whole (a collective), then only the main process writes
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for name in names:
+            state = self.adapter_state_dict(name)  # refuses unknown names
+            tensors = self.method_of(name).checkpoint_state(self, name, state)
+            states[name] = {k: _full_tensor(v) for k, v in tensors.items()}
+        if not main:
+            return
         root = Path(save_directory)
         if root.exists() and not root.is_dir():
             raise CheckpointError(f"cannot save into {str(root)!r}: it is a file, not a folder")
         for name in names:
-            state = self.adapter_state_dict(name)  # refuses unknown names
-            tensors = self.method_of(name).checkpoint_state(self, name, state)
+            tensors = states[name]
             config = self.peft_config[name].to_dict()
             config["inference_mode"] = True
             config.setdefault("base_model_name_or_path", None)
@@ -786,6 +800,19 @@ class AdaptedModel(nn.Module):
         enable = getattr(self.model, "enable_input_require_grads", None)
         if callable(enable):
             enable()
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (e.g. an FSDP2 shard)."""
+    return callable(getattr(tensor, "full_tensor", None))
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a DTensor is gathered from its shards (a collective), others as is."""
+    if _is_dtensor(tensor):
+        full: torch.Tensor = cast(Any, tensor).full_tensor()
+        return full
+    return tensor
 
 
 _MTS_KEY = re.compile(r"^(?P<head>.*)\.modules_to_save\.[^.]+\.(?P<tail>.*)$")

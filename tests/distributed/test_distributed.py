@@ -1,0 +1,242 @@
+"""Adapted models train under torch.distributed on the CPU (gloo, 2 ranks on localhost).
+
+For LoRA, VeRA and AdaLoRA under DDP and under FSDP2 (``fully_shard`` per decoder layer plus
+the root), ``distributed_worker.py`` is launched with torchrun; each rank trains a tiny Llama
+on its half of every global batch. Checked against a single-process run on the whole global
+batch (mean loss, so it matches DDP's and FSDP's gradient average):
+
+* the adapter tensors are identical (bit for bit) on both ranks after training;
+* they equal the single-process ones within ``ATOL``, and so do the per-step losses;
+* ``save_pretrained(path, is_main_process=(rank == 0))`` writes one adapter that loads and
+  equals the single-process checkpoint;
+* AdaLoRA: the final ``rank_pattern`` is the same on both ranks and in the single process;
+* VeRA: the frozen shared basis is untouched and the same everywhere.
+
+One torchrun launch per strategy runs the three methods in turn (two launches in all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+
+import distributed_worker as worker  # noqa: E402  (this folder is on sys.path under pytest)
+
+from adapt.core import AdaptedModel  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "distributed_worker.py"
+CASES = [(s, m) for s in worker.STRATEGIES for m in worker.METHODS]
+IDS = [f"{s}-{m}" for s, m in CASES]
+#: distributed vs single process: the same arithmetic up to float32 rounding of the gradient
+#: average (measured: at most 4e-7, LoRA; under 1e-7 for VeRA and AdaLoRA)
+ATOL = 1e-5
+LAUNCH_TIMEOUT = 150  # seconds, per torchrun launch (about 15 s each on 2 cores)
+
+
+@dataclass
+class Launch:
+    out: Path
+    returncode: int
+    output: str
+    seconds: float
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(strategy: str, out: Path) -> Launch:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    start = time.perf_counter()
+    for _ in range(3):  # the free port may be taken between probing and binding: retry
+        port = free_port()
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", "1", "--nproc_per_node", str(worker.WORLD_SIZE),
+            "--master_addr", "127.0.0.1", "--master_port", str(port),
+            str(WORKER), "--strategy", strategy, "--out", str(out),
+        ]  # fmt: skip
+        try:
+            proc = subprocess.run(
+                cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT
+            )
+        except subprocess.TimeoutExpired as exc:
+            output = f"{exc.stdout or ''}\n{exc.stderr or ''}"
+            return Launch(out, -1, f"timed out after {LAUNCH_TIMEOUT} s\n{output}", LAUNCH_TIMEOUT)
+        output = proc.stdout + proc.stderr
+        if proc.returncode == 0 or "address already in use" not in output.lower():
+            break
+    return Launch(out, proc.returncode, output, time.perf_counter() - start)
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Launch]:
+    """One torchrun launch per strategy, on first use."""
+    done: dict[str, Launch] = {}
+
+    def get(strategy: str) -> Launch:
+        if strategy not in done:
+            done[strategy] = launch(strategy, tmp_path_factory.mktemp(strategy))
+            print(f"\n[{strategy}] torchrun: {done[strategy].seconds:.1f} s", flush=True)
+        return done[strategy]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, Any]]:
+    """The single-process reference of each method (trained once, with its checkpoint)."""
+    done: dict[str, dict[str, Any]] = {}
+
+    def get(method: str) -> dict[str, Any]:
+        if method not in done:
+            save_dir = tmp_path_factory.mktemp(f"single-{method}") / "adapter"
+            result = worker.run_single(method, save_dir)
+            result["save_dir"] = save_dir
+            done[method] = result
+        return done[method]
+
+    return get
+
+
+def rank_results(run: Launch, strategy: str, method: str) -> list[dict[str, Any]]:
+    case = run.out / f"{strategy}-{method}"
+    results = []
+    for rank in range(worker.WORLD_SIZE):
+        file = case / f"rank{rank}.pt"
+        if not file.is_file():
+            errors = sorted(case.glob("rank*.error")) if case.is_dir() else []
+            detail = errors[0].read_text() if errors else run.output[-6000:]
+            pytest.fail(
+                f"rank {rank} left no result for {strategy}-{method} "
+                f"(torchrun exit code {run.returncode}):\n{detail}"
+            )
+        results.append(torch.load(file, weights_only=True))
+    return results
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize(("strategy", "method"), CASES, ids=IDS)
+def test_ranks_hold_identical_adapters(
+    launches: Callable[[str], Launch], strategy: str, method: str
+) -> None:
+    r0, r1 = rank_results(launches(strategy), strategy, method)
+    diff = max_abs_diff(r0["tensors"], r1["tensors"])
+    print(f"\n[{strategy}-{method}] max |rank 0 - rank 1| = {diff:.3g}")
+    for key in r0["tensors"]:
+        assert torch.equal(r0["tensors"][key], r1["tensors"][key]), key
+    if strategy == "fsdp":
+        # the adapters really were sharded: FSDP2 holds them as DTensor shards
+        assert r0["placements"], "no DTensor parameters: fully_shard did not shard the adapters"
+        assert all("Shard" in p for p in r0["placements"].values()), r0["placements"]
+    if method == "vera":
+        for name in ("A", "B"):
+            assert torch.equal(r0["basis"][name], r1["basis"][name])
+    if method == "adalora":
+        assert r0["rank_pattern"] is not None
+        assert r0["rank_pattern"] == r1["rank_pattern"]
+
+
+@pytest.mark.parametrize(("strategy", "method"), CASES, ids=IDS)
+def test_matches_single_process(
+    launches: Callable[[str], Launch],
+    single: Callable[[str], dict[str, Any]],
+    strategy: str,
+    method: str,
+) -> None:
+    r0, r1 = rank_results(launches(strategy), strategy, method)
+    ref = single(method)
+    diff = max_abs_diff(r0["tensors"], ref["tensors"])
+    moved = max_abs_diff(ref["initial"], ref["tensors"])
+    # the mean of the ranks' losses (each over its half of the batch) is the global loss
+    losses = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"], strict=True)]
+    loss_diff = max(abs(a - b) for a, b in zip(losses, ref["losses"], strict=True))
+    print(
+        f"\n[{strategy}-{method}] max |distributed - single| = {diff:.3g} "
+        f"(training moved the adapter by up to {moved:.3g}); losses differ by {loss_diff:.3g}; "
+        f"{r0['seconds']:.1f} s on rank 0"
+    )
+    assert moved > 100 * ATOL, "training barely changed the adapter: the comparison is vacuous"
+    assert diff <= ATOL
+    assert loss_diff <= ATOL
+    if method == "vera":
+        # the frozen basis is untouched (broadcast buffers did not change it) and the same
+        for name in ("A", "B"):
+            assert torch.equal(r0["basis"][name], ref["basis"][name])
+    if method == "adalora":
+        pattern = r0["rank_pattern"]
+        assert pattern == ref["rank_pattern"]
+        config = worker.make_config("adalora")
+        assert sum(sum(mask) for mask in pattern.values()) == config.target_r * len(pattern)
+        assert len({sum(mask) for mask in pattern.values()}) > 1  # not a uniform cut
+
+
+def logits(model: AdaptedModel) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=worker.global_batch(123)).logits
+
+
+@pytest.mark.parametrize(("strategy", "method"), CASES, ids=IDS)
+def test_rank0_checkpoint_matches_single_process(
+    launches: Callable[[str], Launch],
+    single: Callable[[str], dict[str, Any]],
+    strategy: str,
+    method: str,
+) -> None:
+    run = launches(strategy)
+    rank_results(run, strategy, method)  # fails with the workers' error if the run broke
+    ref = single(method)
+    saved, want = run.out / f"{strategy}-{method}" / "adapter", ref["save_dir"]
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    got_config = json.loads((saved / "adapter_config.json").read_text())
+    assert got_config == json.loads((want / "adapter_config.json").read_text())
+    got = safetensors_torch.load_file(str(saved / "adapter_model.safetensors"))
+    ref_tensors = safetensors_torch.load_file(str(want / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref_tensors.items()}
+    diff = max_abs_diff(got, ref_tensors)
+
+    loaded = AdaptedModel.from_pretrained(worker.tiny_llama(), saved)
+    reference = AdaptedModel.from_pretrained(worker.tiny_llama(), want)
+    logit_diff = float((logits(loaded) - logits(reference)).abs().max())
+    print(
+        f"\n[{strategy}-{method}] rank-0 checkpoint vs single: tensors {diff:.3g}, "
+        f"logits {logit_diff:.3g}"
+    )
+    assert diff <= ATOL
+    assert logit_diff <= 10 * ATOL
+    if method == "adalora":
+        # saved pruned to the kept ranks, with the pattern in the config
+        assert got_config["rank_pattern"] == ref["rank_pattern"]
