@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from adapt.core import AdapterLayer, ConfigError, adapter_dtype_device
+from adapt.core import AdapterLayer, ConfigError, adapter_dtype_device, add_scaled_product
 from adapt.core.backends import CONV1D_TRANSFORMERS
 
 from .config import AdaLoraConfig
@@ -71,13 +71,18 @@ class AdaLoraLayer(AdapterLayer):
         p = config.lora_dropout
         self.lora_dropout[adapter_name] = nn.Dropout(p=p) if p > 0 else nn.Identity()
 
+        init = bool(config.init_lora_weights) and device.type != "meta"
+        # without init, standard normal values (a non-identity adapter); with it the tensors
+        # are drawn once below, and on the meta device there is nothing to draw
+        make = torch.randn if not config.init_lora_weights else torch.empty
+
         def param(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.randn(*shape, dtype=dtype, device=device))
+            return nn.Parameter(make(*shape, dtype=dtype, device=device))
 
         self.lora_A[adapter_name] = param(r, self.in_features)
         self.lora_E[adapter_name] = param(r, 1)
         self.lora_B[adapter_name] = param(self.out_features, r)
-        if config.init_lora_weights:
+        if init:
             with torch.no_grad():
                 nn.init.zeros_(self.lora_E[adapter_name])
                 nn.init.normal_(self.lora_A[adapter_name], mean=0.0, std=0.02)
@@ -93,6 +98,14 @@ class AdaLoraLayer(AdapterLayer):
         x = self.lora_dropout[adapter_name](x.to(a.dtype))
         out: torch.Tensor = (x @ (a * e).T) @ b.T
         return out * self.scale(adapter_name)
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        if not self.fuse_adapter_output:
+            return super().add_adapter_output(result, x, name)
+        a = self.lora_A[name]
+        x = self.lora_dropout[name](x.to(a.dtype))
+        h = x @ (a * self.lora_E[name]).T
+        return add_scaled_product(result, h, self.lora_B[name], self.scale(name))
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         a = self.lora_A[adapter_name]

@@ -21,7 +21,7 @@ from .errors import (
     PluginError,
     TargetError,
 )
-from .layer import AdapterLayer, adapter_dtype_device
+from .layer import AdapterLayer, adapter_dtype_device, add_scaled_product
 from .method import Method
 from .model import AdaptedModel, ModulesToSave, adapt, load_config
 from .registry import get_registry, register_backend, register_layer, register_method
@@ -49,6 +49,7 @@ __all__ = [
     "__version__",
     "adapt",
     "adapter_dtype_device",
+    "add_scaled_product",
     "get_registry",
     "load_config",
     "register_backend",

@@ -11,8 +11,11 @@ same tensors bit for bit (and the same as HF PEFT's VeRA).
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterStateError
@@ -26,6 +29,27 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
     with torch.no_grad():
         tensor.uniform_(-bound, bound, generator=generator)
     return tensor
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place modification counter (-1 for inference tensors, which have none)."""
+    return -1 if tensor.is_inference() else int(tensor._version)
+
+
+class _ProjectionCache:
+    """The last ``x·A_sᵀ`` of :meth:`SharedBasis.project_input`: ``(key, weak ref to x, result)``.
+    Copies and pickles of a model start empty (the kept tensor may be part of a graph)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: tuple[tuple[Any, ...], weakref.ref[torch.Tensor], torch.Tensor] | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ProjectionCache:
+        return _ProjectionCache()
+
+    def __reduce__(self) -> tuple[type[_ProjectionCache], tuple[()]]:
+        return (_ProjectionCache, ())
 
 
 class SharedBasis(nn.Module):
@@ -44,6 +68,7 @@ class SharedBasis(nn.Module):
         self.register_buffer("A", kaiming_uniform((r, max_in), generator))
         self.register_buffer("B", kaiming_uniform((max_out, r), generator))
         self.seed = seed
+        self._projection = _ProjectionCache()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -72,6 +97,41 @@ class SharedBasis(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-copy views ``A[:r, :in_features]`` and ``B[:out_features, :r]``."""
         return self.A[:r, :in_features], self.B[:out_features, :r]
+
+    def project_input(
+        self, x: torch.Tensor, in_features: int, r: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``x.to(dtype) @ A[:r, :in_features]ᵀ``, computed once for layers that read one input.
+
+        Layers fed by the same tensor (a transformer's q/k/v projections, its gate/up pair)
+        slice the same rows and columns of ``A``, so their products are equal: the last one is
+        kept and returned again while the call is for the same input tensor (same object,
+        unmodified), rank, dtype, grad mode and basis version. Autograd sees one shared node,
+        so gradients are the same as computing it per layer.
+        """
+        a = self.A[:r, :in_features]
+        if a.dtype != dtype or a.device != x.device:
+            a = a.to(device=x.device, dtype=dtype)
+        key = (
+            r,
+            in_features,
+            dtype,
+            x.device,
+            _version(x),
+            _version(self.A),
+            torch.is_grad_enabled(),
+        )
+        last = self._projection.last
+        if last is not None and last[0] == key and last[1]() is x:
+            return last[2]
+        h = F.linear(x.to(dtype), a)
+        if not torch.compiler.is_compiling():
+            self._projection.last = (key, weakref.ref(x), h)
+        return h
+
+    def clear_cache(self) -> None:
+        """Forget the kept projection (it is replaced by the next call anyway)."""
+        self._projection.last = None
 
     def extra_repr(self) -> str:
         r, max_in, max_out = self.shape

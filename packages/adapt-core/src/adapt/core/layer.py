@@ -18,11 +18,13 @@ both which parameters train and what goes into the checkpoint.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backends import MergeReport, WeightBackend, describe
@@ -54,6 +56,11 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.backend: WeightBackend = backend
         self.in_features, self.out_features = backend.shape(base_layer)
+        #: Whether :meth:`add_adapter_output` may fuse (round differently from the definition's
+        #: order). Off on quantised bases: their kernels round activations coarsely (bf16 on the
+        #: CPU), so a float32 round-off difference there could change an output visibly, and
+        #: outputs stay bit-identical to PEFT's.
+        self.fuse_adapter_output = not backend.lossy
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -152,6 +159,15 @@ class AdapterLayer(nn.Module):
     def _contribution(self, x: torch.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
         return self.adapter_output(x, name).to(like.dtype)
 
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s contribution for input ``x`` (out of place).
+
+        The default adds :meth:`adapter_output`. Methods override it to fuse the last product,
+        the scale and the addition into one kernel (:func:`add_scaled_product`); the result must
+        equal ``result + adapter_output(x, name)`` up to float round-off.
+        """
+        return result + self._contribution(x, name, result)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         batch_names = kwargs.pop("adapter_names", None)
         if batch_names is None:
@@ -165,7 +181,7 @@ class AdapterLayer(nn.Module):
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self._contribution(x, name, result)
+                result = self.add_adapter_output(result, x, name)
         return result
 
     def _mixed_batch_forward(
@@ -264,6 +280,37 @@ class AdapterLayer(nn.Module):
         return (
             f"method={self.method!r}, adapters={self.adapter_names}, active={self.active_adapters}"
         )
+
+
+def add_scaled_product(
+    result: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """``result + scale · (h @ weightᵀ)``, out of place, in ``result``'s dtype.
+
+    ``h`` is ``(..., k)``, ``weight`` ``(out, k)`` and ``result`` ``(..., out)``. When the dtypes
+    agree this is one ``addmm`` (product, scale and sum in a single kernel, and no
+    activation-sized temporaries); otherwise the product is computed in ``h``'s dtype and cast.
+    """
+    out_features = weight.shape[0]
+    if (
+        result.dtype == h.dtype == weight.dtype
+        and result.dim() >= 2
+        and result.shape[-1] == out_features
+        and result.shape[:-1] == h.shape[:-1]
+        and result.device == h.device
+    ):
+        rows = math.prod(result.shape[:-1])
+        summed = torch.addmm(
+            result.reshape(rows, out_features),
+            h.reshape(rows, h.shape[-1]),
+            weight.t(),
+            alpha=scale,
+        )
+        return summed.view(result.shape)
+    product = F.linear(h, weight)
+    if scale != 1.0:
+        product = product * scale
+    return result + product.to(result.dtype)
 
 
 def adapter_dtype_device(layer: AdapterLayer) -> tuple[torch.dtype, torch.device]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapt.core import AdapterLayer, SharedBasis, adapter_dtype_device
+from adapt.core import AdapterLayer, SharedBasis, adapter_dtype_device, add_scaled_product
 from adapt.core.backends import CONV1D_TRANSFORMERS
 
 from .config import VeraConfig
@@ -87,6 +87,28 @@ class VeraLinear(VeraLayer):
         x = self.vera_dropout[adapter_name](x.to(lambda_d.dtype))
         out: torch.Tensor = lambda_b * F.linear(lambda_d * F.linear(x, a), b)
         return out
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        # λ_b ⊙ (B_s (λ_d ⊙ A_s x)) = (λ_b ⊙ B_s)(λ_d ⊙ A_s x): the λ_b scale goes on the
+        # (out × r) slice instead of the activations, and B's product and the sum are one addmm.
+        # Without dropout, A_s x is shared with the other layers reading the same x (q/k/v).
+        lambda_b = self.vera_lambda_b[name]
+        lambda_d = self.vera_lambda_d[name]
+        dtype = lambda_d.dtype
+        dropout = self.vera_dropout[name]
+        if isinstance(dropout, nn.Identity) or not dropout.training:
+            h = self.basis.project_input(x, self.in_features, self.r[name], dtype)
+        else:
+            a, _ = self.sliced_basis(name, dtype, lambda_d.device)
+            h = F.linear(dropout(x.to(dtype)), a)
+        b = self.basis.B[: self.out_features, : self.r[name]]
+        b = b.to(device=lambda_b.device, dtype=dtype)
+        if result.dtype != dtype or not self.fuse_adapter_output:
+            # the definition's order: a half-precision output is rounded once, and quantised
+            # bases (whose kernels round activations coarsely) see PEFT's exact values
+            out: torch.Tensor = lambda_b * F.linear(lambda_d * h, b)
+            return result + out.to(result.dtype)
+        return add_scaled_product(result, lambda_d * h, lambda_b[:, None] * b)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         lambda_b = self.vera_lambda_b[adapter_name]

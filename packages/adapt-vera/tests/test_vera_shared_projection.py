@@ -1,0 +1,142 @@
+"""The shared projection x·A_sᵀ: layers that read the same input (q/k/v, gate/up) compute it
+once. Outputs and gradients must equal computing it per layer, and the reuse must never serve a
+stale product (another input, an input modified in place, another rank, grad mode)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import torch
+from torch import nn
+from vera_testutils import LLAMA_TARGETS, basis_of, input_ids, randomise_lambdas, tiny_llama
+
+from adapt.core import AdapterLayer, SharedBasis, adapt
+from adapt.vera import VeraConfig, VeraLinear
+
+
+def _unshared(monkeypatch: object) -> None:
+    """Make every VeRA layer use the core's unfused, uncached definition."""
+    monkeypatch.setattr(VeraLinear, "add_adapter_output", AdapterLayer.add_adapter_output)  # type: ignore[attr-defined]
+
+
+def _model() -> torch.nn.Module:
+    model = adapt(tiny_llama(), VeraConfig(r=8, target_modules=LLAMA_TARGETS))
+    randomise_lambdas(model, seed=3)
+    return model
+
+
+def test_q_k_v_share_one_product() -> None:
+    model = _model()
+    basis = basis_of(model)
+    calls = []
+    real = torch.nn.functional.linear
+
+    def spy(x: torch.Tensor, w: torch.Tensor, *rest: object) -> torch.Tensor:
+        if w.data_ptr() == basis.A.data_ptr():
+            calls.append(tuple(w.shape))
+        return real(x, w, *rest)
+
+    torch.nn.functional.linear = spy  # type: ignore[assignment]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids())
+    finally:
+        torch.nn.functional.linear = real  # type: ignore[assignment]
+    # per decoder layer: one product for q/k/v, one for o, one for gate/up, one for down
+    assert len(calls) == 4 * 2, calls
+
+
+def test_outputs_and_gradients_equal_per_layer_products(monkeypatch: object) -> None:
+    model = _model()
+    reference = copy.deepcopy(model)
+    ids = input_ids()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    _unshared(monkeypatch)
+    ref_loss = reference(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    ref = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref.keys() and grads
+    for name, grad in grads.items():
+        assert grad is not None and ref[name] is not None, name
+        torch.testing.assert_close(grad, ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_never_stale() -> None:
+    basis = SharedBasis(8, 16, 16, seed=0)
+    x = torch.randn(3, 16)
+    h = basis.project_input(x, 16, 8, torch.float32)
+    assert basis.project_input(x, 16, 8, torch.float32) is h  # same input: reused
+    torch.testing.assert_close(h, x @ basis.A.T)
+    assert basis.project_input(x.clone(), 16, 8, torch.float32) is not h  # another tensor
+    assert basis.project_input(x, 16, 4, torch.float32).shape == (3, 4)  # another rank
+    h = basis.project_input(x, 16, 8, torch.float32)
+    x.mul_(2)  # modified in place: recomputed
+    again = basis.project_input(x, 16, 8, torch.float32)
+    assert again is not h
+    torch.testing.assert_close(again, x @ basis.A.T)
+    with torch.no_grad():
+        assert not basis.project_input(x, 16, 8, torch.float32).requires_grad
+        basis.A.mul_(0.5)  # the basis changed (e.g. a loaded projection): recomputed
+    torch.testing.assert_close(basis.project_input(x, 16, 8, torch.float32), x @ basis.A.T)
+    with torch.inference_mode():
+        y = torch.randn(2, 12)
+        torch.testing.assert_close(
+            basis.project_input(y, 12, 8, torch.float32), y @ basis.A[:, :12].T
+        )
+    assert basis.project_input(x, 16, 8, torch.float64).dtype == torch.float64
+
+
+def test_dropout_is_not_shared() -> None:
+    """With dropout each layer sees its own mask, so nothing is reused."""
+    model = adapt(tiny_llama(), VeraConfig(r=8, target_modules=LLAMA_TARGETS, vera_dropout=0.5))
+    model.train()
+    basis = basis_of(model)
+    model(input_ids=input_ids())
+    assert basis._projection.last is None
+
+
+def test_model_copies_and_pickles_after_a_training_forward() -> None:
+    model = _model()
+    ids = input_ids()
+    loss = model(input_ids=ids, labels=ids).loss  # leaves a product that is part of a graph
+    assert loss.requires_grad
+    copied = copy.deepcopy(model)
+    assert basis_of(copied)._projection.last is None
+    restored = pickle.loads(pickle.dumps(basis_of(model)))
+    assert restored._projection.last is None and torch.equal(restored.A, basis_of(model).A)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_gradient_checkpointing_matches(monkeypatch: object) -> None:
+    model = _model()
+    model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    model.train()
+    reference = copy.deepcopy(model)
+    ids = input_ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    _unshared(monkeypatch)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    for (name, p), (_, q) in zip(
+        model.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_half_precision_output_rounds_like_the_definition() -> None:
+    lin = nn.Linear(16, 24).to(torch.bfloat16)
+    model = adapt(nn.Sequential(lin), VeraConfig(r=4, target_modules=["0"]))
+    randomise_lambdas(model, seed=1)
+    layer = model.model[0]
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = model(x)
+        want = AdapterLayer.add_adapter_output(layer, layer.base_layer(x), x, "default")
+    assert torch.equal(got, want)
