@@ -89,9 +89,9 @@ class VeraLinear(VeraLayer):
         return out
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        # λ_b ⊙ (B_s (λ_d ⊙ A_s x)) = (λ_b ⊙ B_s)(λ_d ⊙ A_s x): the λ_b scale goes on the
-        # (out × r) slice instead of the activations, and B's product and the sum are one addmm.
         # Without dropout, A_s x is shared with the other layers reading the same x (q/k/v).
+        # Inference: λ_b ⊙ (B_s (λ_d ⊙ A_s x)) = (λ_b ⊙ B_s)(λ_d ⊙ A_s x), the λ_b scale on the
+        # (out × r) slice instead of the activations, and B's product and the sum one addmm.
         lambda_b = self.vera_lambda_b[name]
         lambda_d = self.vera_lambda_d[name]
         dtype = lambda_d.dtype
@@ -108,6 +108,11 @@ class VeraLinear(VeraLayer):
             # bases (whose kernels round activations coarsely) see PEFT's exact values
             out: torch.Tensor = lambda_b * F.linear(lambda_d * h, b)
             return result + out.to(result.dtype)
+        if torch.is_grad_enabled() and lambda_b.requires_grad:
+            # training: λ_b's gradient is Σ g ⊙ (B_s(λ_d ⊙ h)), an element-wise product; scaling
+            # the slice instead would need a (out × r) weight gradient, a GEMM per layer
+            summed: torch.Tensor = torch.addcmul(result, lambda_b, F.linear(lambda_d * h, b))
+            return summed
         return add_scaled_product(result, lambda_d * h, lambda_b[:, None] * b)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
