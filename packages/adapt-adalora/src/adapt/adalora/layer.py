@@ -105,7 +105,8 @@ class AdaLoraLayer(AdapterLayer):
         a = self.lora_A[name]
         x = self.lora_dropout[name](x.to(a.dtype))
         h = x @ (a * self.lora_E[name]).T
-        return add_scaled_product(result, h, self.lora_B[name], self.scale(name))
+        in_place = self.may_add_in_place(result)
+        return add_scaled_product(result, h, self.lora_B[name], self.scale(name), in_place=in_place)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         a = self.lora_A[adapter_name]
@@ -160,3 +161,4 @@ class SVDLinear(AdaLoraLayer):
     """AdaLoRA on ``nn.Linear``, transformers ``Conv1D`` and quantised linears."""
 
     base_types: ClassVar[tuple[type | str, ...]] = (nn.Linear, CONV1D_TRANSFORMERS)
+    delta_weight_forward: ClassVar[bool] = True

@@ -46,6 +46,10 @@ class AdapterLayer(nn.Module):
     adapter_layer_names: ClassVar[tuple[str, ...]] = ()
     #: Per-adapter containers of other state (dropout modules, frozen buffers).
     other_param_names: ClassVar[tuple[str, ...]] = ()
+    #: Set (on the class itself; subclasses do not inherit it) when ``base(x) + Σ adapter
+    #: outputs`` equals ``x (W + Σ ΔW)ᵀ + bias`` for a plain ``nn.Linear`` base: no-grad
+    #: forwards over many rows then run as one GEMM with the weight merged on the fly.
+    delta_weight_forward: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module, backend: WeightBackend | None = None) -> None:
         super().__init__()
@@ -156,6 +160,20 @@ class AdapterLayer(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     # -- forward ----------------------------------------------------------------------------------
+    def may_add_in_place(self, result: torch.Tensor) -> bool:
+        """Whether an adapter may add its contribution into ``result`` in place: ``result`` is
+        the fresh output of a plain ``nn.Linear`` base (whose backward does not need its
+        output), not a view, and no forward hook could have kept a reference to it."""
+        base = self.base_layer
+        return (
+            self.fuse_adapter_output
+            and type(base) is nn.Linear
+            and result._base is None
+            and not (result.is_leaf and result.requires_grad)
+            and not base._forward_hooks
+            and not _global_forward_hooks()
+        )
+
     def _contribution(self, x: torch.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
         return self.adapter_output(x, name).to(like.dtype)
 
@@ -178,11 +196,39 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)  # type: ignore[no-any-return]
         if batch_names is not None:
             return self._mixed_batch_forward(x, batch_names, *args, **kwargs)
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if pending and not args and not kwargs and self._merged_forward_pays(x):
+            return self._merged_weight_forward(x, pending)
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
-                result = self.add_adapter_output(result, x, name)
+        for name in pending:
+            result = self.add_adapter_output(result, x, name)
         return result
+
+    def _merged_forward_pays(self, x: torch.Tensor) -> bool:
+        """Whether this no-grad forward should run as ``x (W + ΔW)ᵀ`` (see
+        :attr:`delta_weight_forward`): no gradient is being recorded, the base is a plain
+        ``nn.Linear`` without hooks in x's dtype, no dropout is active, and the batch is large
+        enough that building ΔW (out·in·r) costs less than the adapter's own products
+        (rows·r·(in+out)); token-by-token generation keeps the unmerged path."""
+        if torch.is_grad_enabled() or not type(self).__dict__.get("delta_weight_forward", False):
+            return False
+        base = self.base_layer
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        if x.dim() < 2 or x.dtype != base.weight.dtype or _global_forward_hooks():
+            return False
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows * (self.in_features + self.out_features) < 2 * self.in_features * self.out_features:
+            return False
+        return not any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in self.modules())
+
+    def _merged_weight_forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        base = self.base_layer
+        assert isinstance(base, nn.Linear)
+        weight = base.weight
+        for name in names:
+            weight = weight + self.delta_weight(name).to(weight.dtype)
+        return F.linear(x, weight, base.bias)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, batch_names: Sequence[str], *args: Any, **kwargs: Any
@@ -282,23 +328,42 @@ class AdapterLayer(nn.Module):
         )
 
 
+def _global_forward_hooks() -> bool:
+    """Whether any module-global forward hook is registered (it could keep base outputs)."""
+    hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
+    return bool(hooks)
+
+
 def add_scaled_product(
-    result: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, scale: float = 1.0
+    result: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    scale: float = 1.0,
+    *,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """``result + scale · (h @ weightᵀ)``, out of place, in ``result``'s dtype.
+    """``result + scale · (h @ weightᵀ)`` in ``result``'s dtype.
 
     ``h`` is ``(..., k)``, ``weight`` ``(out, k)`` and ``result`` ``(..., out)``. When the dtypes
     agree this is one ``addmm`` (product, scale and sum in a single kernel, and no
     activation-sized temporaries); otherwise the product is computed in ``h``'s dtype and cast.
+    With ``in_place`` (see :meth:`AdapterLayer.may_add_in_place`) a 2-D or 3-D ``result`` is
+    updated and returned, saving the allocation of a new output.
     """
     out_features = weight.shape[0]
-    if (
+    fusable = (
         result.dtype == h.dtype == weight.dtype
         and result.dim() >= 2
         and result.shape[-1] == out_features
         and result.shape[:-1] == h.shape[:-1]
         and result.device == h.device
-    ):
+    )
+    if fusable and in_place and result.dim() == 3:
+        batch = result.shape[0]
+        return result.baddbmm_(h, weight.t().expand(batch, -1, -1), alpha=scale)
+    if fusable and in_place and result.dim() == 2:
+        return result.addmm_(h, weight.t(), alpha=scale)
+    if fusable:
         rows = math.prod(result.shape[:-1])
         summed = torch.addmm(
             result.reshape(rows, out_features),

@@ -142,6 +142,7 @@ class LoraLinear(LoraLayer):
     linears, whose weights a backend reads)."""
 
     base_types: ClassVar[tuple[type | str, ...]] = (nn.Linear, CONV1D_TRANSFORMERS)
+    delta_weight_forward: ClassVar[bool] = True
 
     def create_adapter(
         self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device
@@ -158,7 +159,13 @@ class LoraLinear(LoraLayer):
         # result + s·(x Aᵀ) Bᵀ with the B product, the scale and the sum in one addmm
         weight_a = _weight(self.lora_A[name])
         h = F.linear(self.lora_dropout[name](x.to(weight_a.dtype)), weight_a)
-        return add_scaled_product(result, h, _weight(self.lora_B[name]), self.scaling[name])
+        return add_scaled_product(
+            result,
+            h,
+            _weight(self.lora_B[name]),
+            self.scaling[name],
+            in_place=self.may_add_in_place(result),
+        )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_b = _weight(self.lora_B[adapter_name])

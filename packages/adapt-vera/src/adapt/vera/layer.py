@@ -79,6 +79,7 @@ class VeraLinear(VeraLayer):
     """VeRA on ``nn.Linear`` and transformers ``Conv1D`` (and subclasses, e.g. quantised)."""
 
     base_types: ClassVar[tuple[type | str, ...]] = (nn.Linear, CONV1D_TRANSFORMERS)
+    delta_weight_forward: ClassVar[bool] = True
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         lambda_b = self.vera_lambda_b[adapter_name]
@@ -111,9 +112,14 @@ class VeraLinear(VeraLayer):
         if torch.is_grad_enabled() and lambda_b.requires_grad:
             # training: λ_b's gradient is Σ g ⊙ (B_s(λ_d ⊙ h)), an element-wise product; scaling
             # the slice instead would need a (out × r) weight gradient, a GEMM per layer
-            summed: torch.Tensor = torch.addcmul(result, lambda_b, F.linear(lambda_d * h, b))
+            y = F.linear(lambda_d * h, b)
+            if self.may_add_in_place(result):
+                return result.addcmul_(lambda_b, y)
+            summed: torch.Tensor = torch.addcmul(result, lambda_b, y)
             return summed
-        return add_scaled_product(result, lambda_d * h, lambda_b[:, None] * b)
+        return add_scaled_product(
+            result, lambda_d * h, lambda_b[:, None] * b, in_place=self.may_add_in_place(result)
+        )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         lambda_b = self.vera_lambda_b[adapter_name]
