@@ -173,3 +173,28 @@ def test_negative_rank_is_refused() -> None:
     layer = SVDLinear(nn.Linear(4, 4))
     with pytest.raises(ConfigError, match="non-negative"):
         layer.update_layer("x", config(), r=-1)
+
+
+def test_add_delta_weight_and_no_grad_forward_over_many_rows() -> None:
+    from adapt.adalora import AdaLoraConfig as _Config
+    from adapt.core import adapt as _adapt
+
+    torch.manual_seed(0)
+    model = _adapt(
+        nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 32)),
+        _Config(init_r=4, target_r=2, total_step=10, target_modules=["0", "1"]),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_E" in name:
+                p.normal_()
+    model.eval()
+    layer = model.model[0]
+    w = layer.base_layer.weight
+    torch.testing.assert_close(
+        layer.add_delta_weight(w, "default"), w + layer.delta_weight("default")
+    )
+    x = torch.randn(4, 64, 32)
+    with_grad = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), with_grad.detach(), rtol=1e-5, atol=1e-5)

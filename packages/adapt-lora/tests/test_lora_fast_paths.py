@@ -162,3 +162,11 @@ def test_subclasses_do_not_inherit_the_on_the_fly_merge() -> None:
 
     assert LoraLinear.__dict__["delta_weight_forward"] is True
     assert "delta_weight_forward" not in Custom.__dict__
+
+
+def test_add_delta_weight_is_w_plus_delta() -> None:
+    layer = _adapted().model[0]
+    w = layer.base_layer.weight
+    torch.testing.assert_close(
+        layer.add_delta_weight(w, "default"), w + layer.delta_weight("default")
+    )

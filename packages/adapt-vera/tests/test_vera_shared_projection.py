@@ -140,3 +140,22 @@ def test_half_precision_output_rounds_like_the_definition() -> None:
         got = model(x)
         want = AdapterLayer.add_adapter_output(layer, layer.base_layer(x), x, "default")
     assert torch.equal(got, want)
+
+
+def test_no_grad_forward_over_many_rows_and_add_delta_weight() -> None:
+    """Inference over many rows runs as x (W + ΔW)ᵀ: the same outputs as with gradients."""
+    model = adapt(
+        nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 32)),
+        VeraConfig(r=16, target_modules=["0", "1"]),
+    )
+    randomise_lambdas(model, seed=2)
+    model.eval()
+    layer = model.model[0]
+    w = layer.base_layer.weight
+    torch.testing.assert_close(
+        layer.add_delta_weight(w, "default"), w + layer.delta_weight("default")
+    )
+    x = torch.randn(4, 64, 32)
+    with_grad = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), with_grad.detach(), rtol=1e-5, atol=1e-5)

@@ -115,6 +115,14 @@ class AdaLoraLayer(AdapterLayer):
         delta: torch.Tensor = (b @ (a * e)) * self.scale(adapter_name)
         return delta
 
+    def add_delta_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        a = self.lora_A[adapter_name]
+        b = self.lora_B[adapter_name]
+        if not weight.dtype == a.dtype == b.dtype:
+            return super().add_delta_weight(weight, adapter_name)
+        a_e = a * self.lora_E[adapter_name]
+        return torch.addmm(weight, b, a_e, alpha=self.scale(adapter_name))
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         for table in (self.r, self.ranknum, self.lora_alpha, self.scaling):

@@ -227,8 +227,13 @@ class AdapterLayer(nn.Module):
         assert isinstance(base, nn.Linear)
         weight = base.weight
         for name in names:
-            weight = weight + self.delta_weight(name).to(weight.dtype)
+            weight = self.add_delta_weight(weight, name)
         return F.linear(x, weight, base.bias)
+
+    def add_delta_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``weight + ΔW`` (canonical layout, ``weight``'s dtype), out of place. Methods with a
+        factored ΔW override it with one ``addmm``."""
+        return weight + self.delta_weight(adapter_name).to(weight.dtype)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, batch_names: Sequence[str], *args: Any, **kwargs: Any

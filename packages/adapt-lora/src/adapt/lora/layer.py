@@ -173,6 +173,13 @@ class LoraLinear(LoraLayer):
         out: torch.Tensor = (weight_b @ weight_a) * self.scaling[adapter_name]
         return out
 
+    def add_delta_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        weight_b = _weight(self.lora_B[adapter_name])
+        weight_a = _weight(self.lora_A[adapter_name])
+        if not weight.dtype == weight_a.dtype == weight_b.dtype:
+            return super().add_delta_weight(weight, adapter_name)
+        return torch.addmm(weight, weight_b, weight_a, alpha=self.scaling[adapter_name])
+
 
 class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding``: A (r × vocab) is looked up like an embedding table, then B."""

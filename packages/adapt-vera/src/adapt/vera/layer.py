@@ -127,3 +127,11 @@ class VeraLinear(VeraLayer):
         a, b = self.sliced_basis(adapter_name, lambda_d.dtype, lambda_d.device)
         delta: torch.Tensor = (lambda_b[:, None] * b) @ (lambda_d[:, None] * a)
         return delta
+
+    def add_delta_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        lambda_b = self.vera_lambda_b[adapter_name]
+        lambda_d = self.vera_lambda_d[adapter_name]
+        if weight.dtype != lambda_d.dtype:
+            return super().add_delta_weight(weight, adapter_name)
+        a, b = self.sliced_basis(adapter_name, lambda_d.dtype, lambda_d.device)
+        return torch.addmm(weight, lambda_b[:, None] * b, lambda_d[:, None] * a)
