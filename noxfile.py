@@ -318,7 +318,8 @@ def demo(session: nox.Session) -> None:
     """The README's first command: docs/examples/demo.py (VeRA on a 4-bit Llama; see --help)."""
     setup(session)
     constraints = install_torch(session)
-    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}")
+    # accelerate: transformers needs it to load a quantised model with device_map
+    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", "accelerate")
     install(session, constraints, *editable(PACKAGES), "matplotlib")
     out = Path(session.create_tmp()).resolve() / "demo-output"
     # a user's --output-dir comes later on the command line, so it wins

@@ -160,6 +160,13 @@ def load_base(folder: Path, kind: str, quantize: str) -> torch.nn.Module:
     qconfig = quantisation(quantize)
     kwargs: dict[str, Any] = {DTYPE_KW: torch.float32}
     if qconfig is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise SystemExit(
+                f"--quantize {quantize} loads the model through transformers with a device_map, "
+                "which needs accelerate: pip install accelerate (or use --quantize none)"
+            )
         kwargs.update(quantization_config=qconfig, device_map="cpu")
     cls = (
         transformers.AutoModelForCausalLM
