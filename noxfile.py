@@ -457,7 +457,8 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Execute the documentation (docs/tests/test_docs.py): every ```python block of
+    """Execute the documentation (docs/tests/test_docs.py) and the demo of every method on dense
+    and 4-bit models (docs/tests/test_demo.py). test_docs runs every ```python block of
     docs/*.md, docs/guides/*.md and the READMEs, the `$ adapt` commands of their ```console
     blocks, and the output they show; relative links; config-field tables against the code.
     PEFT is installed because the checkpoint and migration guides run it to show interop."""
@@ -465,4 +466,5 @@ def docs(session: nox.Session) -> None:
     constraints = install_torch(session)
     install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}")
     install(session, constraints, "matplotlib", *editable(PACKAGES), *TEST_DEPS)
-    session.run("pytest", "docs/tests/test_docs.py", *pytest_args(session), *session.posargs)
+    tests = ["docs/tests/test_docs.py", "docs/tests/test_demo.py"]
+    session.run("pytest", *tests, *pytest_args(session), *session.posargs)

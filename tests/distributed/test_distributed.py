@@ -6,7 +6,8 @@ on its half of every global batch. Checked against a single-process run on the w
 batch (mean loss, so it matches DDP's and FSDP's gradient average):
 
 * the adapter tensors are identical (bit for bit) on both ranks after training;
-* they equal the single-process ones within ``ATOL``, and so do the per-step losses;
+* they equal the single-process ones within ``PARAM_ATOL`` (AdamW steps amplify rounding, see
+  there), and the per-step losses within ``ATOL``;
 * ``save_pretrained(path, is_main_process=(rank == 0))`` writes one adapter that loads and
   equals the single-process checkpoint;
 * AdaLoRA: the final ``rank_pattern`` is the same on both ranks and in the single process;
@@ -45,8 +46,14 @@ WORKER = HERE / "distributed_worker.py"
 CASES = [(s, m) for s in worker.STRATEGIES for m in worker.METHODS]
 IDS = [f"{s}-{m}" for s, m in CASES]
 #: distributed vs single process: the same arithmetic up to float32 rounding of the gradient
-#: average (measured: at most 4e-7, LoRA; under 1e-7 for VeRA and AdaLoRA)
+#: average. Losses and outputs agree to ~1e-6 (ATOL).
 ATOL = 1e-5
+#: Adapter tensors after STEPS AdamW steps: Adam divides each gradient by its own running
+#: magnitude, so an element whose gradient nearly cancels (|g| ~ rounding) gets a rounding-sized
+#: difference amplified to a visible fraction of the step size lr. Measured on one process,
+#: full batch vs the same batch in two halves: up to 8e-5 for LoRA (lr 1e-2, 10 steps) —
+#: the same whether or not the adapter sum is fused. 2 % of one step bounds it.
+PARAM_ATOL = 2e-2 * worker.LR
 LAUNCH_TIMEOUT = 150  # seconds, per torchrun launch (about 15 s each on 2 cores)
 
 
@@ -142,7 +149,13 @@ def rank_results(run: Launch, strategy: str, method: str) -> list[dict[str, Any]
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert sorted(a) == sorted(b)
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+    # rank-0 AdaLoRA matrices are saved as empty tensors
+    return max(
+        (float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel()),
+        default=0.0,
+    )
 
 
 @pytest.mark.parametrize(("strategy", "method"), CASES, ids=IDS)
@@ -185,8 +198,10 @@ def test_matches_single_process(
         f"(training moved the adapter by up to {moved:.3g}); losses differ by {loss_diff:.3g}; "
         f"{r0['seconds']:.1f} s on rank 0"
     )
-    assert moved > 100 * ATOL, "training barely changed the adapter: the comparison is vacuous"
-    assert diff <= ATOL
+    assert moved > 100 * PARAM_ATOL, (
+        "training barely changed the adapter: the comparison is vacuous"
+    )
+    assert diff <= PARAM_ATOL
     assert loss_diff <= ATOL
     if method == "vera":
         # the frozen basis is untouched (broadcast buffers did not change it) and the same
@@ -235,7 +250,7 @@ def test_rank0_checkpoint_matches_single_process(
         f"\n[{strategy}-{method}] rank-0 checkpoint vs single: tensors {diff:.3g}, "
         f"logits {logit_diff:.3g}"
     )
-    assert diff <= ATOL
+    assert diff <= PARAM_ATOL
     assert logit_diff <= 10 * ATOL
     if method == "adalora":
         # saved pruned to the kept ranks, with the pattern in the config
