@@ -170,3 +170,55 @@ def test_add_delta_weight_is_w_plus_delta() -> None:
     torch.testing.assert_close(
         layer.add_delta_weight(w, "default"), w + layer.delta_weight("default")
     )
+
+
+def _fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from adapt.lora import layer as lora_layer
+
+    calls: list[int] = []
+    real = lora_layer._LoraLinearFunction.apply
+
+    def spy(*args: Any) -> Any:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(lora_layer._LoraLinearFunction, "apply", spy)
+    return calls
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_fused_training_forward_with_trainable_bias(
+    monkeypatch: pytest.MonkeyPatch, bias: str
+) -> None:
+    calls = _fused_calls(monkeypatch)
+    model = adapt(_net(), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], bias=bias))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    model.train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 5, 32)
+    model(x).square().sum().backward()
+    assert len(calls) == 2  # both layers took the fused path
+    monkeypatch.setattr(LoraLinear, "fused_forward", lambda self, x, name: None)
+    reference(x).square().sum().backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    want = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys()
+    assert any("bias" in n for n in got) == (bias != "none")
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_path_skipped_with_active_dropout_or_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fused_calls(monkeypatch)
+    model = _adapted(dropout=0.2)
+    model.train()
+    model(torch.randn(2, 3, 32)).sum().backward()
+    assert calls == []
+    model = _adapted()
+    model.train()
+    model.model[0].base_layer.register_forward_pre_hook(lambda mod, args: None)
+    model(torch.randn(2, 3, 32)).sum().backward()
+    assert len(calls) == 1  # only the second layer

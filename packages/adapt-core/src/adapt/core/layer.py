@@ -197,12 +197,39 @@ class AdapterLayer(nn.Module):
         if batch_names is not None:
             return self._mixed_batch_forward(x, batch_names, *args, **kwargs)
         pending = [n for n in self.active_adapters if n not in self.merged_adapters]
-        if pending and not args and not kwargs and self._merged_forward_pays(x):
-            return self._merged_weight_forward(x, pending)
+        if pending and not args and not kwargs:
+            if self._merged_forward_pays(x):
+                return self._merged_weight_forward(x, pending)
+            if len(pending) == 1 and self.plain_linear_base(x):
+                fused = self.fused_forward(x, pending[0])
+                if fused is not None:
+                    return fused
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         for name in pending:
             result = self.add_adapter_output(result, x, name)
         return result
+
+    def plain_linear_base(self, x: torch.Tensor) -> bool:
+        """Whether the base is a plain ``nn.Linear`` (no hooks, dense weight in ``x``'s dtype,
+        frozen): its forward is exactly ``F.linear(x, weight, bias)``, so a method may compute
+        base and adapter together (:meth:`fused_forward`)."""
+        base = self.base_layer
+        return (
+            self.fuse_adapter_output
+            and type(base) is nn.Linear
+            and not base._forward_hooks
+            and not base._forward_pre_hooks
+            and not _global_forward_hooks()
+            and x.dim() >= 2
+            and x.dtype == base.weight.dtype
+            and not base.weight.requires_grad
+        )
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """``base(x)`` plus the adapter's output computed together, for a plain-``nn.Linear``
+        base (:meth:`plain_linear_base`), or None to take the general path. Must equal the
+        general path up to float round-off, gradients included."""
+        return None
 
     def _merged_forward_pays(self, x: torch.Tensor) -> bool:
         """Whether this no-grad forward should run as ``x (W + ΔW)ᵀ`` (see

@@ -31,6 +31,50 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return cast(torch.Tensor, module.weight)
 
 
+class _LoraLinearFunction(torch.autograd.Function):
+    """``x Wᵀ + b + s·(x Aᵀ) Bᵀ`` for a frozen dense ``W``, with a backward that writes the
+    input gradient once: ``g W + s·(g B) A`` (one buffer, the adapter's part added in place)
+    instead of two activation-sized gradients that autograd then sums."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_a: torch.Tensor,
+        weight_b: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ weight_a.t()
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        out.addmm_(h, weight_b.t(), alpha=scale)
+        ctx.save_for_backward(x2, weight, weight_a, weight_b, h)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, weight, weight_a, weight_b, h = ctx.saved_tensors
+        scale: float = ctx.scale
+        g2 = grad.reshape(-1, grad.shape[-1])
+        needs = ctx.needs_input_grad
+        g_b = g2 @ weight_b  # (rows, r)
+        grad_x = grad_bias = grad_a = grad_b = None
+        if needs[0]:
+            grad_x = (g2 @ weight).addmm_(g_b, weight_a, alpha=scale).view(ctx.x_shape)
+        if ctx.has_bias and needs[2]:
+            grad_bias = g2.sum(0)
+        if needs[3]:
+            grad_a = torch.mm(g_b.t(), x2).mul_(scale)
+        if needs[4]:
+            grad_b = torch.mm(g2.t(), h).mul_(scale)
+        return grad_x, None, grad_bias, grad_a, grad_b, None
+
+
 def bare_linear(
     in_features: int, out_features: int, *, dtype: torch.dtype, device: torch.device
 ) -> nn.Linear:
@@ -152,6 +196,23 @@ class LoraLinear(LoraLayer):
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return self._ab(x, adapter_name)
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        dropout = self.lora_dropout[adapter_name]
+        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+            return None
+        if not torch.is_grad_enabled():
+            return None  # inference: the in-place sum below is as fast, without a custom node
+        weight_a = _weight(self.lora_A[adapter_name])
+        weight_b = _weight(self.lora_B[adapter_name])
+        base = self.base_layer
+        assert isinstance(base, nn.Linear)
+        if not x.dtype == weight_a.dtype == weight_b.dtype:
+            return None
+        out: torch.Tensor = _LoraLinearFunction.apply(  # type: ignore[no-untyped-call]
+            x, base.weight, base.bias, weight_a, weight_b, self.scaling[adapter_name]
+        )
+        return out
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         if not self.fuse_adapter_output:
