@@ -292,7 +292,8 @@ class AdaptedModel(nn.Module):
                 else:
                     layer = cls(module)
                     layer.update_layer(adapter_name, config, **kwargs)
-                    layer.train(module.training)
+                    if not module.training:  # new modules start in training mode
+                        layer.train(False)
                     created[path] = layer
             for path in save_paths:
                 module = self.model.get_submodule(path)
