@@ -21,7 +21,14 @@ from .errors import (
     PluginError,
     TargetError,
 )
-from .layer import AdapterLayer, adapter_dtype_device, add_scaled_product
+from .layer import (
+    AdapterLayer,
+    adapter_dtype_device,
+    add_scaled_product,
+    factor_grad,
+    matmul_factor,
+    transposed_factor_is_faster,
+)
 from .method import Method
 from .model import AdaptedModel, ModulesToSave, adapt, load_config
 from .registry import get_registry, register_backend, register_layer, register_method
@@ -50,9 +57,12 @@ __all__ = [
     "adapt",
     "adapter_dtype_device",
     "add_scaled_product",
+    "factor_grad",
     "get_registry",
     "load_config",
+    "matmul_factor",
     "register_backend",
     "register_layer",
     "register_method",
+    "transposed_factor_is_faster",
 ]

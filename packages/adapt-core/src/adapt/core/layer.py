@@ -366,6 +366,40 @@ def _global_forward_hooks() -> bool:
     return bool(hooks)
 
 
+def transposed_factor_is_faster(weight: torch.Tensor) -> bool:
+    """Whether products with a thin ``(n, r)`` factor run faster through its transpose.
+
+    On the CPU, MKL's float32 GEMM is 2–4× slower for ``g @ B`` and ``gᵀ h`` when the inner or
+    outer dimension is a small rank (2 ≤ r ≤ 8: LoRA's usual ranks) than for the same products
+    written with the thin operand transposed (measured on 1 and 2 threads, 256–4096 rows; from
+    r = 16 on the plain layout is as fast or faster). The rule is static, so every process and
+    every step computes in the same order.
+    """
+    return (
+        weight.dim() == 2
+        and 2 <= weight.shape[1] <= 8
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+    )
+
+
+def matmul_factor(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``g @ weight`` for a 2-D ``g`` ``(rows, n)`` and a thin factor ``weight`` ``(n, r)``
+    (the input-side gradient of a product with ``weightᵀ``), in the faster layout."""
+    if transposed_factor_is_faster(weight):
+        return g @ weight.t().contiguous().t()
+    return g @ weight
+
+
+def factor_grad(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``gᵀ h`` ``(n, r)`` for 2-D ``g`` ``(rows, n)`` and ``h`` ``(rows, r)`` (the gradient of a
+    thin factor ``(n, r)`` applied as ``h @ weightᵀ``), in the faster layout; may be a
+    transposed view."""
+    if transposed_factor_is_faster(h):
+        return (h.t() @ g).t()
+    return g.t() @ h
+
+
 def add_scaled_product(
     result: torch.Tensor,
     h: torch.Tensor,
@@ -383,6 +417,11 @@ def add_scaled_product(
     updated and returned, saving the allocation of a new output.
     """
     out_features = weight.shape[0]
+    # the backward computes g @ mat2ᵀ; with mat2 = weightᵀ laid out contiguously, that is the
+    # fast layout for thin factors (see transposed_factor_is_faster)
+    mat2 = weight.t()
+    if torch.is_grad_enabled() and transposed_factor_is_faster(weight):
+        mat2 = mat2.contiguous()
     fusable = (
         result.dtype == h.dtype == weight.dtype
         and result.dim() >= 2
@@ -392,15 +431,15 @@ def add_scaled_product(
     )
     if fusable and in_place and result.dim() == 3:
         batch = result.shape[0]
-        return result.baddbmm_(h, weight.t().expand(batch, -1, -1), alpha=scale)
+        return result.baddbmm_(h, mat2.expand(batch, -1, -1), alpha=scale)
     if fusable and in_place and result.dim() == 2:
-        return result.addmm_(h, weight.t(), alpha=scale)
+        return result.addmm_(h, mat2, alpha=scale)
     if fusable:
         rows = math.prod(result.shape[:-1])
         summed = torch.addmm(
             result.reshape(rows, out_features),
             h.reshape(rows, h.shape[-1]),
-            weight.t(),
+            mat2,
             alpha=scale,
         )
         return summed.view(result.shape)

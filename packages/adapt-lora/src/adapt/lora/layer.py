@@ -20,6 +20,8 @@ from adapt.core import (
     TargetError,
     adapter_dtype_device,
     add_scaled_product,
+    factor_grad,
+    matmul_factor,
 )
 from adapt.core.backends import CONV1D_TRANSFORMERS, describe
 
@@ -62,7 +64,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         scale: float = ctx.scale
         g2 = grad.reshape(-1, grad.shape[-1])
         needs = ctx.needs_input_grad
-        g_b = g2 @ weight_b  # (rows, r)
+        g_b = matmul_factor(g2, weight_b)  # (rows, r)
         grad_x = grad_bias = grad_a = grad_b = None
         if needs[0]:
             grad_x = (g2 @ weight).addmm_(g_b, weight_a, alpha=scale).view(ctx.x_shape)
@@ -71,7 +73,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         if needs[3]:
             grad_a = torch.mm(g_b.t(), x2).mul_(scale)
         if needs[4]:
-            grad_b = torch.mm(g2.t(), h).mul_(scale)
+            grad_b = factor_grad(g2, h).mul_(scale)
         return grad_x, None, grad_bias, grad_a, grad_b, None
 
 
