@@ -199,3 +199,30 @@ def test_second_adapter_folder_layout_matches_peft(tmp_path: Path) -> None:
     ours.set_adapter("other")
     diff = (_out(theirs.eval(), batch) - _out(ours.eval(), batch)).abs().max().item()
     assert diff <= TOL
+
+
+def test_peft_spellings_behave_as_in_peft(tmp_path: Path) -> None:
+    """The same calls, written as for PEFT, give the same results in both libraries."""
+    base = _base(llama)
+    kwargs = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": "all-linear"}
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    theirs.save_pretrained(tmp_path)
+    ours = AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert ours.peft_type == theirs.peft_type == "LORA"
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    batch = _tokens(base)
+    ours.disable_adapter_layers()
+    theirs.base_model.disable_adapter_layers()  # PEFT has it on the tuner model
+    diff = (_out(ours.eval(), batch) - _out(theirs.eval(), batch)).abs().max().item()
+    assert diff <= TOL
+    torch.testing.assert_close(_out(ours, batch), _out(base.eval(), batch))
+    theirs.base_model.enable_adapter_layers()
+    ours.enable_adapter_layers()
+    # PEFT's positional order: progressbar, safe_merge
+    merged = {
+        "ours": ours.merge_and_unload(False, True),
+        "theirs": theirs.merge_and_unload(False, True),
+    }
+    diff = (_out(merged["ours"].eval(), batch) - _out(merged["theirs"].eval(), batch)).abs().max()
+    assert diff.item() <= TOL

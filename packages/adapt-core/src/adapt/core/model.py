@@ -457,9 +457,7 @@ class AdaptedModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model: every adapter (and modules_to_save copy) is bypassed inside."""
-        layers = [layer for _, layer in self.adapter_layers()]
-        wrappers = [w for _, w in self._modules_to_save()]
-        modules: list[AdapterLayer | ModulesToSave] = [*layers, *wrappers]
+        modules = self._switchable()
         previous = [m.disabled for m in modules]
         for module in modules:
             module.disabled = True
@@ -469,7 +467,36 @@ class AdaptedModel(nn.Module):
             for mod, was in zip(modules, previous, strict=True):
                 mod.disabled = was
 
+    def disable_adapter_layers(self) -> None:
+        """Bypass every adapter (and modules_to_save copy) until :meth:`enable_adapter_layers`;
+        PEFT's call of the same name. :meth:`disable_adapter` is the scoped form."""
+        for module in self._switchable():
+            module.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        """Undo :meth:`disable_adapter_layers`: the active adapters apply again."""
+        for module in self._switchable():
+            module.disabled = False
+
+    def _switchable(self) -> list[AdapterLayer | ModulesToSave]:
+        """Every module that ``disabled`` switches off: adapter layers and modules_to_save."""
+        layers = [layer for _, layer in self.adapter_layers()]
+        wrappers = [w for _, w in self._modules_to_save()]
+        return [*layers, *wrappers]
+
+    @property
+    def peft_type(self) -> str | None:
+        """The method of the active adapter as PEFT names it (``"LORA"``), as on PEFT's model."""
+        name = self.active_adapter
+        if name is None or name not in self.peft_config:
+            return None
+        return self.peft_config[name].peft_type
+
     # -- parameters ---------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """PEFT's name for :meth:`trainable_parameters`."""
+        return self.trainable_parameters()
+
     def trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts (quantised weights counted unpacked)."""
         trainable = total = 0
@@ -547,13 +574,30 @@ class AdaptedModel(nn.Module):
 
     def merge_and_unload(
         self,
-        adapter_names: Sequence[str] | None = None,
+        progressbar: bool | None = None,
         safe_merge: bool = False,
+        adapter_names: Sequence[str] | None = None,
         *,
         progress_bar: bool | None = None,
     ) -> nn.Module:
-        """Merge the adapters and return the base model with plain modules again."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge, progress_bar=progress_bar)
+        """Merge the adapters and return the base model with plain modules again.
+
+        The arguments are PEFT's, in PEFT's order (``merge_and_unload(True)`` shows the progress
+        bar); ``progress_bar`` is the spelling of :meth:`merge_adapter`. Without either the bar
+        shows when stderr is a terminal.
+        """
+        if progressbar is not None and not isinstance(progressbar, bool):
+            raise TypeError(
+                f"merge_and_unload's first argument is progressbar (a bool, as in PEFT), got "
+                f"{progressbar!r}; pass adapters by keyword: adapter_names=[...]"
+            )
+        if progressbar is not None and progress_bar is not None and progressbar != progress_bar:
+            raise TypeError(
+                "merge_and_unload got both progressbar and progress_bar with different values; "
+                "pass one of them"
+            )
+        show = progress_bar if progress_bar is not None else progressbar
+        self.merge_adapter(adapter_names, safe_merge=safe_merge, progress_bar=show)
         return self._unload(keep_modules_to_save=True)
 
     def unload(self) -> nn.Module:
