@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import types
 from typing import Any
 
 import pytest
@@ -263,3 +264,28 @@ def test_adapted_model_targets_match_find_targets() -> None:
     assert torch.equal(
         adapted.model.layers[0].up_proj.base_layer.weight, model.layers[0].up_proj.weight
     )
+
+
+def test_target_modules_unset_on_a_model_type_without_a_default_names_it() -> None:
+    model = Stack()
+    model.config = {"model_type": "not-a-real-arch"}  # type: ignore[assignment]
+    with pytest.raises(TargetError, match="has no default for model type 'not-a-real-arch'"):
+        adapt(model, ToyConfig())
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+
+
+def test_target_modules_unset_uses_the_method_default_for_the_model_type(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from adapt.core.testing import ToyMethod
+
+    monkeypatch.setattr(ToyMethod, "default_target_modules", {"toy-arch": ("q_proj",)})
+    model = Stack()
+    model.config = types.SimpleNamespace(model_type="toy-arch")  # type: ignore[assignment]
+    config = ToyConfig()
+    adapted = adapt(model, config)
+    assert config.target_modules is None  # the user's object is not changed
+    resolved = adapted.peft_config["default"].target_modules
+    assert resolved == ["q_proj"]
+    paths = [path for path, _ in adapted.adapter_layers()]
+    assert paths and all(path.endswith("q_proj") for path in paths)

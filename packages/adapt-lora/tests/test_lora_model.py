@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -466,3 +467,25 @@ def test_adamw_steps_lower_the_loss_and_touch_only_adapter_parameters() -> None:
     assert all(params[n].grad is None for n in frozen)
     changed = [n for n, v in trained.items() if not torch.equal(params[n], v)]
     assert sorted(changed) == sorted(trained)
+
+
+@pytest.mark.parametrize(
+    ("factory", "expected"),
+    [
+        (tiny_llama, {"q_proj", "v_proj"}),
+        (tiny_gpt2, {"c_attn"}),
+        (tiny_bert, {"query", "value"}),
+    ],
+)
+def test_no_target_modules_takes_the_architecture_default(
+    factory: Callable[[], nn.Module], expected: set[str], tmp_path: Path
+) -> None:
+    model = adapt(factory(), LoraConfig(r=2))
+    assert {path.rsplit(".", 1)[-1] for path, _ in model.adapter_layers()} == expected
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(saved["target_modules"]) == expected
+    reloaded = AdaptedModel.from_pretrained(factory(), tmp_path)
+    assert sorted(p for p, _ in reloaded.adapter_layers()) == sorted(
+        p for p, _ in model.adapter_layers()
+    )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from adapt.core import AdaptedModel, AdapterConfig, AdapterStateError, ConfigError, Method
+from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .allocator import RankAllocator
 from .config import AdaLoraConfig
@@ -62,11 +64,31 @@ def orthogonal_regulariser(model: AdaptedModel, adapter_name: str) -> torch.Tens
     return total / count
 
 
+#: PEFT's AdaLoRA defaults: LoRA's query/value projections for most models, every attention
+#: and MLP projection for the encoder-decoders and a few encoders, and no default for the
+#: model types PEFT's AdaLoRA leaves out.
+ADALORA_TARGETS: dict[str, tuple[str, ...]] = {
+    model_type: QUERY_VALUE_TARGETS[model_type]
+    for model_type in (
+        "gpt2", "bloom", "gptj", "gpt_neox", "gpt_neo", "llama", "llama4", "bert",
+        "gpt_bigcode", "deberta", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3",
+    )
+} | {
+    "t5": ("q", "k", "v", "o", "wi", "wo"),
+    "mt5": ("q", "k", "v", "o", "wi_0", "wi_1", "wo"),
+    "bart": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "roberta": ("query", "key", "value", "dense"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "dense"),
+}  # fmt: skip
+
+
 class AdaLoraMethod(Method):
     name: ClassVar[str] = "adalora"
     peft_type: ClassVar[str] = "ADALORA"
     package: ClassVar[str] = "adapt-adalora"
     config_class: ClassVar[type[AdapterConfig]] = AdaLoraConfig
+    default_target_modules: ClassVar[Mapping[str, Sequence[str]]] = ADALORA_TARGETS
 
     def prepare(
         self,

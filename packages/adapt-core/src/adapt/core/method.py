@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -28,6 +29,9 @@ class Method:
     package: ClassVar[str] = ""
     #: The method's config class.
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    #: Target modules used when a config names none, by transformers ``model_type``
+    #: (PEFT's defaults; see :data:`adapt.core.targeting.QUERY_VALUE_TARGETS`).
+    default_target_modules: ClassVar[Mapping[str, Sequence[str]]] = {}
 
     def layer_kwargs(
         self, model: AdaptedModel, config: AdapterConfig, adapter_name: str, path: str

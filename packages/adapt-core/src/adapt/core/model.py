@@ -30,7 +30,7 @@ from .method import Method
 from .progress import progress
 from .registry import get_registry
 from .routing import BASE, current_adapter_names, route_batch
-from .targeting import find_targets, matches_name
+from .targeting import ALL_LINEAR, find_targets, matches_name, model_type_of, module_summary
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,99}$")  # also a folder name: <= 100
 
@@ -242,6 +242,8 @@ class AdaptedModel(nn.Module):
             )
         config.validate()
         method = get_registry().get_method(config.peft_type)
+        if config.target_modules is None:
+            config = self._with_default_targets(config, method)
         for other, other_cfg in self.peft_config.items():
             if other_cfg.peft_type != config.peft_type:
                 raise ConfigError(
@@ -319,6 +321,26 @@ class AdaptedModel(nn.Module):
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
         self._apply_active()
+
+    def _with_default_targets(self, config: AdapterConfig, method: Method) -> AdapterConfig:
+        """A copy of ``config`` targeting the method's default modules for this model type (the
+        user's object is left as it was, also when adding fails)."""
+        model_type = model_type_of(self.model)
+        defaults = method.default_target_modules.get(model_type) if model_type else None
+        if not defaults:
+            why = (
+                f"{method.package} has no default for model type {model_type!r}"
+                if model_type
+                else "this is not a transformers model with a model_type"
+            )
+            raise TargetError(
+                f"target_modules is not set and {why}; name the modules to adapt, e.g. "
+                f"target_modules=['q_proj', 'v_proj'], or use '{ALL_LINEAR}'. "
+                f"Modules in this model: {module_summary(self.model)}"
+            )
+        resolved = copy.copy(config)
+        resolved.target_modules = list(defaults)
+        return resolved
 
     def _validate_new_name(self, adapter_name: str) -> None:
         if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name):

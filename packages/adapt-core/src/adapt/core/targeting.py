@@ -4,7 +4,9 @@
   ``model.layers.0.self_attn.q_proj``, ``"self_attn.q_proj"`` too, ``"proj"`` does not);
 * a string is a regular expression that must match the whole path;
 * ``"all-linear"`` is every linear layer (``nn.Linear``, transformers ``Conv1D`` and their
-  subclasses, quantised linears included) except the model's output head.
+  subclasses, quantised linears included) except the model's output head;
+* no ``target_modules`` at all means the method's default for the transformers model type
+  (:attr:`adapt.core.Method.default_target_modules`), as in PEFT.
 """
 
 from __future__ import annotations
@@ -20,6 +22,47 @@ from .errors import TargetError
 
 ALL_LINEAR = "all-linear"
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+def _by_names(groups: dict[tuple[str, ...], tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    return {model_type: names for names, types in groups.items() for model_type in types}
+
+
+#: What PEFT adapts for LoRA when a config names no target modules, by transformers
+#: ``model_type``: the attention's query and value projections, or the fused projection that
+#: holds them (phi also its MLP). Checkpoints then list these names, as PEFT's do.
+QUERY_VALUE_TARGETS: dict[str, tuple[str, ...]] = _by_names(
+    {
+        ("q_proj", "v_proj"): (
+            "bart", "opt", "gptj", "gpt_neo", "llama", "llama4", "mistral", "mixtral",
+            "stablelm", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3",
+        ),
+        ("query", "value"): ("bert", "roberta", "xlm-roberta", "electra", "layoutlm"),
+        ("q", "v"): ("t5", "mt5"),
+        ("query_key_value",): (
+            "bloom", "gpt_neox", "chatglm", "falcon", "RefinedWeb", "RefinedWebModel",
+        ),
+        ("c_attn",): ("gpt2", "gpt_bigcode"),
+        ("query_proj", "value_proj"): ("deberta-v2",),
+        ("in_proj",): ("deberta",),
+        ("Wqkv",): ("mpt",),
+        ("qkv_proj",): ("codegen",),
+        ("c_proj", "c_attn"): ("btlm",),
+        ("q", "v", "q_proj", "v_proj"): ("blip-2",),
+        ("q_proj", "v_proj", "fc1", "fc2"): ("phi",),
+    }
+)  # fmt: skip
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    """The transformers ``config.model_type`` of ``model`` (``None`` for other models)."""
+    config = getattr(model, "config", None)
+    model_type = (
+        config.get("model_type")
+        if isinstance(config, dict)
+        else getattr(config, "model_type", None)
+    )
+    return model_type if isinstance(model_type, str) and model_type else None
 
 
 def matches_name(path: str, names: str | Sequence[str]) -> bool:
@@ -81,7 +124,7 @@ def find_targets(
         raise TargetError(
             "target_modules is not set; name the modules to adapt, e.g. "
             f"target_modules=['q_proj', 'v_proj'], or use '{ALL_LINEAR}'. "
-            f"Modules in this model: {_summary(model)}"
+            f"Modules in this model: {module_summary(model)}"
         )
     heads = output_head_names(model) if target_modules == ALL_LINEAR else set()
     wanted_layers: set[int] | None = None
@@ -120,7 +163,7 @@ def find_targets(
     return found
 
 
-def _summary(model: nn.Module, limit: int = 12) -> str:
+def module_summary(model: nn.Module, limit: int = 12) -> str:
     leaves = sorted(
         {p.split(".")[-1] for p, m in model.named_modules() if p and not list(m.children())}
     )
@@ -146,7 +189,7 @@ def _no_match_message(
         msg += f" in layers {layers_to_transform!r}"
     if close:
         msg += f". Did you mean: {', '.join(repr(c) for c in close)}?"
-    msg += f" Candidate module names: {_summary(model)}"
+    msg += f" Candidate module names: {module_summary(model)}"
     if isinstance(target_modules, str) and target_modules != ALL_LINEAR:
         msg += " (a string is a regular expression matched against the full module path)"
     return msg

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from torch import nn
 
 from adapt.core import AdaptedModel, AdapterConfig, Method, TargetError, get_registry
+from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .config import LoraConfig
 from .layer import LoraConv, grouped_conv_message
@@ -17,6 +19,7 @@ class LoraMethod(Method):
     peft_type: ClassVar[str] = "LORA"
     package: ClassVar[str] = "adapt-lora"
     config_class: ClassVar[type[AdapterConfig]] = LoraConfig
+    default_target_modules: ClassVar[Mapping[str, Sequence[str]]] = QUERY_VALUE_TARGETS
 
     def prepare(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +19,7 @@ from adapt.core import (
     SharedBasis,
     get_registry,
 )
+from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .config import VeraConfig
 
@@ -44,6 +46,11 @@ class VeraMethod(Method):
     peft_type: ClassVar[str] = "VERA"
     package: ClassVar[str] = "adapt-vera"
     config_class: ClassVar[type[AdapterConfig]] = VeraConfig
+    # as LoRA, but phi keeps to its attention (PEFT's VeRA default)
+    default_target_modules: ClassVar[Mapping[str, Sequence[str]]] = {
+        **QUERY_VALUE_TARGETS,
+        "phi": ("q_proj", "v_proj"),
+    }
 
     @staticmethod
     def basis(model: AdaptedModel) -> SharedBasis | None:
