@@ -108,3 +108,19 @@ def test_plugins_lists_lora_with_its_distribution() -> None:
     lines = {tuple(line.split()[:3]) for line in out.splitlines()[2:]}
     assert ("methods", "lora", "adapt-lora") in lines
     assert ("layers", "lora-linear", "adapt-lora") in lines
+
+
+def test_inspect_into_a_closed_pipe_stops_quietly(saved: tuple[Path, Path, torch.Tensor]) -> None:
+    """`adapt inspect DIR | head -1`: no traceback when the reader has gone away."""
+    _, adapter_dir, _ = saved
+    code = "import sys; from adapt.core.cli import main; sys.exit(main(['inspect', sys.argv[1]]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(adapter_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -111,6 +111,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "projection_prng_key",
         "save_projection",
     ):
+        if key == "r" and "init_r" in config:
+            continue  # AdaLoRA: PEFT writes LoRA's r, which it ignores; init_r/target_r rule
         if key in config:
             print(f"{key + ':':<13} {config[key]}")
     if config.get("modules_to_save"):
@@ -303,6 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AdaptError as exc:
         print(f"adapt {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader went away (`adapt inspect DIR | head`): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover
