@@ -72,9 +72,14 @@ def test_trainer_without_the_callback_warns(tmp_path: Path) -> None:
         trainer(model, tmp_path, []).train()  # type: ignore[attr-defined]
     msg = next(str(w.message) for w in record if "never run" in str(w.message))
     assert "AdaLoraCallback" in msg and "allocate_on_step" in msg
+    # attributed to the user's trainer.train() line, not to transformers or torch
+    assert {w.filename for w in record if "never run" in str(w.message)} == {__file__}
     assert model.peft_config["default"].rank_pattern is None
-    with pytest.warns(UserWarning, match="it is being saved, but rank allocation has never run"):
+    with pytest.warns(
+        UserWarning, match="it is being saved, but rank allocation has never run"
+    ) as saved:
         model.save_pretrained(tmp_path / "adapter")
+    assert {w.filename for w in saved if "being saved" in str(w.message)} == {__file__}
 
 
 def test_optimizer_hook_runs_allocation() -> None:
@@ -103,3 +108,5 @@ def test_steps_past_total_step_warn_once() -> None:
             opt.step()
             opt.zero_grad()
     assert sum("past total_step" in str(w.message) for w in record) == 1
+    # attributed to the user's opt.step() line, not to torch's optimizer internals
+    assert {w.filename for w in record if "past total_step" in str(w.message)} == {__file__}

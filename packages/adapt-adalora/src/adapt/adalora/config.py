@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 from adapt.core import ANY_VALUE, AdapterConfig, ConfigError
+from adapt.core.errors import warn_user
 from adapt.lora.config import _PEFT_LORA_KEYS
 
 C = TypeVar("C", bound="AdaLoraConfig")
@@ -78,7 +78,7 @@ class AdaLoraConfig(AdapterConfig):
         super().validate()
         name = type(self).__name__
         if self.r is not None:
-            warnings.warn(R_IGNORED.format(r=self.r), UserWarning, stacklevel=4)
+            warn_user(R_IGNORED.format(r=self.r))
         check = self._check_number
         check(name, "init_r", self.init_r, kind=int, low=0, low_open=True)
         check(name, "target_r", self.target_r, kind=int, low=0, low_open=True)
@@ -164,5 +164,5 @@ class AdaLoraConfig(AdapterConfig):
             data = dict(data)
             r = data.pop("r")
             if r not in (None, PEFT_DEFAULT_R):
-                warnings.warn(f"{source}: " + R_IGNORED.format(r=r), UserWarning, stacklevel=2)
+                warn_user(f"{source}: " + R_IGNORED.format(r=r))
         return super().from_dict(data, source=source)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from adapt.core import AdaptedModel, AdapterConfig, AdapterStateError, ConfigError, Method
+from adapt.core.errors import warn_user
 from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .allocator import RankAllocator
@@ -142,13 +142,11 @@ class AdaLoraMethod(Method):
             )
         if global_step >= config.total_step and not alloc.warned_past_total:
             alloc.warned_past_total = True
-            warnings.warn(
+            warn_user(
                 f"AdaLoRA adapter {adapter_name!r}: update_and_allocate({global_step}) is past "
                 f"total_step={config.total_step}; the rank schedule was laid out for "
                 f"{config.total_step} optimizer steps, so the ranks stay as they are now. Set "
-                "total_step to the number of optimizer steps you train for",
-                UserWarning,
-                stacklevel=3,
+                "total_step to the number of optimizer steps you train for"
             )
         alloc.steps_seen += 1
         final = config.total_step - config.tfinal
@@ -164,12 +162,10 @@ class AdaLoraMethod(Method):
         elif config.rank_pattern is not None:
             alloc.mask_with_pattern(config.rank_pattern)
         else:
-            warnings.warn(
+            warn_user(
                 f"update_and_allocate({global_step}) is past the budgeting phase "
                 f"(total_step={config.total_step}, tfinal={config.tfinal}) but no rank was ever "
-                "allocated: call it after every optimizer step from step 0",
-                UserWarning,
-                stacklevel=3,
+                "allocated: call it after every optimizer step from step 0"
             )
 
     @staticmethod
@@ -208,13 +204,11 @@ class AdaLoraMethod(Method):
             and not alloc.warned_never_ran
         ):
             alloc.warned_never_ran = True
-            warnings.warn(
+            warn_user(
                 NEVER_RAN.format(
                     name=adapter_name,
                     what=f"training has reached total_step={config.total_step} forward passes",
-                ),
-                UserWarning,
-                stacklevel=5,
+                )
             )
 
     def checkpoint_state(
@@ -225,11 +219,7 @@ class AdaLoraMethod(Method):
         alloc = allocators(model).get(adapter_name)
         trained = alloc is not None and alloc.training_forwards > 0
         if trained and alloc is not None and alloc.steps_seen == 0 and not config.rank_pattern:
-            warnings.warn(
-                NEVER_RAN.format(name=adapter_name, what="it is being saved"),
-                UserWarning,
-                stacklevel=4,
-            )
+            warn_user(NEVER_RAN.format(name=adapter_name, what="it is being saved"))
         if not config.rank_pattern:
             return tensors
         out = dict(tensors)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
-from .errors import ConfigError
+from .errors import ConfigError, warn_user
 
 C = TypeVar("C", bound="AdapterConfig")
 
@@ -201,11 +200,7 @@ class AdapterConfig:
                 )
             unknown.append(key)
         if unknown:
-            warnings.warn(
-                f"{source}: ignoring unknown {cls.__name__} keys {sorted(unknown)}",
-                UserWarning,
-                stacklevel=2,
-            )
+            warn_user(f"{source}: ignoring unknown {cls.__name__} keys {sorted(unknown)}")
         for key, value in kwargs.items():
             _check_json_type(cls.__name__, key, value, hints.get(key), source)
         try:

@@ -2,6 +2,28 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
+#: Packages whose frames a warning skips to reach the user's line: adapt itself and the
+#: libraries that call into it (module forwards, optimizer hooks, Trainer callbacks).
+_LIBRARY_PREFIXES = ("adapt.", "torch", "transformers", "accelerate")
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside adapt, torch, transformers and
+    accelerate: the user's line (``opt.step()``, ``model(...)``, ``save_pretrained``), however
+    deep the call arrived through a module forward, an optimizer hook or a Trainer callback."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None:
+        module = str(frame.f_globals.get("__name__", ""))
+        if not module.startswith(_LIBRARY_PREFIXES) and module != "adapt":
+            break
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level + 1)
+
 
 class AdaptError(Exception):
     """Base class of every error adapt raises on purpose."""

@@ -19,7 +19,6 @@ both which parameters train and what goes into the checkpoint.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, cast
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import MergeReport, WeightBackend, describe
-from .errors import AdapterStateError, TargetError
+from .errors import AdapterStateError, TargetError, warn_user
 from .registry import backend_hint, get_registry
 from .routing import BASE, current_adapter_names
 
@@ -336,12 +335,10 @@ class AdapterLayer(nn.Module):
         if not self.merged_adapters:
             return None
         if self.backend.lossy:
-            warnings.warn(
+            warn_user(
                 f"unmerging from {describe(self.get_base_layer())} is lossy: its weight is "
                 "quantised, so the restored weight differs from the original by the "
-                "requantisation error",
-                UserWarning,
-                stacklevel=2,
+                "requantisation error"
             )
         current = self.backend.get_weight(self.base_layer).detach()
         weight = current.to(_accumulation_dtype(current.dtype), copy=True)

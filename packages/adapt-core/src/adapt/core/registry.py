@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .backends import DenseBackend, WeightBackend, describe, mro_distance, type_names
-from .errors import MissingMethodError, PluginError
+from .errors import MissingMethodError, PluginError, warn_user
 
 if TYPE_CHECKING:
     from .layer import AdapterLayer
@@ -129,11 +128,10 @@ class Registry:
         except Exception as exc:  # a broken plugin never breaks the rest
             entry.error = f"{type(exc).__name__}: {exc}"
             entry.obj = None
-            warnings.warn(
+            warn_user(
                 f"adapt: skipping plugin {entry.name!r} ({entry.group}) from distribution "
                 f"{entry.distribution} {entry.version}: it failed to import: {entry.error}",
                 RuntimeWarning,
-                stacklevel=3,
             )
             return None
         entry.obj = obj

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, ClassVar
 
 from adapt.core import AdapterConfig, ConfigError
+from adapt.core.errors import warn_user
 
 _BIAS = ("none", "all", "vera_only")
 
@@ -85,12 +85,10 @@ class VeraConfig(AdapterConfig):
         if data.get("exclude_modules") is None:
             data.pop("exclude_modules", None)
         else:
-            warnings.warn(
+            warn_user(
                 "this VeRA adapter uses exclude_modules, which PEFT's VeraConfig does not have: "
                 "adapt loads it correctly, but PEFT would ignore the exclusion and adapt those "
                 "modules too. To share the adapter with PEFT users, list the modules to adapt in "
-                "target_modules instead",
-                UserWarning,
-                stacklevel=3,
+                "target_modules instead"
             )
         return data

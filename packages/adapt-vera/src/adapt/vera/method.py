@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -19,6 +18,7 @@ from adapt.core import (
     SharedBasis,
     get_registry,
 )
+from adapt.core.errors import warn_user
 from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .config import VeraConfig
@@ -130,14 +130,12 @@ class VeraMethod(Method):
         if basis.shape != (r, max_in, max_out):
             declared = config.basis_shape is not None and tuple(config.basis_shape) == basis.shape
             where = "PEFT" if declared else "adapt or PEFT"
-            warnings.warn(
+            warn_user(
                 f"VeRA adapter {adapter_name!r} is saved without its projection "
                 f"(save_projection=False), but it uses a slice of a basis of shape {basis.shape} "
                 f"rather than the basis {(r, max_in, max_out)} PEFT regenerates from its key; "
                 f"loading it in {where} will give different outputs. Save with "
-                "save_projection=True to share it",
-                UserWarning,
-                stacklevel=3,
+                "save_projection=True to share it"
             )
         return {}
 
