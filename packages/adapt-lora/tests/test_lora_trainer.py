@@ -80,3 +80,54 @@ def test_trainer_with_gradient_checkpointing(tmp_path: Path) -> None:
     assert result.global_step == 3
     assert math.isfinite(result.training_loss)
     _assert_adapters_trained(model, before)
+
+
+def test_checkpoint_callback_writes_a_loadable_adapter_into_each_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from adapt.core.trainer import AdapterCheckpointCallback
+
+    torch.manual_seed(0)
+    model = adapt(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenDataset(),
+        callbacks=[AdapterCheckpointCallback()],
+    )
+    trainer.train()
+    for step in (2, 4):
+        folder = tmp_path / "out" / f"checkpoint-{step}"
+        assert (folder / "adapter_config.json").is_file()
+        assert (folder / "adapter_model.safetensors").is_file()
+    # the last checkpoint is the trained adapter
+    loaded = AdaptedModel.from_pretrained(tiny_llama(), tmp_path / "out" / "checkpoint-4")
+    ids = TokenDataset()[0]["input_ids"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits
+        )
+    # resuming from such a checkpoint still works (Trainer reads its own files)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+def test_checkpoint_callback_refuses_a_model_that_is_not_adapted() -> None:
+    from adapt.core.trainer import AdapterCheckpointCallback
+
+    callback = AdapterCheckpointCallback()
+    args = transformers.TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
+    state = transformers.TrainerState()
+    with pytest.raises(TypeError, match="needs the AdaptedModel that adapt\\(\\) returned"):
+        callback.on_save(args, state, None, model=tiny_llama())

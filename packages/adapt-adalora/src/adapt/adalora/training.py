@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from adapt.core.trainer import unwrap_adapted
+
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
@@ -17,18 +19,7 @@ if TYPE_CHECKING:
 
 
 def _adapted(model: Any) -> AdaptedModel:
-    from adapt.core import AdaptedModel
-
-    seen = 0
-    while not isinstance(model, AdaptedModel) and seen < 4:  # DDP / accelerate wrappers
-        model = getattr(model, "module", None)
-        seen += 1
-    if not isinstance(model, AdaptedModel):
-        raise TypeError(
-            "AdaLoRA rank allocation needs the AdaptedModel that adapt() returned (or a "
-            f"DistributedDataParallel around it), got {type(model).__name__}"
-        )
-    return model
+    return unwrap_adapted(model, purpose="AdaLoRA rank allocation")
 
 
 def allocate_on_step(
