@@ -37,24 +37,21 @@ def gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def bert() -> nn.Module:
-    cfg = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        vocab_size=64, max_position_embeddings=32,
-    )  # fmt: skip
-    return transformers.BertModel(cfg)
+def encoder(kind: str) -> Callable[[], nn.Module]:
+    """A small BERT-style encoder of ``kind`` ("Bert", "Roberta")."""
 
+    def build() -> nn.Module:
+        cfg = getattr(transformers, f"{kind}Config")(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            vocab_size=64, max_position_embeddings=40,
+        )  # fmt: skip
+        return getattr(transformers, f"{kind}Model")(cfg)  # type: ignore[no-any-return]
 
-def roberta() -> nn.Module:
-    cfg = transformers.RobertaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        vocab_size=64, max_position_embeddings=40,
-    )  # fmt: skip
-    return transformers.RobertaModel(cfg)
+    return build
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
-    "llama": llama, "gpt2": gpt2, "bert": bert, "roberta": roberta,
+    "llama": llama, "gpt2": gpt2, "bert": encoder("Bert"), "roberta": encoder("Roberta"),
 }  # fmt: skip
 ADALORA = {"init_r": 4, "target_r": 2, "total_step": 10, "tinit": 2, "tfinal": 2}
 METHODS: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
