@@ -269,8 +269,30 @@ def test_adapted_model_targets_match_find_targets() -> None:
 def test_target_modules_unset_on_a_model_type_without_a_default_names_it() -> None:
     model = Stack()
     model.config = {"model_type": "not-a-real-arch"}  # type: ignore[assignment]
+    config = ToyConfig()
     with pytest.raises(TargetError, match="has no default for model type 'not-a-real-arch'"):
-        adapt(model, ToyConfig())
+        adapt(model, config)
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+    assert config.target_modules is None
+
+
+def test_a_failed_add_with_default_targets_leaves_the_config_unset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from adapt.core.testing import ToyLayer, ToyMethod
+
+    monkeypatch.setattr(ToyMethod, "default_target_modules", {"toy-arch": ("q_proj",)})
+
+    def broken(self: ToyLayer, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(ToyLayer, "update_layer", broken)
+    model = Stack()
+    model.config = types.SimpleNamespace(model_type="toy-arch")  # type: ignore[assignment]
+    config = ToyConfig()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        adapt(model, config)
+    assert config.target_modules is None
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
 
 
@@ -284,8 +306,8 @@ def test_target_modules_unset_uses_the_method_default_for_the_model_type(
     model.config = types.SimpleNamespace(model_type="toy-arch")  # type: ignore[assignment]
     config = ToyConfig()
     adapted = adapt(model, config)
-    assert config.target_modules is None  # the user's object is not changed
-    resolved = adapted.peft_config["default"].target_modules
-    assert resolved == ["q_proj"]
+    # as in PEFT, the config now says which modules it took, and is the model's config
+    assert adapted.peft_config["default"] is config
+    assert config.target_modules == ["q_proj"]
     paths = [path for path, _ in adapted.adapter_layers()]
     assert paths and all(path.endswith("q_proj") for path in paths)

@@ -242,6 +242,7 @@ class AdaptedModel(nn.Module):
             )
         config.validate()
         method = get_registry().get_method(config.peft_type)
+        given = config
         if config.target_modules is None:
             config = self._with_default_targets(config, method)
         for other, other_cfg in self.peft_config.items():
@@ -317,14 +318,18 @@ class AdaptedModel(nn.Module):
             raise
         for path, new in created.items():
             self._replace(path, new)
+        if config is not given:  # defaults resolved: now the user's config says which (as PEFT)
+            given.target_modules = config.target_modules
+            config = given
         self.peft_config[adapter_name] = config
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
         self._apply_active()
 
     def _with_default_targets(self, config: AdapterConfig, method: Method) -> AdapterConfig:
-        """A copy of ``config`` targeting the method's default modules for this model type (the
-        user's object is left as it was, also when adding fails)."""
+        """A copy of ``config`` targeting the method's default modules for this model type; the
+        user's object gets them only once the adapter is in (a failed call leaves it as it
+        was)."""
         model_type = model_type_of(self.model)
         defaults = method.default_target_modules.get(model_type) if model_type else None
         if not defaults:
