@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,56 @@ def write_adapter(
         raise
     _roll_forward(out, renames)
     return out
+
+
+#: What a Hugging Face Hub repo id looks like (``owner/name``); anything else is a local path.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]$")
+#: The keyword arguments PEFT passes on to the Hub download, accepted here too.
+HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download")
+
+
+def resolve_adapter_dir(
+    model_id: str | os.PathLike[str], *, allow_pickle: bool = False, **hub: Any
+) -> Path:
+    """The local folder of an adapter: ``model_id`` itself (joined with ``subfolder``) when it
+    exists, otherwise a Hugging Face Hub repo id (``owner/name``) fetched with
+    ``huggingface_hub.snapshot_download`` (only the adapter's files; cached; honours
+    ``HF_HUB_OFFLINE``). ``hub`` takes PEFT's download arguments (:data:`HUB_KWARGS`)."""
+    unknown = sorted(set(hub) - set(HUB_KWARGS))
+    if unknown:
+        raise TypeError(f"unexpected arguments {unknown}; Hub downloads take {list(HUB_KWARGS)}")
+    subfolder = hub.pop("subfolder", None) or ""
+    local = Path(model_id) / subfolder
+    if local.exists() or not isinstance(model_id, str) or not _REPO_ID.match(model_id):
+        return local
+    if ".." in model_id or (subfolder and ".." in Path(subfolder).parts):
+        raise CheckpointError(f"{model_id!r}: '..' is not allowed in a Hub repo id or subfolder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise CheckpointError(
+            f"no local folder {model_id!r}; to load it from the Hugging Face Hub, "
+            "`pip install huggingface_hub`"
+        ) from exc
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    names = [CONFIG_NAME, WEIGHTS_NAME, *(PICKLE_NAMES if allow_pickle else ())]
+    try:
+        snapshot = snapshot_download(
+            repo_id=model_id, allow_patterns=[prefix + n for n in names], **hub
+        )
+    except Exception as exc:  # hub errors: not found, offline and not cached, HTTP, auth
+        raise CheckpointError(
+            f"no local folder {model_id!r}, and loading it from the Hugging Face Hub failed: "
+            f"{type(exc).__name__}: {_first_line(exc)}. "
+            "Check the path or the repo id; offline (HF_HUB_OFFLINE=1) only adapters already "
+            "in the Hub cache load"
+        ) from exc
+    return Path(snapshot) / subfolder
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].rstrip(".") if lines else "(no message)"
 
 
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:

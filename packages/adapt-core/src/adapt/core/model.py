@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from .backends import MergeReport, describe
-from .checkpoint import read_config, read_tensors, write_adapter
+from .checkpoint import (
+    HUB_KWARGS,
+    read_config,
+    read_tensors,
+    resolve_adapter_dir,
+    write_adapter,
+)
 from .config import AdapterConfig
 from .errors import AdapterStateError, CheckpointError, ConfigError, TargetError
 from .layer import AdapterLayer, fits_dtype
@@ -741,13 +747,18 @@ class AdaptedModel(nn.Module):
         The method is read from ``adapter_config.json`` and resolved through entry points. On
         any error ``model`` is left as it was. ``allow_pickle=True`` accepts an old
         ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``; trusted files only).
+        ``model_id`` is a local folder or, when no such folder exists, a Hugging Face Hub repo
+        id; ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only`` and
+        ``force_download`` are passed to the download as in PEFT.
         """
-        if kwargs:
-            raise TypeError(f"from_pretrained got unexpected arguments {sorted(kwargs)}")
+        unknown = sorted(set(kwargs) - set(HUB_KWARGS))
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected arguments {unknown}")
+        folder = resolve_adapter_dir(model_id, allow_pickle=allow_pickle, **kwargs)
         if config is None:
-            config = load_config(model_id)
+            config = load_config(folder)
         config.inference_mode = not is_trainable
-        tensors = read_tensors(model_id, allow_pickle=allow_pickle)
+        tensors = read_tensors(folder, allow_pickle=allow_pickle)
         # injecting freezes the base; a failed load gives the user's flags back
         requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         adapted = cls(model, config, adapter_name, is_trainable=is_trainable)
@@ -768,13 +779,19 @@ class AdaptedModel(nn.Module):
         config: AdapterConfig | None = None,
         *,
         allow_pickle: bool = False,
+        **kwargs: Any,
     ) -> None:
-        """Load a saved adapter next to the existing ones (not made active)."""
+        """Load a saved adapter next to the existing ones (not made active). ``model_id`` and
+        the Hub arguments are as for :meth:`from_pretrained`."""
         self._validate_new_name(adapter_name)
+        unknown = sorted(set(kwargs) - set(HUB_KWARGS))
+        if unknown:
+            raise TypeError(f"load_adapter got unexpected arguments {unknown}")
+        folder = resolve_adapter_dir(model_id, allow_pickle=allow_pickle, **kwargs)
         if config is None:
-            config = load_config(model_id)
+            config = load_config(folder)
         config.inference_mode = not is_trainable
-        tensors = read_tensors(model_id, allow_pickle=allow_pickle)
+        tensors = read_tensors(folder, allow_pickle=allow_pickle)
         self.add_adapter(adapter_name, config)
         try:
             self._load_tensors(adapter_name, tensors, source=str(model_id))
@@ -945,8 +962,10 @@ def _expose_forward_signature(adapted: AdaptedModel) -> None:
     object.__setattr__(adapted, "forward", types.MethodType(func, adapted))
 
 
-def load_config(model_id: str | os.PathLike[str]) -> AdapterConfig:
-    """Read ``adapter_config.json`` and build the config of the method it names."""
+def load_config(model_id: str | os.PathLike[str], **hub: Any) -> AdapterConfig:
+    """Read ``adapter_config.json`` (a local folder or a Hub repo id, see
+    :meth:`AdaptedModel.from_pretrained`) and build the config of the method it names."""
+    model_id = resolve_adapter_dir(model_id, **hub)
     data = read_config(model_id)
     peft_type = data["peft_type"]
     if not isinstance(peft_type, str):
