@@ -226,3 +226,24 @@ def test_peft_spellings_behave_as_in_peft(tmp_path: Path) -> None:
     }
     diff = (_out(merged["ours"].eval(), batch) - _out(merged["theirs"].eval(), batch)).abs().max()
     assert diff.item() <= TOL
+
+
+def test_state_dicts_move_both_ways_like_peft_state_dict_helpers() -> None:
+    """get_peft_model_state_dict → load_adapter_state_dict, and adapter_state_dict →
+    set_peft_model_state_dict, give the same outputs."""
+    base = _base(llama)
+    kwargs = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": "all-linear"}
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    torch.manual_seed(4)  # other values
+    ours = adapt(copy.deepcopy(base), LoraConfig(**kwargs))  # type: ignore[arg-type]
+    batch = _tokens(base)
+    ours.load_adapter_state_dict(peft.get_peft_model_state_dict(theirs))
+    diff = (_out(ours.eval(), batch) - _out(theirs.eval(), batch)).abs().max().item()
+    assert diff <= TOL
+    torch.manual_seed(5)
+    fresh = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    result = peft.set_peft_model_state_dict(fresh, ours.adapter_state_dict("default"))
+    assert not result.unexpected_keys
+    diff = (_out(fresh.eval(), batch) - _out(ours, batch)).abs().max().item()
+    assert diff <= TOL

@@ -437,3 +437,49 @@ def test_pickle_opt_in_uses_weights_only_loading(saved: Path, tmp_path: Path) ->
     with pytest.raises(CheckpointError, match=r"cannot be loaded with torch.load\(weights_only"):
         AdaptedModel.from_pretrained(mlp(), saved, allow_pickle=True)
     assert not marker.exists()
+
+
+def test_load_adapter_state_dict_round_trips(saved: Path, x: torch.Tensor) -> None:
+    source = trained()
+    base = mlp()
+    torch.manual_seed(9)  # other adapter values than the source's
+    target = adapt(base, ToyConfig(target_modules=["up", "down"], init_identity=False, r=3))
+    assert not torch.allclose(out(target, x), out(source, x))
+    state = {k: v.detach().clone() for k, v in source.adapter_state_dict("default").items()}
+    target.load_adapter_state_dict(state)
+    torch.testing.assert_close(out(target, x), out(source, x))
+    # the tensors were copied, not shared
+    assert all(
+        t.data_ptr() != s.data_ptr()
+        for t, s in zip(target.adapter_state_dict("default").values(), state.values(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("fault", ["shape", "missing", "extra", "nan"])
+def test_load_adapter_state_dict_refuses_bad_tensors_and_changes_nothing(
+    fault: str, x: torch.Tensor
+) -> None:
+    source = trained()
+    base = mlp()
+    torch.manual_seed(9)
+    target = adapt(base, ToyConfig(target_modules=["up", "down"], init_identity=False, r=3))
+    before = out(target, x)
+    assert not torch.allclose(before, out(source, x))
+    state = {k: v.detach().clone() for k, v in source.adapter_state_dict("default").items()}
+    key = sorted(state)[-1]
+    if fault == "shape":
+        state[key] = torch.zeros(7, 7)
+    elif fault == "missing":
+        del state[key]
+    elif fault == "extra":
+        state["base_model.model.nowhere.toy_A"] = torch.zeros(2, 2)
+    else:
+        state[key] = torch.full_like(state[key], float("nan"))
+    with pytest.raises(CheckpointError, match="state_dict: "):
+        target.load_adapter_state_dict(state)
+    torch.testing.assert_close(out(target, x), before, rtol=0, atol=0)
+
+
+def test_load_adapter_state_dict_needs_an_existing_adapter() -> None:
+    with pytest.raises(AdapterStateError, match=r"no adapter named 'b'.*add_adapter"):
+        trained().load_adapter_state_dict({}, adapter_name="b")

@@ -14,7 +14,7 @@ import os
 import re
 import types
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -683,6 +683,30 @@ class AdaptedModel(nn.Module):
             for key, tensor in self.method_of(adapter_name).extra_state(self, adapter_name).items():
                 out[f"base_model.{key}"] = tensor
         return out
+
+    def load_adapter_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], adapter_name: str = "default"
+    ) -> None:
+        """Copy tensors under PEFT's keys (what :meth:`adapter_state_dict` and PEFT's
+        ``get_peft_model_state_dict`` give) into the existing adapter ``adapter_name``: PEFT's
+        ``set_peft_model_state_dict``. Every tensor is checked first (names, shapes, dtypes,
+        finite values) and all of the adapter's tensors must be there; on any error the adapter
+        is left as it was."""
+        if adapter_name not in self.peft_config:
+            raise AdapterStateError(
+                f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}. "
+                "Add it first (add_adapter), then load its tensors"
+            )
+        backup = {k: v.detach().clone() for k, v in self.adapter_state_dict(adapter_name).items()}
+        try:
+            self._load_tensors(adapter_name, dict(state_dict), source="state_dict")
+        except BaseException:
+            current = self.adapter_state_dict(adapter_name)
+            with torch.no_grad():
+                for key, value in backup.items():
+                    if key in current and current[key].shape == value.shape:
+                        current[key].copy_(value)
+            raise
 
     def save_pretrained(
         self,
