@@ -119,8 +119,11 @@ def test_checkpoint_callback_writes_a_loadable_adapter_into_each_checkpoint(
         torch.testing.assert_close(
             loaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits
         )
-    # resuming from such a checkpoint still works (Trainer reads its own files)
-    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    # resuming from such a checkpoint still works (Trainer reads its own files). Not on
+    # transformers 4.x: its resume loads rng_state.pth with torch.load, which torch ≥ 2.6 refuses
+    # (weights_only) for any model, adapted or not.
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
 
 
 def test_checkpoint_callback_refuses_a_model_that_is_not_adapted() -> None:
