@@ -170,15 +170,22 @@ HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only",
 
 
 def resolve_adapter_dir(
-    model_id: str | os.PathLike[str], *, allow_pickle: bool = False, **hub: Any
+    model_id: str | os.PathLike[str],
+    *,
+    allow_pickle: bool = False,
+    caller: str = "resolve_adapter_dir",
+    **hub: Any,
 ) -> Path:
     """The local folder of an adapter: ``model_id`` itself (joined with ``subfolder``) when it
     exists, otherwise a Hugging Face Hub repo id (``owner/name``) fetched with
     ``huggingface_hub.snapshot_download`` (only the adapter's files; cached; honours
-    ``HF_HUB_OFFLINE``). ``hub`` takes PEFT's download arguments (:data:`HUB_KWARGS`)."""
+    ``HF_HUB_OFFLINE``). ``hub`` takes PEFT's download arguments (:data:`HUB_KWARGS`); any
+    other is refused, naming ``caller``."""
     unknown = sorted(set(hub) - set(HUB_KWARGS))
     if unknown:
-        raise TypeError(f"unexpected arguments {unknown}; Hub downloads take {list(HUB_KWARGS)}")
+        raise TypeError(
+            f"{caller} got unexpected arguments {unknown}; Hub downloads take {list(HUB_KWARGS)}"
+        )
     subfolder = hub.pop("subfolder", None) or ""
     local = Path(model_id) / subfolder
     if local.exists() or not isinstance(model_id, str) or not _REPO_ID.match(model_id):

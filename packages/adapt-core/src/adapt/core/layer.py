@@ -414,11 +414,6 @@ def add_scaled_product(
     updated and returned, saving the allocation of a new output.
     """
     out_features = weight.shape[0]
-    # the backward computes g @ mat2ᵀ; with mat2 = weightᵀ laid out contiguously, that is the
-    # fast layout for thin factors (see transposed_factor_is_faster)
-    mat2 = weight.t()
-    if torch.is_grad_enabled() and transposed_factor_is_faster(weight):
-        mat2 = mat2.contiguous()
     fusable = (
         result.dtype == h.dtype == weight.dtype
         and result.dim() >= 2
@@ -426,24 +421,29 @@ def add_scaled_product(
         and result.shape[:-1] == h.shape[:-1]
         and result.device == h.device
     )
-    if fusable and in_place and result.dim() == 3:
+    if not fusable:
+        product = F.linear(h, weight)
+        if scale != 1.0:
+            product = product * scale
+        return result + product.to(result.dtype)
+    # the backward computes g @ mat2ᵀ; with mat2 = weightᵀ laid out contiguously, that is the
+    # fast layout for thin factors (see transposed_factor_is_faster)
+    mat2 = weight.t()
+    if torch.is_grad_enabled() and transposed_factor_is_faster(weight):
+        mat2 = mat2.contiguous()
+    if in_place and result.dim() == 3:
         batch = result.shape[0]
         return result.baddbmm_(h, mat2.expand(batch, -1, -1), alpha=scale)
-    if fusable and in_place and result.dim() == 2:
+    if in_place and result.dim() == 2:
         return result.addmm_(h, mat2, alpha=scale)
-    if fusable:
-        rows = math.prod(result.shape[:-1])
-        summed = torch.addmm(
-            result.reshape(rows, out_features),
-            h.reshape(rows, h.shape[-1]),
-            mat2,
-            alpha=scale,
-        )
-        return summed.view(result.shape)
-    product = F.linear(h, weight)
-    if scale != 1.0:
-        product = product * scale
-    return result + product.to(result.dtype)
+    rows = math.prod(result.shape[:-1])
+    summed = torch.addmm(
+        result.reshape(rows, out_features),
+        h.reshape(rows, h.shape[-1]),
+        mat2,
+        alpha=scale,
+    )
+    return summed.view(result.shape)
 
 
 def adapter_dtype_device(layer: AdapterLayer) -> tuple[torch.dtype, torch.device]:

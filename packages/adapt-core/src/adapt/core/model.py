@@ -22,13 +22,7 @@ import torch
 from torch import nn
 
 from .backends import MergeReport, describe
-from .checkpoint import (
-    HUB_KWARGS,
-    read_config,
-    read_tensors,
-    resolve_adapter_dir,
-    write_adapter,
-)
+from .checkpoint import read_config, read_tensors, resolve_adapter_dir, write_adapter
 from .config import AdapterConfig
 from .errors import AdapterStateError, CheckpointError, ConfigError, TargetError
 from .layer import AdapterLayer, fits_dtype
@@ -775,10 +769,9 @@ class AdaptedModel(nn.Module):
         id; ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only`` and
         ``force_download`` are passed to the download as in PEFT.
         """
-        unknown = sorted(set(kwargs) - set(HUB_KWARGS))
-        if unknown:
-            raise TypeError(f"from_pretrained got unexpected arguments {unknown}")
-        folder = resolve_adapter_dir(model_id, allow_pickle=allow_pickle, **kwargs)
+        folder = resolve_adapter_dir(
+            model_id, allow_pickle=allow_pickle, caller="from_pretrained", **kwargs
+        )
         if config is None:
             config = load_config(folder)
         config.inference_mode = not is_trainable
@@ -808,10 +801,9 @@ class AdaptedModel(nn.Module):
         """Load a saved adapter next to the existing ones (not made active). ``model_id`` and
         the Hub arguments are as for :meth:`from_pretrained`."""
         self._validate_new_name(adapter_name)
-        unknown = sorted(set(kwargs) - set(HUB_KWARGS))
-        if unknown:
-            raise TypeError(f"load_adapter got unexpected arguments {unknown}")
-        folder = resolve_adapter_dir(model_id, allow_pickle=allow_pickle, **kwargs)
+        folder = resolve_adapter_dir(
+            model_id, allow_pickle=allow_pickle, caller="load_adapter", **kwargs
+        )
         if config is None:
             config = load_config(folder)
         config.inference_mode = not is_trainable
@@ -989,7 +981,7 @@ def _expose_forward_signature(adapted: AdaptedModel) -> None:
 def load_config(model_id: str | os.PathLike[str], **hub: Any) -> AdapterConfig:
     """Read ``adapter_config.json`` (a local folder or a Hub repo id, see
     :meth:`AdaptedModel.from_pretrained`) and build the config of the method it names."""
-    model_id = resolve_adapter_dir(model_id, **hub)
+    model_id = resolve_adapter_dir(model_id, caller="load_config", **hub)
     data = read_config(model_id)
     peft_type = data["peft_type"]
     if not isinstance(peft_type, str):
