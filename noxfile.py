@@ -36,7 +36,7 @@ TEST_DEPS = ["pytest", "hypothesis", "accelerate>=1.1"]  # accelerate: transform
 WHEELS_DIR = Path("/opt/wheels")
 
 # Packages that come first, in dependency order; any other folder under packages/ follows.
-PACKAGE_ORDER = ["adapt-core", "adapt-lora", "adapt-vera", "adapt-adalora", "adapt-bnb"]
+PACKAGE_ORDER = ["adapt-peft-core", "adapt-lora", "adapt-vera", "adapt-adalora", "adapt-bnb"]
 
 ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -51,6 +51,7 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 nox.options.sessions = [
     "lint",
+    "names",
     "tests",
     "typecheck",
     "interop",
@@ -167,12 +168,22 @@ def pytest_args(session: nox.Session) -> list[str]:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check + ruff format --check."""
+    """ruff check + ruff format --check; sibling dependencies are exact pins (tools/check_pins.py)."""
     setup(session)
     session.install(f"ruff=={RUFF}")
     paths = [p for p in ("packages", "tests", "tools", "docs", "noxfile.py") if (ROOT / p).exists()]
     session.run("ruff", "check", *paths, *session.posargs)
     session.run("ruff", "format", "--check", "--diff", *paths)
+    session.run("python", str(ROOT / "tools" / "check_pins.py"))
+
+
+@nox.session
+def names(session: nox.Session) -> None:
+    """tools/check_names.py: every distribution name under packages/ and docs/examples/ must be
+    free on the public index (a hit is another project's: dependency confusion). Prints a loud
+    NOT CHECKED, and passes, when the index cannot be reached."""
+    setup(session)
+    session.run("python", str(ROOT / "tools" / "check_names.py"))
 
 
 @nox.session
@@ -202,6 +213,11 @@ def typecheck(session: nox.Session) -> None:
     install(session, constraints, *editable(PACKAGES), f"mypy=={MYPY}", "types-tqdm")
     modules = [m for p in PACKAGES for m in import_names(p)]
     args = [a for m in modules for a in ("-p", m)]
+    # top-level helper modules beside the namespace (adapt-peft-core's shadowing guard)
+    for pkg in PACKAGES:
+        args += [
+            a for f in sorted((PACKAGES_DIR / pkg / "src").glob("*.py")) for a in ("-m", f.stem)
+        ]
     session.run("mypy", *args, *session.posargs)
 
 
@@ -227,90 +243,87 @@ def distributed(session: nox.Session) -> None:
     session.run("pytest", "tests/distributed", *pytest_args(session), *session.posargs)
 
 
-@nox.session
-def wheels(session: nox.Session) -> None:
-    """Build every package's wheel, install them by name into a fresh venv, smoke-test it."""
-    setup(session)
-    session.install("build")
-    tmp = Path(session.create_tmp()).resolve()
-    dist = tmp / "dist"
+def build_wheels(session: nox.Session, dist: Path, sources: list[Path]) -> None:
     shutil.rmtree(dist, ignore_errors=True)
-    dist.mkdir()
-    for pkg in PACKAGES:
+    dist.mkdir(parents=True)
+    for src in sources:
         session.run(
-            "python", "-m", "build", "--wheel", "--outdir", str(dist), str(PACKAGES_DIR / pkg)
+            "python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)
         )
 
-    # Fresh venv every time: nothing editable, nothing left from a previous run.
-    venv = tmp / "fresh-venv"
+
+def fresh_venv(session: nox.Session, venv: Path) -> str:
+    """A new venv (nothing editable, nothing left from a previous run) with torch; its python."""
     shutil.rmtree(venv, ignore_errors=True)
     session.run("python", "-m", "venv", str(venv))
     py = str(venv / "bin" / "python")
-    pip = [py, "-m", "pip", "install", "--quiet"]
-    constraints = constraints_file(session)
-
-    session.run(*pip, f"torch=={TORCH}", *find_links(), external=True)
-    # The adapt packages come from the wheel folder only (--no-index), by name ...
     session.run(
-        *pip, "--no-index", "--no-deps", "--find-links", str(dist), *PACKAGES, external=True
+        py, "-m", "pip", "install", "--quiet", f"torch=={TORCH}", *find_links(), external=True
     )
-    # ... then their other dependencies (safetensors, tqdm, ...) from the normal index.
-    # The adapt packages are already satisfied, so pip keeps the wheels installed above.
-    report = tmp / "pip-report.json"
+    return py
+
+
+def user_install(
+    session: nox.Session, py: str, dist: Path, requirements: list[str], expected: set[str]
+) -> None:
+    """`pip install REQUIREMENTS` as a user runs it with our wheels in a folder: `--find-links`,
+    the public index enabled (not `--no-index`). Every distribution of ours (`adapt*` and
+    `expected`) that pip installed must come from `dist`, and they must be exactly `expected`;
+    prints where each installed distribution came from."""
+    report = dist.parent / f"report-{Path(py).parent.parent.name}.json"
     session.run(
-        *pip, "-c", constraints, *find_links(), "--find-links", str(dist),
-        "--report", str(report), *PACKAGES, external=True,
+        py, "-m", "pip", "install", "--quiet", "-c", constraints_file(session), *find_links(),
+        "--find-links", str(dist), "--report", str(report), *requirements, external=True,
     )  # fmt: skip
-    installed = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
-    if stray := sorted(installed & set(PACKAGES)):
-        session.error(f"adapt packages were (re)installed from outside {dist}: {stray}")
+    installed = {
+        i["metadata"]["name"].lower(): (i["metadata"]["version"], i["download_info"]["url"])
+        for i in json.loads(report.read_text())["install"]
+    }
+    print(f"pip install {' '.join(requirements)}: where each distribution came from")
+    for name, (version, url) in sorted(installed.items()):
+        where = "our wheel folder" if url.startswith(dist.as_uri()) else "index / find-links"
+        print(f"  {name:<28} {version:<14} {where:<20} {url.rsplit('/', 1)[-1]}")
+    ours = {n: u for n, (_, u) in installed.items() if n.startswith("adapt") or n in expected}
+    if set(ours) != expected:
+        session.error(f"pip install {' '.join(requirements)} installed {sorted(ours)}, "
+                      f"expected {sorted(expected)}")  # fmt: skip
+    if stray := {n: u for n, u in ours.items() if not u.startswith(dist.as_uri())}:
+        session.error(f"our distributions came from outside {dist}: {stray}")
     session.run(py, "-m", "pip", "check", external=True)
 
+
+@nox.session
+def wheels(session: nox.Session) -> None:
+    """Build every package's wheel and install them as a user would (`--find-links` to the wheel
+    folder, the public index enabled) into fresh venvs: all packages (smoke test, entry points,
+    `adapt plugins`), then the user line `pip install adapt-vera adapt-bnb`, which must install
+    our three distributions from our wheels and train VeRA on a 4-bit model; then another
+    project's `adapt` package from the index shadowing ours gets our explanation."""
+    setup(session)
+    session.install("build", "hatchling>=1.21")
+    tmp = Path(session.create_tmp()).resolve()
+    dist = tmp / "dist"
+    build_wheels(session, dist, [PACKAGES_DIR / pkg for pkg in PACKAGES])
+
+    py = fresh_venv(session, tmp / "fresh-venv")
+    user_install(session, py, dist, PACKAGES, set(PACKAGES))
     # Run from the session tmp dir so the repo is not on sys.path.
     with session.chdir(tmp):
         session.run(py, str(ROOT / "tools" / "smoke.py"), external=True)
         session.run(py, str(ROOT / "tools" / "check_entry_points.py"), external=True)
-        session.run(str(venv / "bin" / "adapt"), "plugins", external=True)
+        session.run(str(Path(py).parent / "adapt"), "plugins", external=True)
 
     # The user story of adapt-bnb: `pip install adapt-vera adapt-bnb` (nothing else of ours)
     # into another fresh venv, then VeRA on a 4-bit model trains, saves, loads and merges.
     if {"adapt-vera", "adapt-bnb"} <= set(PACKAGES):
-        story = tmp / "story-venv"
-        shutil.rmtree(story, ignore_errors=True)
-        session.run("python", "-m", "venv", str(story))
-        spy = str(story / "bin" / "python")
-        spip = [spy, "-m", "pip", "install", "--quiet"]
-        session.run(*spip, f"torch=={TORCH}", *find_links(), external=True)
-        # PyPI has unrelated projects with our names (an `adapt-core` 0.1.0 exists there), so
-        # the third-party dependencies come from the index first, then the two packages are
-        # installed with --no-index: pip must resolve adapt-core from their metadata and the
-        # wheel folder alone.
-        third_party = sorted(
-            {
-                req
-                for pkg in local_deps("adapt-vera") + local_deps("adapt-bnb")
-                for req in _pyproject(pkg)["project"].get("dependencies", [])
-                if _dist_name(req) not in PACKAGES
-            }
+        spy = fresh_venv(session, tmp / "story-venv")
+        story = ["adapt-vera", "adapt-bnb"]
+        user_install(
+            session, spy, dist, story, set(local_deps("adapt-vera") + local_deps("adapt-bnb"))
         )
-        session.run(*spip, "-c", constraints, *find_links(), *third_party, external=True)
-        story_report = tmp / "story-report.json"
-        session.run(
-            *spip, "--no-index", "--find-links", str(dist),
-            "--report", str(story_report), "adapt-vera", "adapt-bnb", external=True,
-        )  # fmt: skip
-        ours = {
-            i["metadata"]["name"].lower(): i["download_info"]["url"]
-            for i in json.loads(story_report.read_text())["install"]
-            if i["metadata"]["name"].lower() in PACKAGES
-        }
-        if set(ours) != {"adapt-core", "adapt-vera", "adapt-bnb"}:
-            session.error(f"pip install adapt-vera adapt-bnb installed {sorted(ours)}")
-        if stray := {n: u for n, u in ours.items() if not u.startswith(dist.as_uri())}:
-            session.error(f"adapt packages came from outside {dist}: {stray}")
-        session.run(spy, "-m", "pip", "check", external=True)
         with session.chdir(tmp):
             session.run(spy, str(ROOT / "tools" / "story_vera_bnb.py"), external=True)
+            session.run(spy, str(ROOT / "tools" / "check_shadowing.py"), external=True)
 
 
 @nox.session
@@ -348,60 +361,21 @@ def plugin(session: nox.Session) -> None:
     session.install("build", "hatchling>=1.21")
     tmp = Path(session.create_tmp()).resolve()
     dist = tmp / "dist"
-    shutil.rmtree(dist, ignore_errors=True)
-    dist.mkdir()
-    for src in [*(PACKAGES_DIR / pkg for pkg in PACKAGES), PLUGIN_EXAMPLE]:
-        session.run(
-            "python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)
-        )
+    build_wheels(session, dist, [*(PACKAGES_DIR / pkg for pkg in PACKAGES), PLUGIN_EXAMPLE])
 
     project = _plugin_pyproject()["project"]
     plugin_dist = _dist_name(project["name"])
-    requirements = project.get("dependencies", [])
-    # what the plugin needs from packages/ (adapt-lora, and adapt-core through it)
+    # what the plugin needs from packages/ (adapt-lora, and adapt-peft-core through it)
     needed: set[str] = set()
-    for req in requirements:
+    for req in project.get("dependencies", []):
         if _dist_name(req) in PACKAGES:
             needed.update(local_deps(_dist_name(req)))
-    ours = [p for p in PACKAGES if p in needed]
-    third_party = sorted(
-        {
-            req
-            for req in [
-                *(r for pkg in ours for r in _pyproject(pkg)["project"].get("dependencies", [])),
-                *requirements,
-                *project.get("optional-dependencies", {}).get("test", []),
-            ]
-            if _dist_name(req) not in PACKAGES
-        }
-    )
+    test_requirements = project.get("optional-dependencies", {}).get("test", [])
 
-    # Fresh venv every time: nothing editable, nothing left from a previous run.
     venv = tmp / "plugin-venv"
-    shutil.rmtree(venv, ignore_errors=True)
-    session.run("python", "-m", "venv", str(venv))
-    py = str(venv / "bin" / "python")
-    pip = [py, "-m", "pip", "install", "--quiet"]
-    constraints = constraints_file(session)
-    session.run(*pip, f"torch=={TORCH}", *find_links(), external=True)
-    # Third-party dependencies from the index first; then the plugin with --no-index, so pip
-    # resolves adapt-lora and adapt-core from the plugin's metadata and the wheel folder alone
-    # (PyPI has an unrelated `adapt-core` 0.1.0).
-    session.run(*pip, "-c", constraints, *find_links(), *third_party, external=True)
-    report = tmp / "plugin-report.json"
-    session.run(
-        *pip, "--no-index", "--find-links", str(dist), "--report", str(report), plugin_dist,
-        external=True,
-    )  # fmt: skip
-    installed = {
-        i["metadata"]["name"].lower(): i["download_info"]["url"]
-        for i in json.loads(report.read_text())["install"]
-    }
-    if set(installed) != {*ours, plugin_dist}:
-        session.error(f"pip install {plugin_dist} installed {sorted(installed)}")
-    if stray := {n: u for n, u in installed.items() if not u.startswith(dist.as_uri())}:
-        session.error(f"packages came from outside {dist}: {stray}")
-    session.run(py, "-m", "pip", "check", external=True)
+    py = fresh_venv(session, venv)
+    # the user's line, as for our own packages: the plugin by name, our wheels in a folder
+    user_install(session, py, dist, [plugin_dist, *test_requirements], {*needed, plugin_dist})
 
     # Run from a scratch folder so neither the repo nor the plugin's src/ is on sys.path.
     run_dir = tmp / "run"

@@ -50,7 +50,7 @@ def main() -> None:
         traceback.print_exc()
         fail("could not import torch / adapt.core / adapt.lora")
 
-    check_installed(core_module, "adapt-core")
+    check_installed(core_module, "adapt-peft-core")
     check_installed(lora_module, "adapt-lora")
 
     class Block(nn.Module):

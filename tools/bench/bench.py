@@ -852,7 +852,7 @@ def environment(b: Bench) -> dict[str, Any]:
         except md.PackageNotFoundError:
             return None
 
-    dists = ["torch", "transformers", "peft", "accelerate", "adapt-core", "adapt-lora"]
+    dists = ["torch", "transformers", "peft", "accelerate", "adapt-peft-core", "adapt-lora"]
     dists += ["adapt-vera", "adapt-adalora"]
     return {
         "python": platform.python_version(),
@@ -941,7 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"adapt vs PEFT — device {env['device']}, {env['torch_threads']} torch threads, "
         f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
-        f"adapt-core {v['adapt-core']}, {args.clock} clock{' (--quick)' if args.quick else ''}",
+        f"adapt-peft-core {v['adapt-peft-core']}, {args.clock} clock{' (--quick)' if args.quick else ''}",
         flush=True,
     )
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None

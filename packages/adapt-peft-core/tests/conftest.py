@@ -1,4 +1,4 @@
-"""adapt-core test configuration.
+"""adapt-peft-core test configuration.
 
 Every test runs against an isolated registry holding only the toy method of
 :mod:`adapt.core.testing`: installed method packages (adapt-lora, adapt-vera, …) are

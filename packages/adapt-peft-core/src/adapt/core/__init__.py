@@ -9,6 +9,7 @@ of them, nor transformers or bitsandbytes.
 from __future__ import annotations
 
 from .__about__ import __version__
+from ._namespace import check_namespace
 from .backends import DenseBackend, MergeReport, WeightBackend
 from .basis import SharedBasis
 from .config import ANY_VALUE, AdapterConfig
@@ -66,3 +67,6 @@ __all__ = [
     "register_method",
     "transposed_factor_is_faster",
 ]
+
+# Another project's regular `adapt` package in our folder: warn once, with the fix.
+check_namespace()

@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adapt",
         description="adapt: parameter-efficient fine-tuning adapters (PEFT-compatible).",
     )
-    parser.add_argument("--version", action="version", version=f"adapt-core {__version__}")
+    parser.add_argument("--version", action="version", version=f"adapt-peft-core {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plugins", help="list installed methods, layers and backends")
     p.set_defaults(func=cmd_plugins)

@@ -1,4 +1,4 @@
-"""Small models and helpers shared by the adapt-core tests (nothing is downloaded)."""
+"""Small models and helpers shared by the adapt-peft-core tests (nothing is downloaded)."""
 
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ class ToyMethod(Method):
 
     name: ClassVar[str] = TOY_METHOD_NAME
     peft_type: ClassVar[str] = "TOY"
-    package: ClassVar[str] = "adapt-core"
+    package: ClassVar[str] = "adapt-peft-core"
     config_class: ClassVar[type[AdapterConfig]] = ToyConfig
 
 

@@ -8,6 +8,9 @@ import warnings
 #: Packages whose frames a warning skips to reach the user's line: adapt itself and the
 #: libraries that call into it (module forwards, optimizer hooks, Trainer callbacks).
 _LIBRARY_PREFIXES = ("adapt.", "torch", "transformers", "accelerate")
+# The import machinery between an `import` line and the module it runs: skipped, and not
+# counted, because warnings.warn does not count these frames in stacklevel either.
+_IMPORT_MACHINERY = "importlib._bootstrap"
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
@@ -16,11 +19,14 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     deep the call arrived through a module forward, an optimizer hook or a Trainer callback."""
     frame = sys._getframe(1)
     level = 1
-    while frame.f_back is not None:
+    while (back := frame.f_back) is not None:
         module = str(frame.f_globals.get("__name__", ""))
+        if module.startswith(_IMPORT_MACHINERY):
+            frame = back
+            continue
         if not module.startswith(_LIBRARY_PREFIXES) and module != "adapt":
             break
-        frame = frame.f_back
+        frame = back
         level += 1
     warnings.warn(message, category, stacklevel=level + 1)
 
