@@ -23,6 +23,7 @@ from adapt.core import (
     factor_grad,
     matmul_factor,
 )
+from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
 from adapt.core.backends import CONV1D_TRANSFORMERS, describe
 
 from .config import LoraConfig
@@ -209,10 +210,20 @@ class LoraLinear(LoraLayer):
         weight_b = _weight(self.lora_B[adapter_name])
         base = self.base_layer
         assert isinstance(base, nn.Linear)
+        scale = self.scaling[adapter_name]
+        device_type = x.device.type
+        amp = autocast_dtype(device_type)
+        if amp is not None:
+            # autocast does not reach into a custom Function: cast as it would for F.linear
+            # (x, W, b, A, B to its dtype), then run the Function with autocast off
+            args = [cast_floating(t, amp) for t in (x, base.weight, base.bias, weight_a, weight_b)]
+            with autocast_off(device_type):
+                out: torch.Tensor = _LoraLinearFunction.apply(*args, scale)  # type: ignore[no-untyped-call]
+            return out
         if not x.dtype == weight_a.dtype == weight_b.dtype:
             return None
-        out: torch.Tensor = _LoraLinearFunction.apply(  # type: ignore[no-untyped-call]
-            x, base.weight, base.bias, weight_a, weight_b, self.scaling[adapter_name]
+        out = _LoraLinearFunction.apply(  # type: ignore[no-untyped-call]
+            x, base.weight, base.bias, weight_a, weight_b, scale
         )
         return out
 
