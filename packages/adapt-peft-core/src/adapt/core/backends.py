@@ -25,6 +25,24 @@ from .errors import TargetError
 
 CONV1D_TRANSFORMERS = "transformers.pytorch_utils.Conv1D"
 
+#: Weight tensor types the dense backend can really read and write back (exact types, by name:
+#: a subclass may store anything). Plain tensors and parameters (DeepSpeed ZeRO-3 partitions
+#: are plain parameters with ``ds_*`` attributes), FSDP2's DTensor shards, FSDP1's flat
+#: parameters, and the meta / fake / functional tensors of tracing. Anything else — optimum-quanto
+#: ``QTensor``, torchao ``AffineQuantizedTensor`` / ``Int8Tensor``, HQQ, ... — reports a float
+#: dtype over quantised storage: reading it as dense and writing a merge back would lose the
+#: adapter silently, so only a backend that claims it may serve it.
+DENSE_WEIGHT_TYPES = frozenset(
+    {
+        "torch.Tensor",
+        "torch.nn.parameter.Parameter",
+        "torch.distributed.tensor.DTensor",
+        "torch.distributed.fsdp._flat_param.FlatParameter",
+        "torch._subclasses.fake_tensor.FakeTensor",
+        "torch._subclasses.functional_tensor.FunctionalTensor",
+    }
+)
+
 
 @dataclass(frozen=True)
 class MergeReport:
@@ -93,12 +111,27 @@ class DenseBackend:
 
     @staticmethod
     def accepts(base: nn.Module) -> bool:
-        """Whether the module holds an ordinary floating-point weight this backend can read
-        (a subclass that packs its weight into integers needs its own backend)."""
+        """Whether the module holds an ordinary floating-point weight this backend can read and
+        write back: one of :data:`DENSE_WEIGHT_TYPES` (a layer that packs its weight into
+        integers, or a quantised tensor subclass, needs its own backend)."""
+        return DenseBackend.refusal(base) is None
+
+    @staticmethod
+    def refusal(base: nn.Module) -> str | None:
+        """Why this backend cannot serve ``base`` (for error messages), or None if it can."""
         weight = getattr(base, "weight", None)
-        return isinstance(weight, torch.Tensor) and (
-            weight.is_floating_point() or weight.device.type == "meta"
-        )
+        if not isinstance(weight, torch.Tensor):
+            return f"it has no weight tensor (weight is {describe(weight)})"
+        kind = describe(type(weight))
+        if kind not in DENSE_WEIGHT_TYPES:
+            return (
+                f"its weight is a {kind} (reporting {weight.dtype}), not a plain tensor: a "
+                "quantised or otherwise wrapped weight that the dense backend cannot write a "
+                "merge back into"
+            )
+        if not (weight.is_floating_point() or weight.device.type == "meta"):
+            return f"its weight is a {weight.dtype} tensor (packed integers, not floats)"
+        return None
 
     @staticmethod
     def _is_transposed(base: nn.Module) -> bool:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import MergeReport, WeightBackend, describe
+from .backends import DENSE_WEIGHT_TYPES, DenseBackend, MergeReport, WeightBackend, describe
 from .errors import AdapterStateError, TargetError, warn_user
 from .registry import backend_hint, get_registry
 from .routing import BASE, current_adapter_names
@@ -471,6 +471,14 @@ def no_backend_message(module: nn.Module) -> str:
             f"stores a quantised, packed weight): install it with `pip install {package}`"
         )
     weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and describe(type(weight)) not in DENSE_WEIGHT_TYPES:
+        return (
+            f"no weight backend can read the weight of {describe(module)}: "
+            f"{DenseBackend.refusal(module)}. Install the adapt package for that quantisation "
+            f"library if there is one, or write a weight backend for {describe(type(weight))} "
+            "(get_weight / set_weight; docs/guides/writing-a-plugin.md) and register it under "
+            "the 'adapt.backends' entry point"
+        )
     stored = (
         f" (its weight is a {weight.dtype} tensor of shape {tuple(weight.shape)})"
         if isinstance(weight, torch.Tensor)

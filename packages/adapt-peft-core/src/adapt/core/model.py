@@ -293,7 +293,10 @@ class AdaptedModel(nn.Module):
                     module.update_layer(adapter_name, config, **kwargs)
                     module.train(module.base_layer.training)  # new dropout follows the mode
                 else:
-                    layer = cls(module)
+                    try:
+                        layer = cls(module)
+                    except TargetError as error:  # e.g. no backend: say which module it was
+                        raise TargetError(f"cannot adapt {path!r}: {error}") from error
                     layer.update_layer(adapter_name, config, **kwargs)
                     if not module.training:  # new modules start in training mode
                         layer.train(False)
