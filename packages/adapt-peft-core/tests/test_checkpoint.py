@@ -483,3 +483,18 @@ def test_load_adapter_state_dict_refuses_bad_tensors_and_changes_nothing(
 def test_load_adapter_state_dict_needs_an_existing_adapter() -> None:
     with pytest.raises(AdapterStateError, match=r"no adapter named 'b'.*add_adapter"):
         trained().load_adapter_state_dict({}, adapter_name="b")
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_saved_files_get_the_usual_permissions(tmp_path: Path, umask: int, mode: int) -> None:
+    """Files are created as open() would under the umask (0644 usually), not mkstemp's 0600,
+    so other users and containers can read the adapter; the save stays atomic."""
+    old = os.umask(umask)
+    try:
+        trained().save_pretrained(tmp_path / "ckpt")
+        trained().save_pretrained(tmp_path / "ckpt")  # overwriting keeps them so
+    finally:
+        os.umask(old)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == mode, name
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
