@@ -110,3 +110,51 @@ def test_steps_past_total_step_warn_once() -> None:
     assert sum("past total_step" in str(w.message) for w in record) == 1
     # attributed to the user's opt.step() line, not to torch's optimizer internals
     assert {w.filename for w in record if "past total_step" in str(w.message)} == {__file__}
+
+
+def test_a_trained_config_builds_init_r_ranks_and_loading_applies_the_pattern(
+    tmp_path: Path,
+) -> None:
+    """Training writes rank_pattern into the config object (as PEFT does); adapt(new, cfg) must
+    still build init_r ranks, and only loading the checkpoint shapes layers to the pattern."""
+    from adapt.adalora.method import adalora_layers
+    from adapt.core import AdaptedModel
+
+    model = adapt(llama(), cfg := config())
+    trainer(model, tmp_path, [AdaLoraCallback()]).train()  # type: ignore[attr-defined]
+    assert cfg.rank_pattern is not None and model.peft_config["default"] is cfg
+    model.save_pretrained(tmp_path / "adapter")
+
+    fresh = adapt(llama(), cfg)
+    assert {layer.r["default"] for layer in adalora_layers(fresh, "default").values()} == {4}
+
+    loaded = AdaptedModel.from_pretrained(llama(), tmp_path / "adapter")
+    kept = {p: layer.r["default"] for p, layer in adalora_layers(loaded, "default").items()}
+    assert kept == {p: sum(cfg.kept_ranks(p) or []) for p in kept}
+    assert sum(kept.values()) == 2 * 2 * len(LLAMA_TARGETS)  # target_r per layer, on average
+    x = ids(2, 12, seed=9)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
+    # load_adapter applies it too
+    fresh.load_adapter(tmp_path / "adapter", adapter_name="again")
+    assert {p: layer.r["again"] for p, layer in adalora_layers(fresh, "again").items()} == kept
+
+
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="transformers 4.x resume loads rng_state.pth with torch.load, which torch >= 2.6 "
+    "refuses for any model",
+)
+def test_in_process_resume_from_checkpoint_after_training(tmp_path: Path) -> None:
+    model = adapt(llama(), cfg := config())
+    first = trainer(model, tmp_path, [AdaLoraCallback()])
+    first.args.save_strategy = "steps"  # type: ignore[attr-defined]
+    first.args.save_steps = 6  # type: ignore[attr-defined]
+    first.train()  # type: ignore[attr-defined]
+    assert cfg.rank_pattern is not None
+    # the same process, the same (now budgeted) config object: a new model resumes at step 6
+    again = adapt(llama(), cfg)
+    second = trainer(again, tmp_path, [AdaLoraCallback()])
+    second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))  # type: ignore[attr-defined]
+    assert second.state.global_step == STEPS  # type: ignore[attr-defined]

@@ -258,3 +258,16 @@ def test_unload_removes_basis_and_returns_plain_model() -> None:
     assert not any(isinstance(m, (SharedBasis, VeraLinear)) for m in plain.modules())
     assert VeraMethod.basis(model) is None
     assert isinstance(plain.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_config_versus_state_conflicts_are_value_errors_as_in_peft() -> None:
+    """PEFT raises these as ValueError; migrated `except ValueError` code must keep catching."""
+    model = adapt(tiny_llama(), VeraConfig(r=4, target_modules=LLAMA_TARGETS))
+    with pytest.raises(ValueError, match="largest rank"):  # a basis too small
+        model.add_adapter("b", VeraConfig(r=8, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="projection_prng_key"):  # another PRNG key
+        model.add_adapter("c", VeraConfig(r=4, projection_prng_key=7, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="no adapter named"):
+        model.set_adapter("missing")
+    with pytest.raises(ValueError, match="unknown adapters"):
+        model(input_ids=torch.ones(2, 4, dtype=torch.long), adapter_names=["default", "nope"])

@@ -116,9 +116,22 @@ class AdaLoraMethod(Method):
         self, model: AdaptedModel, config: AdapterConfig, adapter_name: str, path: str
     ) -> dict[str, Any]:
         assert isinstance(config, AdaLoraConfig)
-        mask = config.kept_ranks(path)
-        # a budgeted adapter is created with the ranks it kept (as saved on disk)
-        return {"r": sum(mask) if mask is not None else config.init_r}
+        # init_r ranks, whatever config.rank_pattern holds: training writes the pattern into
+        # the config object (as PEFT does), and a new model built from it must not start pruned
+        # (PEFT too builds init_r and applies rank_pattern only when loading: before_load)
+        return {"r": config.init_r}
+
+    def before_load(self, model: AdaptedModel, config: AdapterConfig, adapter_name: str) -> None:
+        """A budgeted checkpoint holds only the kept ranks: shape each layer to them."""
+        assert isinstance(config, AdaLoraConfig)
+        for path, layer in adalora_layers(model, adapter_name).items():
+            mask = config.kept_ranks(path)
+            if mask is None or sum(mask) == layer.r[adapter_name]:
+                continue
+            trainable = layer.lora_A[adapter_name].requires_grad
+            layer.update_layer(adapter_name, config, r=sum(mask))
+            for table in (layer.lora_A, layer.lora_E, layer.lora_B):
+                table[adapter_name].requires_grad_(trainable)
 
     def allocator(self, model: AdaptedModel, adapter_name: str) -> RankAllocator:
         found = allocators(model)

@@ -55,5 +55,10 @@ class MissingMethodError(PluginError):
     """No installed package provides the requested method."""
 
 
-class AdapterStateError(AdaptError, RuntimeError):
-    """The requested operation does not fit the adapters' current state."""
+class AdapterStateError(AdaptError, RuntimeError, ValueError):
+    """The requested operation does not fit the adapters' current state.
+
+    Also a ``ValueError``: PEFT raises these conflicts between a call's arguments or a config and
+    the model's adapters (an unknown adapter name, a basis too small for a new VeRA adapter,
+    merged adapters in a mixed batch, a safe_merge that would write NaN, ...) as ``ValueError``,
+    so migrated ``except ValueError`` code keeps catching them."""

@@ -62,6 +62,11 @@ class Method:
         """Take the tensors :meth:`extra_state` wrote; return the keys consumed."""
         return []
 
+    def before_load(self, model: AdaptedModel, config: AdapterConfig, adapter_name: str) -> None:
+        """Called by ``from_pretrained`` / ``load_adapter`` once the adapter has been added from
+        its config and before the saved tensors are read into it, e.g. to give layers the shapes
+        a checkpoint was saved with (AdaLoRA's ``rank_pattern``). A failure rolls the load back."""
+
     def on_delete(self, model: AdaptedModel, adapter_name: str) -> None:
         """Called when an adapter is removed (or a failed add is rolled back)."""
 

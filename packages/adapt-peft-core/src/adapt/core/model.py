@@ -783,6 +783,7 @@ class AdaptedModel(nn.Module):
         requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         adapted = cls(model, config, adapter_name, is_trainable=is_trainable)
         try:
+            adapted._before_load(adapter_name)
             adapted._load_tensors(adapter_name, tensors, source=str(model_id))
         except BaseException:
             adapted.unload()
@@ -813,10 +814,15 @@ class AdaptedModel(nn.Module):
         tensors = read_tensors(folder, allow_pickle=allow_pickle)
         self.add_adapter(adapter_name, config)
         try:
+            self._before_load(adapter_name)
             self._load_tensors(adapter_name, tensors, source=str(model_id))
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+
+    def _before_load(self, adapter_name: str) -> None:
+        method = self.method_of(adapter_name)
+        method.before_load(self, self.peft_config[adapter_name], adapter_name)
 
     def _load_tensors(
         self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str
