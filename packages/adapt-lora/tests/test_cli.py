@@ -91,6 +91,30 @@ def test_inspect_lists_method_targets_and_ranks(
     assert row.split()[1] == "4"
 
 
+def test_inspect_says_a_dora_folder_uses_a_feature_adapt_lacks(
+    saved: tuple[Path, Path, torch.Tensor], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    _, adapter_dir, _ = saved
+    dora = tmp_path / "dora"
+    shutil.copytree(adapter_dir, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    assert main(["inspect", str(dora)]) == 0
+    method = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("method:")
+    )
+    assert method == (
+        "method:       LORA — uses use_dora=True, a PEFT feature adapt does not implement: "
+        "adapt cannot load it"
+    )
+    # and a plain LoRA folder has no such note
+    assert main(["inspect", str(adapter_dir)]) == 0
+    assert "method:       LORA\n" in capsys.readouterr().out
+
+
 def test_inspect_missing_folder_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

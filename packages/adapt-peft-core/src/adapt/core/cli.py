@@ -61,6 +61,22 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unsupported_note(config: dict[str, Any]) -> str:
+    """' — uses use_dora=True, which adapt does not implement: ...' for a folder adapt cannot
+    load, '' otherwise (also when the method's package is not installed)."""
+    from .registry import get_registry
+
+    try:
+        method = get_registry().get_method(str(config.get("peft_type", "")).lower())
+    except Exception:
+        return ""
+    found = method.config_class.unsupported_features(config)
+    if not found:
+        return ""
+    uses = ", ".join(f"{k}={v!r}" for k, v in found.items())
+    return f" — uses {uses}, a PEFT feature adapt does not implement: adapt cannot load it"
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
@@ -99,7 +115,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             count *= d
         n_params += count
     print(f"adapter:      {path}")
-    print(f"method:       {config.get('peft_type')}")
+    print(f"method:       {config.get('peft_type')}{_unsupported_note(config)}")
     print(f"base model:   {config.get('base_model_name_or_path') or '(not recorded)'}")
     print(f"targets:      {config.get('target_modules')}")
     for key in (

@@ -163,6 +163,24 @@ class AdapterConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
+    def unsupported_features(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """The keys of a saved config that turn on a PEFT feature adapt lacks, with their values
+        (``peft_ignored_keys`` set to something other than their neutral value)."""
+        ignored = {**_COMMON_IGNORED, **cls.peft_ignored_keys}
+        found: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in ignored:
+                continue
+            neutral = ignored[key]
+            if not (
+                neutral is ANY_VALUE
+                or value == neutral
+                or (isinstance(neutral, tuple) and value in neutral)
+            ):
+                found[key] = value
+        return found
+
+    @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any], *, source: str = "config") -> C:
         """Build a config from a dict written by adapt or PEFT.
 
@@ -187,17 +205,15 @@ class AdapterConfig:
                 kwargs[key] = value
                 continue
             if key in ignored:
-                neutral = ignored[key]
-                if (
-                    neutral is ANY_VALUE
-                    or value == neutral
-                    or (isinstance(neutral, tuple) and value in neutral)
-                ):
-                    continue
-                raise ConfigError(
-                    f"{source} sets {key}={value!r}, a PEFT feature adapt does not implement; "
-                    f"remove it (or set it to {neutral!r}) to load this adapter with adapt"
-                )
+                if key in cls.unsupported_features(data):
+                    raise ConfigError(
+                        f"{source} sets {key}={value!r}: this adapter was made with a PEFT "
+                        "feature adapt does not implement yet. Its tensors mean something else "
+                        "without that feature, so adapt refuses to load it (removing the key "
+                        "would not make it load correctly). Use PEFT for this adapter, or train "
+                        f"one without {key}"
+                    )
+                continue
             unknown.append(key)
         if unknown:
             warn_user(f"{source}: ignoring unknown {cls.__name__} keys {sorted(unknown)}")
