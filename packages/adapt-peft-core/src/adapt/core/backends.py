@@ -44,6 +44,11 @@ DENSE_WEIGHT_TYPES = frozenset(
 )
 
 
+def is_plain_weight(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is one of :data:`DENSE_WEIGHT_TYPES` (its exact type, not a subclass)."""
+    return describe(type(weight)) in DENSE_WEIGHT_TYPES
+
+
 @dataclass(frozen=True)
 class MergeReport:
     """What writing a merged weight cost: zero for dense layers, requantisation error otherwise."""
@@ -122,12 +127,11 @@ class DenseBackend:
         weight = getattr(base, "weight", None)
         if not isinstance(weight, torch.Tensor):
             return f"it has no weight tensor (weight is {describe(weight)})"
-        kind = describe(type(weight))
-        if kind not in DENSE_WEIGHT_TYPES:
+        if not is_plain_weight(weight):
             return (
-                f"its weight is a {kind} (reporting {weight.dtype}), not a plain tensor: a "
-                "quantised or otherwise wrapped weight that the dense backend cannot write a "
-                "merge back into"
+                f"its weight is a {describe(type(weight))} (reporting {weight.dtype}), not a "
+                "plain tensor: a quantised or otherwise wrapped weight that the dense backend "
+                "cannot write a merge back into"
             )
         if not (weight.is_floating_point() or weight.device.type == "meta"):
             return f"its weight is a {weight.dtype} tensor (packed integers, not floats)"

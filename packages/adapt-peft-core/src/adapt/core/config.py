@@ -199,13 +199,14 @@ class AdapterConfig:
         hints = get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         ignored = {**_COMMON_IGNORED, **cls.peft_ignored_keys}
+        unsupported = cls.unsupported_features(data)
         unknown: list[str] = []
         for key, value in data.items():
             if key in fields:
                 kwargs[key] = value
                 continue
             if key in ignored:
-                if key in cls.unsupported_features(data):
+                if key in unsupported:
                     raise ConfigError(
                         f"{source} sets {key}={value!r}: this adapter was made with a PEFT "
                         "feature adapt does not implement yet. Its tensors mean something else "

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import DENSE_WEIGHT_TYPES, DenseBackend, MergeReport, WeightBackend, describe
+from .backends import DenseBackend, MergeReport, WeightBackend, describe, is_plain_weight
 from .errors import AdapterStateError, TargetError, warn_user
 from .registry import backend_hint, get_registry
 from .routing import BASE, current_adapter_names
@@ -471,7 +471,7 @@ def no_backend_message(module: nn.Module) -> str:
             f"stores a quantised, packed weight): install it with `pip install {package}`"
         )
     weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and describe(type(weight)) not in DENSE_WEIGHT_TYPES:
+    if isinstance(weight, torch.Tensor) and not is_plain_weight(weight):
         return (
             f"no weight backend can read the weight of {describe(module)}: "
             f"{DenseBackend.refusal(module)}. Install the adapt package for that quantisation "
