@@ -62,3 +62,8 @@ class AdapterStateError(AdaptError, RuntimeError, ValueError):
     the model's adapters (an unknown adapter name, a basis too small for a new VeRA adapter,
     merged adapters in a mixed batch, a safe_merge that would write NaN, ...) as ``ValueError``,
     so migrated ``except ValueError`` code keeps catching them."""
+
+
+class IntegrationError(AdaptError, TypeError):
+    """Another library (a trainer, a framework) is using an adapted model in a way that cannot
+    work without adapt's integration for it; the message names the integration to use."""

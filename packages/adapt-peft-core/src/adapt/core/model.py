@@ -24,13 +24,15 @@ from torch import nn
 from .backends import MergeReport, describe
 from .checkpoint import read_config, read_tensors, resolve_adapter_dir, write_adapter
 from .config import AdapterConfig
-from .errors import AdapterStateError, CheckpointError, ConfigError, TargetError
+from .errors import AdapterStateError, CheckpointError, ConfigError, IntegrationError, TargetError
+from .foreign import PLAIN_TRL_MESSAGE, is_trl_fused_head
 from .layer import AdapterLayer, fits_dtype
 from .method import Method
 from .progress import progress
 from .registry import get_registry
 from .routing import BASE, current_adapter_names, route_batch
 from .targeting import ALL_LINEAR, find_targets, matches_name, model_type_of, module_summary
+from .wrapped import guard_direct_save, remove_guard
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,99}$")  # also a folder name: <= 100
 
@@ -99,6 +101,10 @@ class AdaptedModel(nn.Module):
     """A model with adapters. Forward, ``generate`` and attribute access pass through to the
     wrapped model."""
 
+    #: transformers' Trainer refuses "purely quantized" models unless adapters are attached;
+    #: this is the flag it reads (transformers' own PEFT integration sets it the same way).
+    _hf_peft_config_loaded = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -119,6 +125,18 @@ class AdaptedModel(nn.Module):
         self.is_trainable = is_trainable
         self.add_adapter(adapter_name, config)
         _expose_forward_signature(self)
+        guard_direct_save(model)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "forward" and is_trl_fused_head(value):
+            # TRL's fused LM head; adapt's TRL integration installs a handler that puts it on
+            # the wrapped transformers model instead (see adapt.core.foreign)
+            handler = self.__dict__.get("_fused_head_handler")
+            if handler is None:
+                raise IntegrationError(PLAIN_TRL_MESSAGE)
+            handler(self, value)
+            return
+        super().__setattr__(name, value)
 
     # -- pass-through -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -648,6 +666,7 @@ class AdaptedModel(nn.Module):
             method.on_delete(self, name)
         model = self.model
         self.active_adapters = []
+        remove_guard(model)
         return model
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -906,14 +925,18 @@ class AdaptedModel(nn.Module):
         return None
 
     # -- training helpers ---------------------------------------------------------------------
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Enable the wrapped transformers model's gradient checkpointing, with input grads on
-        so a frozen embedding still lets gradients reach the adapters."""
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Enable the wrapped transformers model's gradient checkpointing (transformers'
+        signature), with input grads on so a frozen embedding still lets gradients reach the
+        adapters (once: re-enabling, as TRL does around reference passes, adds no hook)."""
         model: Any = self.model
-        model.gradient_checkpointing_enable(**kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         enable = getattr(self.model, "enable_input_require_grads", None)
-        if callable(enable):
+        if callable(enable) and not self.__dict__.get("_input_grads_on"):
             enable()
+            self.__dict__["_input_grads_on"] = True
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
