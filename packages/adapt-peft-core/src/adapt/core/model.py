@@ -932,7 +932,9 @@ class AdaptedModel(nn.Module):
         signature), with input grads on so a frozen embedding still lets gradients reach the
         adapters (once: re-enabling, as TRL does around reference passes, adds no hook)."""
         model: Any = self.model
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
+        )
         enable = getattr(self.model, "enable_input_require_grads", None)
         if callable(enable) and not self.__dict__.get("_input_grads_on"):
             enable()

@@ -58,7 +58,9 @@ def load_adapters_into(adapted: AdaptedModel, folder: str | os.PathLike[str]) ->
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k if k.startswith("base_model.") else f"base_model.model.{k}": v for k, v in tensors.items()}
+    return {
+        k if k.startswith("base_model.") else f"base_model.model.{k}": v for k, v in tensors.items()
+    }
 
 
 class AdapterTrainerMixin:
@@ -76,14 +78,17 @@ class AdapterTrainerMixin:
     accelerator: Any
     processing_class: Any
     data_collator: Any
+    state: Any
 
     def _adapted(self) -> AdaptedModel | None:
         return find_adapted(self.model)
 
-    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+    def _save(
+        self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None
+    ) -> None:
         adapted = self._adapted()
         if adapted is None:
-            super()._save(output_dir, state_dict)  # type: ignore[misc]
+            super()._save(output_dir, state_dict)  # type: ignore[misc,unused-ignore]
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         adapted.save_pretrained(output_dir, is_main_process=bool(self.args.should_save))
@@ -100,14 +105,14 @@ class AdapterTrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         adapted = find_adapted(model if model is not None else self.model)
         if adapted is None:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+            super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc,unused-ignore]
             return
         load_adapters_into(adapted, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         adapted = self._adapted()
         if adapted is None:
-            super()._load_best_model()  # type: ignore[misc]
+            super()._load_best_model()  # type: ignore[misc,unused-ignore]
             return
-        best = getattr(self, "state").best_model_checkpoint
+        best = self.state.best_model_checkpoint
         load_adapters_into(adapted, best)

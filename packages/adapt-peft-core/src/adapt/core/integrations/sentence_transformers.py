@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -53,7 +53,7 @@ def adapt_sentence_transformer(
     (for ``print_trainable_parameters``, ``merge_and_unload``, more adapters); ``st`` itself
     stays the model to train, encode and save."""
     module, attr = _transformer_module(st)
-    inner = module._modules[attr]
+    inner = cast(nn.Module, module._modules[attr])
     if isinstance(inner, AdaptedModel):
         raise IntegrationError(
             "this SentenceTransformer is adapted already; add another adapter with "
@@ -67,13 +67,19 @@ def adapt_sentence_transformer(
 def _differences(folder: Path, st: Any) -> list[str]:
     """Where the modules saved in ``folder`` differ from the freshly loaded base ``st``: module
     kinds (modules.json) and each module's saved ``config.json`` against its config now."""
-    entries = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").is_file() else []
+    entries = (
+        json.loads((folder / "modules.json").read_text())
+        if (folder / "modules.json").is_file()
+        else []
+    )
     modules = list(st._modules.values())
+    if not entries:
+        return []
     kinds = [str(e.get("type", "")).rsplit(".", 1)[-1] for e in entries]
-    if kinds and kinds != [type(m).__name__ for m in modules]:
+    if kinds != [type(m).__name__ for m in modules]:
         return [f"modules.json: {kinds} vs the base's {[type(m).__name__ for m in modules]}"]
     out = []
-    for entry, module in zip(entries, modules):
+    for entry, module in zip(entries, modules, strict=True):
         saved = folder / str(entry.get("path", "")) / "config.json"
         if not entry.get("path") or not saved.is_file() or not hasattr(module, "get_config_dict"):
             continue
@@ -114,7 +120,10 @@ def load_sentence_transformer(
         )
     module, attr = _transformer_module(st)
     adapted = AdaptedModel.from_pretrained(
-        module._modules[attr], folder, adapter_name=adapter_name, is_trainable=is_trainable
+        cast(nn.Module, module._modules[attr]),
+        folder,
+        adapter_name=adapter_name,
+        is_trainable=is_trainable,
     )
     setattr(module, attr, adapted)
     return st

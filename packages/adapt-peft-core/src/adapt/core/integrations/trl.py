@@ -4,8 +4,12 @@
 
     from adapt.core.integrations.trl import SFTTrainer, DPOTrainer
 
-    trainer = SFTTrainer(model=adapt(base, LoraConfig(...)), args=SFTConfig(...),
-                         train_dataset=data, processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=adapt(base, LoraConfig(...)),
+        args=SFTConfig(...),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
 
 Same arguments as TRL's. What they do differently for an ``AdaptedModel`` (everything else is
 TRL's own code path):
@@ -22,18 +26,23 @@ TRL's own code path):
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import trl
 from torch import nn
 
 from ..errors import IntegrationError
 from ..layer import AdapterLayer
 from ..model import AdaptedModel
 from ._saving import AdapterTrainerMixin, find_adapted
+
+# typed as Any: the same check whether or not trl (which has no type information) is installed
+_trl: Any = importlib.import_module("trl")
+_TRLSFTTrainer: Any = _trl.SFTTrainer
+_TRLDPOTrainer: Any = _trl.DPOTrainer
 
 REF_ADAPTER = "ref"  # TRL's name for a reference adapter next to the trained one
 
@@ -60,10 +69,11 @@ def _fused_head_on_wrapped_model(adapted: AdaptedModel, fused: Any) -> None:
     lost = [p for p in names if p not in given]
     if lost:
         raise IntegrationError(
-            f"adapt's TRL integration cannot read {lost} off trl {trl.__version__}'s fused LM "
+            f"adapt's TRL integration cannot read {lost} off trl {_trl.__version__}'s fused LM "
             "head; this trl is newer than adapt knows (checked with trl 1.16): please report it"
         )
-    add_fused_lm_head(adapted.get_base_model(), **{p: given[p] for p in names})
+    inner: Any = adapted.get_base_model()
+    add_fused_lm_head(inner, **{p: given[p] for p in names})
 
 
 def adopt(model: Any) -> AdaptedModel | None:
@@ -83,7 +93,7 @@ def _refuse_peft_config(adapted: AdaptedModel | None, kwargs: dict[str, Any]) ->
         )
 
 
-class SFTTrainer(AdapterTrainerMixin, trl.SFTTrainer):  # type: ignore[misc]
+class SFTTrainer(AdapterTrainerMixin, _TRLSFTTrainer):  # type: ignore[misc]
     """``trl.SFTTrainer`` that takes an AdaptedModel (see the module doc)."""
 
     def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
@@ -140,7 +150,7 @@ class ReferenceModel(nn.Module):
         return iter(())
 
 
-class DPOTrainer(AdapterTrainerMixin, trl.DPOTrainer):  # type: ignore[misc]
+class DPOTrainer(AdapterTrainerMixin, _TRLDPOTrainer):  # type: ignore[misc]
     """``trl.DPOTrainer`` that takes an AdaptedModel; its reference is the policy with the
     adapters disabled (:class:`ReferenceModel`), never a second copy of the model."""
 
