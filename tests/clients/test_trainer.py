@@ -154,3 +154,63 @@ def test_trainer_accepts_an_adapted_4bit_model(tmp_path: Path) -> None:
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_plain_trainer_save_warns_and_points_to_the_integration(tmp_path: Path) -> None:
+    model = adapt(tiny_llama(), LoraConfig(**CONFIG))
+    args = _args(tmp_path / "out", max_steps=1)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=LMData())
+    with pytest.warns(UserWarning, match=r"adapt\.core\.integrations\.transformers import Trainer"):
+        trainer.save_model(str(tmp_path / "plain"))
+    assert (tmp_path / "plain" / "model.safetensors").is_file()  # what transformers does
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Any:
+    """An Accelerator of our own (Trainers of earlier tests configured the process-wide state);
+    reset again after, so bf16 does not leak into later tests."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_accelerate_bf16_loop_and_save(tmp_path: Path, fresh_accelerate_state: Any) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    model = adapt(tiny_llama(), LoraConfig(**CONFIG))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    loader = torch.utils.data.DataLoader(LMData(), batch_size=1)
+    prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    for batch in loader:
+        loss = prepared(**batch).loss
+        assert torch.isfinite(loss)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert {p.dtype for p in params} == {torch.float32}
+    unwrapped = accelerator.unwrap_model(prepared)
+    assert unwrapped is model
+    unwrapped.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 30, (2, 7))
+    loaded = AdaptedModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    model.eval()
+    torch.testing.assert_close(
+        _logits(loaded, ids), _logits(model.get_base_model(), ids), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_importing_adapt_core_imports_no_training_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, adapt.core, adapt.core.integrations, adapt.lora\n"
+        "loaded = [m for m in ('transformers', 'trl', 'sentence_transformers', 'datasets') "
+        "if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

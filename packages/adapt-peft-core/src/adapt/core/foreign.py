@@ -45,3 +45,23 @@ def is_trl_fused_head(value: Any) -> bool:
     if code is None or code.co_name != "_fused_forward":
         return False
     return "trl" in Path(code.co_filename).parts
+
+
+PLAIN_TRAINER_SAVE_MESSAGE = (
+    "transformers' Trainer is saving this AdaptedModel as a whole state_dict "
+    "(model.safetensors, every base weight included), not as an adapter folder: it saves "
+    "adapters only for PEFT's PeftModel. To write adapter_config.json + "
+    "adapter_model.safetensors (PEFT's format) in save_model and every checkpoint, use "
+    "`from adapt.core.integrations.transformers import Trainer` (same arguments; TRL: "
+    "adapt.core.integrations.trl); see docs/guides/training-stacks.md"
+)
+
+
+def called_by_plain_trainer_save(frame: Any) -> bool:
+    """Whether ``frame`` is transformers' ``Trainer._save`` writing a model's whole state dict
+    (adapt's integrations never get there for an AdaptedModel)."""
+    return (
+        frame is not None
+        and frame.f_code.co_name == "_save"
+        and str(frame.f_globals.get("__name__", "")) == "transformers.trainer"
+    )

@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 import types
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,8 +25,20 @@ from torch import nn
 from .backends import MergeReport, describe
 from .checkpoint import read_config, read_tensors, resolve_adapter_dir, write_adapter
 from .config import AdapterConfig
-from .errors import AdapterStateError, CheckpointError, ConfigError, IntegrationError, TargetError
-from .foreign import PLAIN_TRL_MESSAGE, is_trl_fused_head
+from .errors import (
+    AdapterStateError,
+    CheckpointError,
+    ConfigError,
+    IntegrationError,
+    TargetError,
+    warn_user,
+)
+from .foreign import (
+    PLAIN_TRAINER_SAVE_MESSAGE,
+    PLAIN_TRL_MESSAGE,
+    called_by_plain_trainer_save,
+    is_trl_fused_head,
+)
 from .layer import AdapterLayer, fits_dtype
 from .method import Method
 from .progress import progress
@@ -137,6 +150,14 @@ class AdaptedModel(nn.Module):
             handler(self, value)
             return
         super().__setattr__(name, value)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.__dict__.get("_warned_plain_save") and called_by_plain_trainer_save(
+            sys._getframe(1)
+        ):
+            self.__dict__["_warned_plain_save"] = True
+            warn_user(PLAIN_TRAINER_SAVE_MESSAGE)
+        return super().state_dict(*args, **kwargs)
 
     # -- pass-through -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
