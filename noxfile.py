@@ -61,6 +61,7 @@ nox.options.sessions = [
     "lint",
     "names",
     "tests",
+    "tests-min",
     "typecheck",
     "interop",
     "clients",
@@ -197,21 +198,41 @@ def names(session: nox.Session) -> None:
 
 
 @nox.session
-@nox.parametrize(
-    ("package", "transformers"),
-    [(p, t) for p in PACKAGES for t in (TRANSFORMERS_MIN, TRANSFORMERS_LATEST)],
-)
-def tests(session: nox.Session, package: str, transformers: str) -> None:
-    """A package's own tests, against the minimum and the latest supported transformers."""
+@nox.parametrize("package", PACKAGES)
+def tests(session: nox.Session, package: str) -> None:
+    """A package's own tests against the latest supported transformers, in a venv that holds
+    only that package, the packages it needs and its declared test dependencies (a test that
+    leans on an undeclared sibling fails here)."""
     setup(session)
     tests_dir = PACKAGES_DIR / package / "tests"
     if not tests_dir.is_dir():
         session.error(f"{package} has no tests/ folder ({tests_dir})")
     constraints = install_torch(session)
-    install(session, constraints, f"transformers=={transformers}")
+    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}")
     extra = _pyproject(package).get("tool", {}).get("adapt", {}).get("test-deps", [])
     install(session, constraints, *editable(test_packages(package)), *TEST_DEPS, *extra)
     session.run("pytest", str(tests_dir), *pytest_args(session), *session.posargs)
+
+
+@nox.session(name="tests-min")
+def tests_min(session: nox.Session) -> None:
+    """Every package's tests against the minimum supported transformers, in one venv (each
+    package's folder in its own pytest run; isolation of dependencies is the `tests` sessions'
+    job, the oldest transformers is this one's)."""
+    setup(session)
+    constraints = install_torch(session)
+    install(session, constraints, f"transformers=={TRANSFORMERS_MIN}")
+    extra = [
+        dep
+        for p in PACKAGES
+        for dep in _pyproject(p).get("tool", {}).get("adapt", {}).get("test-deps", [])
+    ]
+    install(session, constraints, *editable(PACKAGES), *TEST_DEPS, *sorted(set(extra)))
+    for package in PACKAGES:
+        tests_dir = PACKAGES_DIR / package / "tests"
+        if not tests_dir.is_dir():
+            session.error(f"{package} has no tests/ folder ({tests_dir})")
+        session.run("pytest", str(tests_dir), *pytest_args(session, package), *session.posargs)
 
 
 @nox.session
