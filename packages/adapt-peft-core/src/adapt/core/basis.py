@@ -112,6 +112,10 @@ class SharedBasis(nn.Module):
         a = self.A[:r, :in_features]
         if a.dtype != dtype or a.device != x.device:
             a = a.to(device=x.device, dtype=dtype)
+        if torch.compiler.is_compiling():
+            # no cache in a compiled graph (the compiler shares equal products itself), and
+            # none of its checks (tensor versions, weak references) are traceable
+            return F.linear(x.to(dtype), a)
         key = (
             r,
             in_features,
@@ -125,8 +129,7 @@ class SharedBasis(nn.Module):
         if last is not None and last[0] == key and last[1]() is x:
             return last[2]
         h = F.linear(x.to(dtype), a)
-        if not torch.compiler.is_compiling():
-            self._projection.last = (key, weakref.ref(x), h)
+        self._projection.last = (key, weakref.ref(x), h)
         return h
 
     def clear_cache(self) -> None:

@@ -185,9 +185,7 @@ class AdaptedModel(nn.Module):
         if adapter_names is None:
             output = self.model(*args, **kwargs)
         else:
-            self._check_batch_names(adapter_names)
-            with route_batch(list(adapter_names)):
-                output = self.model(*args, **kwargs)
+            output = _mixed_batch_call(self, adapter_names, args, kwargs)
         for name in self._postprocessing:
             if name in self.peft_config:
                 output = self.method_of(name).postprocess_output(self, name, output)
@@ -960,6 +958,19 @@ class AdaptedModel(nn.Module):
         if callable(enable) and not self.__dict__.get("_input_grads_on"):
             enable()
             self.__dict__["_input_grads_on"] = True
+
+
+@torch.compiler.disable
+def _mixed_batch_call(
+    adapted: AdaptedModel, adapter_names: Sequence[str], args: Any, kwargs: Any
+) -> Any:
+    """The wrapped model's forward with per-sample adapters (``adapter_names=``). Under
+    ``torch.compile`` this is the one place an adapted forward breaks the graph: it runs
+    eagerly, because the names travel to the layers in a ContextVar (per thread, per call),
+    which dynamo cannot trace; everything around it stays compiled."""
+    adapted._check_batch_names(adapter_names)
+    with route_batch(list(adapter_names)):
+        return adapted.model(*args, **kwargs)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

@@ -1,8 +1,19 @@
-"""Per-call state the model hands down to its adapter layers (mixed-batch routing)."""
+"""Per-call state the model hands down to its adapter layers (mixed-batch routing).
+
+The per-sample adapter names of a mixed-batch forward live in a ``ContextVar``: each thread
+(and each asyncio task) sees only its own call's names, so two threads running the same model
+with different ``adapter_names`` get their own outputs.
+
+``torch.compile`` cannot trace ``ContextVar.get`` (a graph break in every adapter layer). So
+the layers first read :data:`_routes_in_flight`, a plain module global that dynamo guards on:
+while no mixed-batch forward runs anywhere in the process (the common case, and always in a
+compiled graph, see ``AdaptedModel.forward``) it is 0 and the ContextVar is never touched.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 
@@ -11,17 +22,27 @@ BASE = "__base__"
 _batch_adapter_names: ContextVar[Sequence[str] | None] = ContextVar(
     "adapt_batch_adapter_names", default=None
 )
+#: How many ``route_batch`` blocks are open, in every thread together (see module doc).
+_routes_in_flight = 0
+_lock = threading.Lock()
 
 
 def current_adapter_names() -> Sequence[str] | None:
     """The per-sample adapter names of the forward in progress, or None."""
+    if not _routes_in_flight:
+        return None
     return _batch_adapter_names.get()
 
 
 @contextlib.contextmanager
 def route_batch(adapter_names: Sequence[str] | None) -> Iterator[None]:
+    global _routes_in_flight
     token = _batch_adapter_names.set(adapter_names)
+    with _lock:
+        _routes_in_flight += 1
     try:
         yield
     finally:
+        with _lock:
+            _routes_in_flight -= 1
         _batch_adapter_names.reset(token)
