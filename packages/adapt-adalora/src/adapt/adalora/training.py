@@ -58,7 +58,7 @@ def AdaLoraCallback() -> Any:
             "a Trainer, use adapt.adalora.allocate_on_step(model, optimizer)"
         ) from exc
 
-    class _AdaLoraCallback(TrainerCallback):
+    class _AdaLoraCallback(TrainerCallback):  # type: ignore[misc]
         def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             model = kwargs.get("model")
             if model is None:

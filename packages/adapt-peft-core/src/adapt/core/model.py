@@ -15,7 +15,7 @@ import re
 import sys
 import types
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -960,8 +960,7 @@ class AdaptedModel(nn.Module):
             self.__dict__["_input_grads_on"] = True
 
 
-@torch.compiler.disable
-def _mixed_batch_call(
+def _mixed_batch_call_eager(
     adapted: AdaptedModel, adapter_names: Sequence[str], args: Any, kwargs: Any
 ) -> Any:
     """The wrapped model's forward with per-sample adapters (``adapter_names=``). Under
@@ -971,6 +970,12 @@ def _mixed_batch_call(
     adapted._check_batch_names(adapter_names)
     with route_batch(list(adapter_names)):
         return adapted.model(*args, **kwargs)
+
+
+_disable: Any = torch.compiler.disable  # untyped in torch
+_mixed_batch_call: Callable[[AdaptedModel, Sequence[str], Any, Any], Any] = _disable(
+    _mixed_batch_call_eager
+)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

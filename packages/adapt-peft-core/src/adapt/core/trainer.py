@@ -52,7 +52,7 @@ def AdapterCheckpointCallback() -> Any:
             "AdapterCheckpointCallback is for transformers' Trainer: `pip install transformers`"
         ) from exc
 
-    class _AdapterCheckpointCallback(TrainerCallback):
+    class _AdapterCheckpointCallback(TrainerCallback):  # type: ignore[misc]
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             model = unwrap_adapted(kwargs.get("model"), purpose="AdapterCheckpointCallback")
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
