@@ -4,12 +4,20 @@ base's own, compiled outputs equal eager, and a two-adapter switch recompiles at
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch._dynamo as dynamo
-from bnb_testutils import dense_net, quantised_net, randomise_adapters
+from bnb_testutils import (
+    dense_net,
+    ids,
+    llama_folder,
+    load_llama,
+    quantised_net,
+    randomise_adapters,
+)
 from torch._dynamo.testing import CompileCounter
 
 from adapt.adalora import AdaLoraConfig
@@ -74,3 +82,40 @@ def test_switching_between_two_adapters_recompiles_once(method: str) -> None:
             got = compiled(x)
             assert counter.frame_count - before <= 1
             torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
+LLAMA_METHODS: dict[str, Callable[[], Any]] = {
+    "lora": lambda: LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]),
+    "vera": lambda: VeraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]),
+    "adalora": lambda: AdaLoraConfig(
+        init_r=4, target_r=2, total_step=20, target_modules=["q_proj", "v_proj", "down_proj"]
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "base"),
+    [("lora", "float32"), ("vera", "float32"), ("adalora", "float32"), ("vera", "nf4")],
+)
+def test_llama_no_graph_break_beyond_the_base(method: str, base: str, tmp_path: Path) -> None:
+    """A transformers Llama (q/k/v read one input: VeRA's shared projection is exercised)."""
+    folder = llama_folder(tmp_path / "llama")
+
+    def load() -> torch.nn.Module:
+        if base == "float32":
+            import transformers
+
+            return transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+        return load_llama(folder, base).eval()
+
+    x = ids()
+
+    def count(model: torch.nn.Module, grad: bool) -> int:
+        dynamo.reset()
+        with torch.set_grad_enabled(grad):
+            return int(dynamo.explain(model)(input_ids=x, use_cache=False).graph_break_count)
+
+    for grad in (False, True):
+        base_breaks = count(load(), grad)
+        adapted = count(adapt(load(), LLAMA_METHODS[method]()), grad)
+        assert adapted == base_breaks, f"grad={grad}: {adapted} breaks, base {base_breaks}"
