@@ -56,6 +56,9 @@ ENV = {
     # transformers up front (about 50 s per venv here), while the tests compile only what they
     # import, once.
     "PYTHONPYCACHEPREFIX": str(ROOT / ".nox" / "_pycache"),
+    # ... and an inherited PYTHONDONTWRITEBYTECODE=1 (this machine sets it) would make every
+    # process compile torch again: empty means unset to Python.
+    "PYTHONDONTWRITEBYTECODE": "",
 }
 NO_COMPILE = "--no-compile"
 
