@@ -25,6 +25,8 @@ from adapt.core import adapt
 from adapt.lora import LoraConfig
 from adapt.vera import VeraConfig
 
+pytestmark = pytest.mark.compile
+
 METHODS: dict[str, Callable[[], Any]] = {
     "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]),
     "vera": lambda: VeraConfig(r=16, target_modules=["up", "down"]),
