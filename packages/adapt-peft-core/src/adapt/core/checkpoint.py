@@ -135,6 +135,12 @@ def _current(folder: Path, name: str) -> Path:
     return folder / name
 
 
+def adapter_folder(root: str | os.PathLike[str], adapter_name: str) -> Path:
+    """Where ``save_pretrained(root)`` writes adapter ``adapter_name``: ``root`` itself for
+    ``"default"``, ``root/<name>`` for any other (PEFT's layout)."""
+    return Path(root) if adapter_name == "default" else Path(root) / adapter_name
+
+
 def write_adapter(
     folder: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> Path:

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from .backends import MergeReport, describe
-from .checkpoint import read_config, read_tensors, resolve_adapter_dir, write_adapter
+from .checkpoint import (
+    adapter_folder,
+    read_config,
+    read_tensors,
+    resolve_adapter_dir,
+    write_adapter,
+)
 from .config import AdapterConfig
 from .errors import (
     AdapterStateError,
@@ -786,8 +792,7 @@ class AdaptedModel(nn.Module):
                 config["base_model_name_or_path"] = (
                     getattr(getattr(self.model, "config", None), "name_or_path", None) or None
                 )
-            folder = root if name == "default" else root / name
-            write_adapter(folder, config, tensors)
+            write_adapter(adapter_folder(root, name), config, tensors)
 
     @classmethod
     def from_pretrained(

@@ -17,21 +17,29 @@ if TYPE_CHECKING:
     from .model import AdaptedModel
 
 
-def unwrap_adapted(model: Any, *, purpose: str = "this") -> AdaptedModel:
-    """The :class:`AdaptedModel` inside ``model`` (through DDP / accelerate ``.module``
-    wrappers); a ``TypeError`` that says what was passed otherwise."""
+def find_adapted(model: Any) -> AdaptedModel | None:
+    """The :class:`AdaptedModel` that ``model`` is or wraps (DDP / accelerate ``.module``,
+    ``torch.compile``'s ``._orig_mod``), or None."""
     from .model import AdaptedModel
 
-    seen = 0
-    while not isinstance(model, AdaptedModel) and seen < 4:
-        model = getattr(model, "module", None)
-        seen += 1
-    if not isinstance(model, AdaptedModel):
+    for _ in range(5):
+        if isinstance(model, AdaptedModel):
+            return model
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if model is None:
+            return None
+    return None
+
+
+def unwrap_adapted(model: Any, *, purpose: str = "this") -> AdaptedModel:
+    """:func:`find_adapted`, or a ``TypeError`` that says what was passed."""
+    adapted = find_adapted(model)
+    if adapted is None:
         raise TypeError(
             f"{purpose} needs the AdaptedModel that adapt() returned (or a "
             f"DistributedDataParallel around it), got {type(model).__name__}"
         )
-    return model
+    return adapted
 
 
 def AdapterCheckpointCallback() -> Any:

@@ -9,58 +9,32 @@ three for an :class:`~adapt.core.AdaptedModel` and leaves every other model to t
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import read_tensors
+from ..checkpoint import WEIGHTS_NAME, adapter_folder, read_tensors
 from ..errors import CheckpointError
 from ..model import AdaptedModel
+from ..trainer import find_adapted
 
-#: transformers' names (transformers.utils.TRAINING_ARGS_NAME and the adapter files)
+#: transformers' name for it (transformers.trainer.TRAINING_ARGS_NAME)
 TRAINING_ARGS_NAME = "training_args.bin"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def find_adapted(model: Any) -> AdaptedModel | None:
-    """The AdaptedModel in ``model`` (itself, or inside DDP / accelerate / compile wrappers)."""
-    for _ in range(5):
-        if isinstance(model, AdaptedModel):
-            return model
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if model is None:
-            return None
-    return None
-
-
-def adapter_folder(root: str | os.PathLike[str], name: str) -> Path:
-    """Where ``save_pretrained(root)`` puts adapter ``name``: the root for 'default'."""
-    return Path(root) if name == "default" else Path(root) / name
 
 
 def load_adapters_into(adapted: AdaptedModel, folder: str | os.PathLike[str]) -> None:
     """Copy every adapter's tensors saved under ``folder`` back into ``adapted`` (resume)."""
-    missing = [
-        str(adapter_folder(folder, n) / ADAPTER_FILES[1])
-        for n in adapted.peft_config
-        if not (adapter_folder(folder, n) / ADAPTER_FILES[1]).is_file()
-    ]
+    folders = {n: adapter_folder(folder, n) for n in adapted.peft_config}
+    missing = [str(f / WEIGHTS_NAME) for f in folders.values() if not (f / WEIGHTS_NAME).is_file()]
     if missing:
         raise CheckpointError(
             f"cannot resume from {folder}: it has no adapter weights for this model "
             f"(missing {missing}); it was not written by adapt's Trainer integration, or for "
             f"other adapters than {sorted(adapted.peft_config)}"
         )
-    loaded = {n: read_tensors(adapter_folder(folder, n)) for n in adapted.peft_config}
+    loaded = {n: read_tensors(f) for n, f in folders.items()}  # every file read before any copy
     for name, tensors in loaded.items():
-        adapted.load_adapter_state_dict(_with_prefix(tensors), name)
-
-
-def _with_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        k if k.startswith("base_model.") else f"base_model.model.{k}": v for k, v in tensors.items()
-    }
+        adapted.load_adapter_state_dict(tensors, name)
 
 
 class AdapterTrainerMixin:

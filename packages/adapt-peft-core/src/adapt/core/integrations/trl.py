@@ -37,7 +37,8 @@ from torch import nn
 from ..errors import IntegrationError
 from ..layer import AdapterLayer
 from ..model import AdaptedModel
-from ._saving import AdapterTrainerMixin, find_adapted
+from ..trainer import find_adapted
+from ._saving import AdapterTrainerMixin
 
 # typed as Any: the same check whether or not trl (which has no type information) is installed
 _trl: Any = importlib.import_module("trl")
