@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import IntegrationError
+from ..foreign import is_trl_fused_head
 from ..layer import AdapterLayer
 from ..model import AdaptedModel
 from ..trainer import find_adapted
@@ -126,8 +126,6 @@ class ReferenceModel(nn.Module):
             return getattr(self.__dict__["_policy"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        from ..foreign import is_trl_fused_head
-
         if name == "forward" and is_trl_fused_head(value):
             return  # the policy's wrapped model carries the fused head already
         super().__setattr__(name, value)
@@ -146,9 +144,6 @@ class ReferenceModel(nn.Module):
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         return self.policy.state_dict(*args, **kwargs)
-
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        return iter(())
 
 
 class DPOTrainer(AdapterTrainerMixin, _TRLDPOTrainer):  # type: ignore[misc]
