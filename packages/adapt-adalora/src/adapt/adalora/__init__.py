@@ -9,7 +9,7 @@ from .allocator import RankAllocator, budget_at, schedule
 from .config import AdaLoraConfig
 from .layer import AdaLoraLayer, SVDLinear
 from .method import METHOD, AdaLoraMethod, orthogonal_regulariser
-from .training import AdaLoraCallback, allocate_on_step
+from .training import AdaLoraCallback, allocate_on_step, capture_deepspeed_gradients
 
 __all__ = [
     "METHOD",
@@ -22,6 +22,7 @@ __all__ = [
     "__version__",
     "allocate_on_step",
     "budget_at",
+    "capture_deepspeed_gradients",
     "orthogonal_regulariser",
     "schedule",
 ]

@@ -15,16 +15,26 @@ Sharded training (FSDP2 ``fully_shard``): adapter parameters and gradients are t
 each rank holding a shard. Scores are computed on the full tensors (gathered with
 ``full_tensor()``, a collective: every rank must call ``update_and_allocate`` at every step), so
 every rank keeps the same importance state, finds the same threshold and masks the same ranks.
+DeepSpeed and FSDP1 keep gradients elsewhere: :mod:`adapt.adalora.engines` reads them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from adapt.core import AdapterStateError
+from adapt.core.distributed import clean_key
+
 from .config import AdaLoraConfig
+from .engines import sync_master
 from .layer import AdaLoraLayer, full_tensor
+
+
+def _own_grad(p: torch.Tensor) -> torch.Tensor | None:
+    return p.grad
 
 
 def budget_at(config: AdaLoraConfig, step: int, init_budget: int, target_budget: int) -> int:
@@ -90,20 +100,38 @@ class RankAllocator:
                 out.append((f"{path}.{attr}", getattr(layer, attr)[self.adapter_name]))
         return out
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The adapter's A, B and E parameters, in the same order on every rank."""
+        return [t for _, t in self._tensors()]
+
     @torch.no_grad()
-    def update_importance(self) -> None:
-        """Fold the current gradients into the smoothed sensitivity and uncertainty."""
+    def update_importance(
+        self, read_grad: Callable[[torch.Tensor], torch.Tensor | None] = _own_grad
+    ) -> None:
+        """Fold the current gradients (``read_grad(p)``: ``p.grad`` by default) into the smoothed
+        sensitivity and uncertainty. Refuses when no tensor has a gradient: scoring would see
+        zero importance everywhere and prune every rank."""
         b1, b2 = self.config.beta1, self.config.beta2
+        seen = 0
         for key, p in self._tensors():
-            if p.grad is None:
+            grad = read_grad(p)
+            if grad is None:
                 continue
+            seen += 1
             full = full_tensor(p)
-            ipt = (full * full_tensor(p.grad)).abs()
+            ipt = (full * full_tensor(grad).to(full.dtype)).abs()
             if key not in self.exp_avg_ipt:
                 self.exp_avg_ipt[key] = torch.zeros_like(full)
                 self.exp_avg_unc[key] = torch.zeros_like(full)
             avg = self.exp_avg_ipt[key].mul_(b1).add_(ipt, alpha=1 - b1)
             self.exp_avg_unc[key].mul_(b2).add_((ipt - avg).abs(), alpha=1 - b2)
+        if seen == 0 and self._tensors():
+            raise AdapterStateError(
+                f"AdaLoRA adapter {self.adapter_name!r}: update_and_allocate found no gradient "
+                "on any of its A, B and E tensors, so it cannot score the ranks. Call it after "
+                "optimizer.step() and before optimizer.zero_grad(), at the steps where the "
+                "optimizer steps"
+            )
         self.updates += 1
 
     def _score(self, key: str, like: torch.Tensor) -> torch.Tensor:
@@ -131,6 +159,15 @@ class RankAllocator:
         returns the rank pattern (per ``<path>.lora_E``, one bool per rank: kept)."""
         scores = self.triplet_scores()
         n_drop = self.init_budget - budget
+        if n_drop > 0 and scores and not any(bool((s != 0).any()) for s in scores.values()):
+            # never prune on an importance that is zero everywhere: nothing was learnt about
+            # the ranks (PEFT would drop them all)
+            raise AdapterStateError(
+                f"AdaLoRA adapter {self.adapter_name!r}: every rank's importance is zero at this "
+                "masking step, so there is nothing to choose the kept ranks by; no rank was "
+                "pruned. Importance comes from the gradients: check that update_and_allocate "
+                "runs after every optimizer step, before the gradients are zeroed"
+            )
         if n_drop > 0 and scores:
             threshold = torch.kthvalue(torch.cat(list(scores.values())), k=n_drop)[0].item()
         else:
@@ -142,14 +179,18 @@ class RankAllocator:
                 torch.ones_like(score, dtype=torch.bool) if threshold is None else score > threshold
             )
             mask = keep.tolist()
-            layer.apply_mask(self.adapter_name, mask)
-            pattern[f"{path}.lora_E"] = mask
+            self._mask(layer, mask)
+            pattern[f"{clean_key(path)}.lora_E"] = mask
         self.maskings += 1
         return pattern
 
     @torch.no_grad()
     def mask_with_pattern(self, pattern: dict[str, list[bool]]) -> None:
         for path, layer in self.layers.items():
-            mask = pattern.get(f"{path}.lora_E")
+            mask = pattern.get(f"{clean_key(path)}.lora_E")
             if mask is not None:
-                layer.apply_mask(self.adapter_name, mask)
+                self._mask(layer, mask)
+
+    def _mask(self, layer: AdaLoraLayer, mask: list[bool]) -> None:
+        layer.apply_mask(self.adapter_name, mask)
+        sync_master(layer.lora_E[self.adapter_name])  # DeepSpeed's fp32 copy masked too

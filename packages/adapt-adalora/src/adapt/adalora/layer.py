@@ -33,6 +33,23 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return full
 
 
+def kept_ranks(tensors: dict[str, torch.Tensor], mask: list[bool]) -> dict[str, torch.Tensor]:
+    """A layer's ``lora_A``, ``lora_E``, ``lora_B`` (whole tensors, by those names) restricted to
+    the ranks ``mask`` keeps, as saved on disk. ``mask`` has one entry per initial rank; tensors
+    that already hold only the kept ranks (loaded from a budgeted checkpoint) are returned as is.
+    """
+    r, kept = int(tensors["lora_E"].shape[0]), sum(mask)
+    if r == kept or len(mask) != r:
+        return tensors
+    index = torch.tensor([i for i, keep in enumerate(mask) if keep], dtype=torch.long)
+    index = index.to(tensors["lora_A"].device)
+    return {
+        "lora_A": tensors["lora_A"].index_select(0, index),
+        "lora_E": tensors["lora_E"].index_select(0, index),
+        "lora_B": tensors["lora_B"].index_select(1, index),
+    }
+
+
 class AdaLoraLayer(AdapterLayer):
     """Base of AdaLoRA layers; third-party layers subclass it and set ``base_types``."""
 
@@ -129,26 +146,6 @@ class AdaLoraLayer(AdapterLayer):
             table.pop(adapter_name, None)
 
     # -- budgeting ------------------------------------------------------------------------------
-    def kept_tensors(self, adapter_name: str, mask: list[bool]) -> dict[str, torch.Tensor]:
-        """The adapter's tensors restricted to the ranks ``mask`` keeps (as saved on disk).
-
-        ``mask`` has one entry per initial rank; a layer that already holds only the kept
-        ranks (loaded from a budgeted checkpoint) is returned as is.
-        """
-        # FSDP2: sharded (DTensor) tensors are gathered whole first, on every rank
-        tensors = {k: full_tensor(v) for k, v in self.adapter_tensors(adapter_name).items()}
-        r = self.r[adapter_name]
-        kept = sum(mask)
-        if r == kept or len(mask) != r:
-            return tensors
-        index = torch.tensor([i for i, keep in enumerate(mask) if keep], dtype=torch.long)
-        index = index.to(tensors["lora_A"].device)
-        return {
-            "lora_A": tensors["lora_A"].index_select(0, index),
-            "lora_E": tensors["lora_E"].index_select(0, index),
-            "lora_B": tensors["lora_B"].index_select(1, index),
-        }
-
     def apply_mask(self, adapter_name: str, mask: list[bool]) -> None:
         """Zero the singular values of the ranks ``mask`` drops (kept ranks untouched)."""
         e = self.lora_E[adapter_name]

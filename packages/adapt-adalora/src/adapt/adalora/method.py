@@ -9,14 +9,17 @@ import torch
 from torch import nn
 
 from adapt.core import AdaptedModel, AdapterConfig, AdapterStateError, ConfigError, Method
+from adapt.core.distributed import clean_key
 from adapt.core.errors import warn_user
 from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .allocator import RankAllocator
 from .config import AdaLoraConfig
-from .layer import AdaLoraLayer, full_tensor
+from .engines import gradient_reader, refuse_partitioned_regulariser, whole
+from .layer import AdaLoraLayer, full_tensor, kept_ranks
 
 _STATE_ATTR = "_adalora_allocators"
+LAYER_TENSORS = ("lora_A", "lora_E", "lora_B")
 
 NEVER_RAN = (
     "AdaLoRA adapter {name!r}: {what}, but rank allocation has never run, so it trained as "
@@ -47,7 +50,11 @@ def orthogonal_regulariser(model: AdaptedModel, adapter_name: str) -> torch.Tens
     """Mean over the adapter's A and B matrices of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F."""
     total: torch.Tensor | None = None
     count = 0
-    for layer in adalora_layers(model, adapter_name).values():
+    layers = adalora_layers(model, adapter_name).values()
+    refuse_partitioned_regulariser(
+        t for layer in layers for t in (layer.lora_A[adapter_name], layer.lora_B[adapter_name])
+    )
+    for layer in layers:
         for attr in ("lora_A", "lora_B"):
             p = getattr(layer, attr)[adapter_name]
             count += 1  # a matrix pruned to rank 0 counts, with a zero term (as in PEFT)
@@ -162,9 +169,25 @@ class AdaLoraMethod(Method):
                 "total_step to the number of optimizer steps you train for"
             )
         alloc.steps_seen += 1
+        tensors = alloc.tensors()
+        scoring = global_step < config.total_step - config.tfinal
+        # refuses when the gradients are where it cannot see them (DeepSpeed without capture)
+        read_grad = gradient_reader(model, tensors) if scoring else None
+        with whole(model, tensors):  # DeepSpeed ZeRO-3, FSDP1: gathered, written back
+            self._allocate(model, config, alloc, global_step, read_grad)
+
+    @staticmethod
+    def _allocate(
+        model: AdaptedModel,
+        config: AdaLoraConfig,
+        alloc: RankAllocator,
+        global_step: int,
+        read_grad: Any,
+    ) -> None:
+        assert config.total_step is not None
         final = config.total_step - config.tfinal
         if global_step < final:
-            alloc.update_importance()
+            alloc.update_importance(read_grad)
             budget, mask_now = alloc.schedule(global_step)
             if mask_now:
                 config.rank_pattern = alloc.mask_to_budget(budget)
@@ -236,12 +259,14 @@ class AdaLoraMethod(Method):
         if not config.rank_pattern:
             return tensors
         out = dict(tensors)
-        for path, layer in adalora_layers(model, adapter_name).items():
-            mask = config.kept_ranks(path)
+        for path in adalora_layers(model, adapter_name):
+            mask = config.kept_ranks(clean_key(path))
             if mask is None:
                 continue
-            for attr, tensor in layer.kept_tensors(adapter_name, mask).items():
-                out[f"base_model.model.{path}.{attr}"] = tensor
+            # from the tensors given (gathered whole by save_pretrained), not the live layer
+            keys = {attr: clean_key(f"base_model.model.{path}.{attr}") for attr in LAYER_TENSORS}
+            kept = kept_ranks({attr: tensors[key] for attr, key in keys.items()}, mask)
+            out.update({keys[attr]: tensor for attr, tensor in kept.items()})
         return out
 
     def on_delete(self, model: AdaptedModel, adapter_name: str) -> None:

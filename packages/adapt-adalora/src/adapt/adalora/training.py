@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from adapt.core.distributed import is_deepspeed
 from adapt.core.trainer import unwrap_adapted
+
+from .engines import DeepSpeedCapture, capture, install_capture
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -41,6 +44,29 @@ def allocate_on_step(
     return optimizer.register_step_post_hook(hook)
 
 
+def capture_deepspeed_gradients(model: Any, engine: Any) -> DeepSpeedCapture:
+    """Let ``update_and_allocate`` see the gradients under DeepSpeed (ZeRO stage 1, 2 or 3).
+
+    DeepSpeed keeps gradients in its own buffers and clears them inside ``engine.step()``; this
+    reads the adapter's gradients whole just before each optimizer step (a collective: call it
+    on every rank, once, after ``deepspeed.initialize``)::
+
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+        capture_deepspeed_gradients(model, engine)
+        for step in range(total_step):
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+            model.update_and_allocate(step)
+
+    ``AdaLoraCallback`` does this for the Trainer. ``handle.remove()`` stops it.
+    """
+    from .method import METHOD
+
+    adapted = _adapted(model)
+    allocator = METHOD.allocator(adapted, METHOD._trainable(adapted))
+    return install_capture(adapted, engine, allocator.tensors)
+
+
 def AdaLoraCallback() -> Any:
     """A transformers ``TrainerCallback`` that runs AdaLoRA's rank allocation on every optimizer
     step of a ``Trainer`` (after ``optimizer.step()``, before the gradients are zeroed)::
@@ -59,6 +85,16 @@ def AdaLoraCallback() -> Any:
         ) from exc
 
     class _AdaLoraCallback(TrainerCallback):  # type: ignore[misc]
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # DeepSpeed clears the gradients inside its engine step, before on_optimizer_step:
+            # capture them there (once; the engine exists only once training started)
+            model = kwargs.get("model")
+            if model is None or capture(_adapted(model)) is not None:
+                return
+            adapted = _adapted(model)
+            if any(is_deepspeed(p) for p in adapted.parameters() if p.requires_grad):
+                capture_deepspeed_gradients(adapted, kwargs.get("optimizer"))
+
         def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             model = kwargs.get("model")
             if model is None:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 import torch
 from torch import nn
 
+from .distributed import is_partitioned, logical_shape
 from .errors import TargetError
 
 CONV1D_TRANSFORMERS = "transformers.pytorch_utils.Conv1D"
@@ -146,15 +147,24 @@ class DenseBackend:
             return base.num_embeddings, base.embedding_dim
         if isinstance(base, nn.modules.conv._ConvNd):
             return base.in_channels, base.out_channels
-        weight = cast(torch.Tensor, base.weight)
+        # logical_shape: under DeepSpeed ZeRO-3 the weight may already be partitioned to (0,)
+        shape = logical_shape(cast(torch.Tensor, base.weight))
         if self._is_transposed(base):
-            return int(weight.shape[0]), int(weight.shape[1])
+            return shape[0], shape[1]
         if isinstance(base, nn.Linear):
             return base.in_features, base.out_features
-        return int(weight.shape[1]), int(weight.shape[0])
+        return shape[1], shape[0]
 
     def get_weight(self, base: nn.Module) -> torch.Tensor:
         weight = cast(torch.Tensor, base.weight)
+        if is_partitioned(weight):
+            raise TargetError(
+                f"the weight of this {type(base).__name__} is partitioned by DeepSpeed ZeRO-3 "
+                f"(shape {tuple(weight.shape)} on this rank, {logical_shape(weight)} in all); "
+                "merging needs it whole: merge inside deepspeed.zero.GatheredParameters("
+                "model.parameters(), modifier_rank=0), or load the saved adapter into a model "
+                "outside DeepSpeed and merge there"
+            )
         return weight.T if self._is_transposed(base) else weight
 
     def set_weight(self, base: nn.Module, weight: torch.Tensor) -> MergeReport:

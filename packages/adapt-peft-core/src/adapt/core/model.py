@@ -31,6 +31,7 @@ from .checkpoint import (
     write_adapter,
 )
 from .config import AdapterConfig
+from .distributed import clean_key
 from .errors import (
     AdapterStateError,
     CheckpointError,
@@ -50,6 +51,7 @@ from .method import Method
 from .progress import progress
 from .registry import get_registry
 from .routing import BASE, current_adapter_names, route_batch
+from .saving import collect_states, forget_shapes, record_shapes
 from .targeting import ALL_LINEAR, find_targets, matches_name, model_type_of, module_summary
 from .wrapped import guard_direct_save, remove_guard
 
@@ -371,6 +373,7 @@ class AdaptedModel(nn.Module):
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
         self._apply_active()
+        record_shapes(self, adapter_name)
 
     def _with_default_targets(self, config: AdapterConfig, method: Method) -> AdapterConfig:
         """A copy of ``config`` targeting the method's default modules for this model type; the
@@ -520,6 +523,7 @@ class AdaptedModel(nn.Module):
             if not len(wrapper.modules_to_save):
                 self._replace(path, wrapper.original_module)
         method.on_delete(self, adapter_name)
+        forget_shapes(self, adapter_name)
         del self.peft_config[adapter_name]
         self.__dict__.get("_method_cache", {}).pop(adapter_name, None)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
@@ -710,16 +714,16 @@ class AdaptedModel(nn.Module):
         prefix = "base_model.model."
         for path, layer in self.adapter_layers():
             for suffix, tensor in layer.adapter_tensors(adapter_name).items():
-                out[f"{prefix}{path}.{suffix}"] = tensor
+                out[clean_key(f"{prefix}{path}.{suffix}")] = tensor
         for path, wrapper in self._modules_to_save():
             if adapter_name in wrapper.modules_to_save:
                 module = wrapper.modules_to_save[adapter_name]
                 for pname, tensor in module.state_dict(keep_vars=True).items():
-                    out[f"{prefix}{path}.{pname}"] = tensor
+                    out[clean_key(f"{prefix}{path}.{pname}")] = tensor
         bias = getattr(self.peft_config[adapter_name], "bias", "none")
         if bias != "none":
             for pname, param in self._bias_parameters(all_biases=bias == "all").items():
-                out.setdefault(f"{prefix}{pname}", param)
+                out.setdefault(clean_key(f"{prefix}{pname}"), param)
         if include_shared:
             for key, tensor in self.method_of(adapter_name).extra_state(self, adapter_name).items():
                 out[f"base_model.{key}"] = tensor
@@ -759,32 +763,24 @@ class AdaptedModel(nn.Module):
         ``save_directory/<name>/``. Files are replaced atomically.
 
         In distributed training call it on every rank with ``is_main_process=(rank == 0)``:
-        only the main process writes; with FSDP2 every rank first takes part in gathering the
-        sharded adapter tensors."""
-        unknown = sorted(set(kwargs) - {"safe_serialization", "is_main_process"})
+        only the main process writes; when an engine shards the adapter tensors (FSDP2, FSDP1
+        units inside the model, DeepSpeed ZeRO-3 partitions) every rank first takes part in
+        gathering them. ``state_dict=`` (as in PEFT) takes an already gathered state dict of
+        the whole model, or of the adapter under PEFT's keys, and writes the adapter from it."""
+        unknown = sorted(set(kwargs) - {"safe_serialization", "is_main_process", "state_dict"})
         if unknown:
             raise TypeError(f"save_pretrained got unexpected arguments {unknown}")
         if kwargs.get("safe_serialization") is False:
             raise ConfigError("adapt writes safetensors only; drop safe_serialization=False")
         main = kwargs.get("is_main_process", True) is not False
-        sharded = any(_is_dtensor(p) for p in self.parameters())
-        if not main and not sharded:
-            return
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
-        # FSDP2 (fully_shard) holds parameters as DTensor shards: every rank takes part in
-        # gathering them whole (a collective), then only the main process writes
-        states: dict[str, dict[str, torch.Tensor]] = {}
-        for name in names:
-            state = self.adapter_state_dict(name)  # refuses unknown names
-            tensors = self.method_of(name).checkpoint_state(self, name, state)
-            states[name] = {k: _full_tensor(v) for k, v in tensors.items()}
-        if not main:
+        states = collect_states(self, names, main=main, state_dict=kwargs.get("state_dict"))
+        if states is None:
             return
         root = Path(save_directory)
         if root.exists() and not root.is_dir():
             raise CheckpointError(f"cannot save into {str(root)!r}: it is a file, not a folder")
         for name in names:
-            tensors = states[name]
             config = self.peft_config[name].to_dict()
             config["inference_mode"] = True
             config.setdefault("base_model_name_or_path", None)
@@ -792,7 +788,7 @@ class AdaptedModel(nn.Module):
                 config["base_model_name_or_path"] = (
                     getattr(getattr(self.model, "config", None), "name_or_path", None) or None
                 )
-            write_adapter(adapter_folder(root, name), config, tensors)
+            write_adapter(adapter_folder(root, name), config, states[name])
 
     @classmethod
     def from_pretrained(
@@ -866,6 +862,7 @@ class AdaptedModel(nn.Module):
     def _before_load(self, adapter_name: str) -> None:
         method = self.method_of(adapter_name)
         method.before_load(self, self.peft_config[adapter_name], adapter_name)
+        record_shapes(self, adapter_name)  # the shapes the checkpoint was saved with
 
     def _load_tensors(
         self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str
@@ -981,19 +978,6 @@ _disable: Any = torch.compiler.disable  # untyped in torch
 _mixed_batch_call: Callable[[AdaptedModel, Sequence[str], Any, Any], Any] = _disable(
     _mixed_batch_call_eager
 )
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (e.g. an FSDP2 shard)."""
-    return callable(getattr(tensor, "full_tensor", None))
-
-
-def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` whole: a DTensor is gathered from its shards (a collective), others as is."""
-    if _is_dtensor(tensor):
-        full: torch.Tensor = cast(Any, tensor).full_tensor()
-        return full
-    return tensor
 
 
 _MTS_KEY = re.compile(r"^(?P<head>.*)\.modules_to_save\.[^.]+\.(?P<tail>.*)$")
