@@ -54,17 +54,17 @@ def _from_state_dict(
     state dict of the whole model (its own keys, possibly with ``module.`` or FSDP segments) or
     one under PEFT's keys, as PEFT's ``save_pretrained(state_dict=...)`` takes."""
     by_clean: dict[str, torch.Tensor] = {}
-    for key, value in given.items():
-        key = clean_key(key)
-        by_clean[key] = value
+    for raw_key, given_value in given.items():
+        key = clean_key(raw_key)
+        by_clean[key] = given_value
         if key.startswith("module."):
-            by_clean.setdefault(key[len("module.") :], value)
+            by_clean.setdefault(key[len("module.") :], given_value)
     own = _own_names(model)
     out: dict[str, torch.Tensor] = {}
-    missing = []
+    missing: list[str] = []
     for key, tensor in tensors.items():
         name = own.get(id(tensor))
-        value = by_clean.get(name) if name is not None else None
+        value: torch.Tensor | None = by_clean.get(name) if name is not None else None
         if value is None:
             value = by_clean.get(key)
         if value is None and not key.startswith("base_model.model."):

@@ -57,6 +57,18 @@ class AdapterTrainerMixin:
     def _adapted(self) -> AdaptedModel | None:
         return find_adapted(self.model)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """For an AdaptedModel: every rank saves through ``save_pretrained`` (which gathers
+        what DeepSpeed ZeRO-3 or FSDP shard, the adapter only, and writes from the main
+        process), whatever engine trains it; transformers' own path would gather the whole
+        model under ZeRO-3, or write an empty file when it cannot."""
+        if self._adapted() is None:
+            super().save_model(output_dir, _internal_call)  # type: ignore[misc,unused-ignore]
+            return
+        self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)  # type: ignore[attr-defined]
+
     def _save(
         self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None
     ) -> None:
@@ -65,7 +77,11 @@ class AdapterTrainerMixin:
             super()._save(output_dir, state_dict)  # type: ignore[misc,unused-ignore]
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        adapted.save_pretrained(output_dir, is_main_process=bool(self.args.should_save))
+        adapted.save_pretrained(
+            output_dir,
+            is_main_process=bool(self.args.should_save),
+            state_dict=state_dict or None,  # a gathered one, if the caller has it
+        )
         if not self.args.should_save:
             return
         tokenizer = self.processing_class
