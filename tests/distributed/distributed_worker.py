@@ -6,8 +6,9 @@ Launched by ``tests/distributed/test_distributed.py`` through torchrun::
         --master_addr 127.0.0.1 --master_port PORT \\
         tests/distributed/distributed_worker.py --strategy ddp --out DIR
 
-Every rank trains LoRA, VeRA and AdaLoRA in turn on a tiny Llama under DDP or FSDP2
-(``fully_shard``) with the gloo backend on the CPU. The global batch of a step is the same for
+Every rank trains LoRA, VeRA and AdaLoRA in turn on a tiny Llama under DDP, FSDP2
+(``fully_shard``) or FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``) with the
+gloo backend on the CPU (``STRATEGY_METHODS`` says which cases each runs). The global batch of a step is the same for
 every run; rank ``r`` trains on the ``r``-th chunk of it. After training each rank writes
 ``DIR/<strategy>-<method>/rank<r>.pt`` (the full adapter tensors, the VeRA basis, the AdaLoRA
 rank pattern, the losses), and rank 0 alone saves the adapter with
@@ -23,6 +24,8 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
+import contextlib
+import json
 import time
 import traceback
 from collections.abc import Callable
@@ -40,7 +43,15 @@ from adapt.lora import LoraConfig
 from adapt.vera import VeraConfig
 
 METHODS = ("lora", "vera", "adalora")
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "fsdp1")
+#: what each launch trains: under FSDP1 AdaLoRA runs without its orthogonal regulariser
+#: ("adalora-noreg"; FSDP1 reshards A and B after each unit's forward, where the regulariser
+#: reads them: refused, see refusals()); under FSDP2 also LoRA on a 4-bit (nf4) base
+STRATEGY_METHODS = {
+    "ddp": METHODS,
+    "fsdp": (*METHODS, "lora-nf4"),
+    "fsdp1": ("lora", "vera", "adalora-noreg"),
+}
 WORLD_SIZE = 2
 GLOBAL_BATCH = 4  # sequences per step, split evenly over the ranks
 SEQ_LEN = 16
@@ -67,11 +78,11 @@ def tiny_llama() -> nn.Module:
 
 
 def make_config(method: str) -> AdapterConfig:
-    if method == "lora":
+    if method in ("lora", "lora-nf4"):
         return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
     if method == "vera":
         return VeraConfig(r=16, target_modules=TARGETS)
-    if method == "adalora":
+    if method in ("adalora", "adalora-noreg"):
         # 2 warm-up steps, budget decreasing over steps 3..7, final pattern fixed at step 8, then
         # 2 steps under the fixed mask (update_and_allocate(step) for step = 0 .. STEPS - 1)
         return AdaLoraConfig(
@@ -83,13 +94,41 @@ def make_config(method: str) -> AdapterConfig:
             total_step=STEPS,
             lora_alpha=12,
             target_modules=TARGETS,
+            orth_reg_weight=0.0 if method == "adalora-noreg" else 0.5,
         )
     raise ValueError(f"unknown method {method!r}")
 
 
+def nf4_llama() -> nn.Module:
+    """tiny_llama() quantised to 4-bit nf4 by transformers (its own folder per process), with
+    float32 quantised storage, the setting FSDP needs to shard 4-bit weights."""
+    import tempfile
+
+    import transformers
+
+    folder = Path(tempfile.mkdtemp(prefix="nf4-llama-"))
+    from safetensors.torch import save_file
+
+    # written by hand: under torch.distributed transformers' save_pretrained writes on rank 0
+    # only, and every rank needs its own copy here
+    base = tiny_llama()
+    base.config.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    qconfig = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=torch.float32,
+    )
+    return transformers.LlamaForCausalLM.from_pretrained(
+        folder, quantization_config=qconfig, device_map="cpu", dtype=torch.float32
+    )
+
+
 def build(method: str) -> AdaptedModel:
     """The same base weights and the same adapter initialisation in every process."""
-    base = tiny_llama()
+    base = nf4_llama() if method.endswith("nf4") else tiny_llama()
     torch.manual_seed(1)
     return adapt(base, make_config(method))
 
@@ -120,7 +159,7 @@ def train(
         loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
-        if method == "adalora":
+        if method.startswith("adalora"):
             # after optimizer.step(), before zero_grad(), on every rank at every step
             model.update_and_allocate(step)
         opt.zero_grad(set_to_none=True)
@@ -137,7 +176,7 @@ def snapshot(model: AdaptedModel, method: str) -> dict[str, Any]:
     if method == "vera":
         basis = model.base_model.vera_basis
         out["basis"] = {"A": basis.A.detach().clone(), "B": basis.B.detach().clone()}
-    if method == "adalora":
+    if method.startswith("adalora"):
         pattern = model.peft_config["default"].rank_pattern
         out["rank_pattern"] = dict(pattern) if pattern is not None else None
     return out
@@ -182,12 +221,19 @@ def run_distributed(strategy: str, method: str, out: Path) -> dict[str, Any]:
             fully_shard(layer)
         fully_shard(model)
         forward = model
+    elif strategy == "fsdp1":
+        forward = fsdp1(model)
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
 
     losses = train(model, forward, method, lambda step: local_batch(step, rank, world_size))
 
-    result = snapshot(model, method)
+    with contextlib.ExitStack() as stack:
+        if strategy == "fsdp1":  # the test's own view of the adapter: every unit whole
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            stack.enter_context(FullyShardedDataParallel.summon_full_params(forward))
+        result = snapshot(model, method)
     result["losses"] = losses
     # which adapter parameters are sharded (DTensor placements), as strings
     result["placements"] = {
@@ -201,18 +247,59 @@ def run_distributed(strategy: str, method: str, out: Path) -> dict[str, Any]:
     return result
 
 
+def fsdp1(model: nn.Module, *, per_layer: bool = True) -> nn.Module:
+    """FSDP1 as usually set up for adapters: one unit per decoder layer (and the root around
+    the AdaptedModel), ``use_orig_params=True`` (frozen and trainable parameters share units)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    policy = ModuleWrapPolicy({type(model.model.model.layers[0])}) if per_layer else None
+    return FullyShardedDataParallel(
+        model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu")
+    )
+
+
+def refusals(strategy: str, out: Path) -> dict[str, str]:
+    """Messages of what cannot be right (each run on every rank)."""
+    found: dict[str, str] = {}
+    if strategy != "fsdp1":
+        return found
+    rank = dist.get_rank()
+    ids = local_batch(0, rank, dist.get_world_size())
+
+    model = build("adalora")  # the regulariser reads A and B after FSDP1 resharded them
+    forward = fsdp1(model)
+    try:
+        forward(input_ids=ids, labels=ids)
+        found["adalora_regulariser_fsdp1"] = "NOT REFUSED"
+    except Exception as exc:
+        found["adalora_regulariser_fsdp1"] = f"{type(exc).__name__}: {exc}"
+
+    model = build("lora")  # one FSDP1 unit around the AdaptedModel: adapt cannot gather it
+    forward = fsdp1(model, per_layer=False)
+    forward(input_ids=ids, labels=ids).loss.backward()
+    try:
+        model.save_pretrained(out / "root-only", is_main_process=(rank == 0))
+        found["save_root_only_fsdp1"] = "NOT REFUSED" if rank == 0 else "not the main process"
+    except Exception as exc:
+        found["save_root_only_fsdp1"] = f"{type(exc).__name__}: {exc}"
+    dist.barrier()
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategy", choices=STRATEGIES, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=None)
     args = parser.parse_args()
+    methods = args.methods.split(",") if args.methods else STRATEGY_METHODS[args.strategy]
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     try:
-        for method in args.methods.split(","):
+        for method in methods:
             case = args.out / f"{args.strategy}-{method}"
             case.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
@@ -223,6 +310,8 @@ def main() -> None:
                 raise
             result["seconds"] = time.perf_counter() - start
             torch.save(result, case / f"rank{rank}.pt")
+        found = refusals(args.strategy, args.out)
+        (args.out / f"refusals-rank{rank}.json").write_text(json.dumps(found))
         dist.barrier()
     finally:
         dist.destroy_process_group()

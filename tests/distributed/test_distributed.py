@@ -1,7 +1,9 @@
 """Adapted models train under torch.distributed on the CPU (gloo, 2 ranks on localhost).
 
-For LoRA, VeRA and AdaLoRA under DDP and under FSDP2 (``fully_shard`` per decoder layer plus
-the root), ``distributed_worker.py`` is launched with torchrun; each rank trains a tiny Llama
+For LoRA, VeRA and AdaLoRA under DDP, FSDP2 (``fully_shard`` per decoder layer plus the root;
+also LoRA on a 4-bit nf4 base) and FSDP1 (``FullyShardedDataParallel`` per decoder layer,
+``use_orig_params=True``; AdaLoRA without its regulariser, which FSDP1 cannot serve and which
+is refused), ``distributed_worker.py`` is launched with torchrun; each rank trains a tiny Llama
 on its half of every global batch. Checked against a single-process run on the whole global
 batch (mean loss, so it matches DDP's and FSDP's gradient average):
 
@@ -13,7 +15,8 @@ batch (mean loss, so it matches DDP's and FSDP's gradient average):
 * AdaLoRA: the final ``rank_pattern`` is the same on both ranks and in the single process;
 * VeRA: the frozen shared basis is untouched and the same everywhere.
 
-One torchrun launch per strategy runs the three methods in turn (two launches in all).
+One torchrun launch per strategy runs its cases in turn (three launches in all). DeepSpeed
+through the Trainer: test_deepspeed.py.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from adapt.core import AdaptedModel  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
-CASES = [(s, m) for s in worker.STRATEGIES for m in worker.METHODS]
+CASES = [(s, m) for s in worker.STRATEGIES for m in worker.STRATEGY_METHODS[s]]
 IDS = [f"{s}-{m}" for s, m in CASES]
 #: distributed vs single process: the same arithmetic up to float32 rounding of the gradient
 #: average. Losses and outputs agree to ~1e-6 (ATOL).
@@ -52,8 +55,10 @@ ATOL = 1e-5
 #: magnitude, so an element whose gradient nearly cancels (|g| ~ rounding) gets a rounding-sized
 #: difference amplified to a visible fraction of the step size lr. Measured on one process,
 #: full batch vs the same batch in two halves: up to 8e-5 for LoRA (lr 1e-2, 10 steps) —
-#: the same whether or not the adapter sum is fused. 2 % of one step bounds it.
-PARAM_ATOL = 2e-2 * worker.LR
+#: the same whether or not the adapter sum is fused; DDP and FSDP2 1.3e-4, FSDP1 2.1e-4 (its
+#: reduce-scatter divides before and after summing). 5 % of one step bounds it; the logits of
+#: the saved adapters agree to ~3e-5.
+PARAM_ATOL = 5e-2 * worker.LR
 LAUNCH_TIMEOUT = 150  # seconds, per torchrun launch (about 15 s each on 2 cores)
 
 
@@ -168,13 +173,13 @@ def test_ranks_hold_identical_adapters(
     for key in r0["tensors"]:
         assert torch.equal(r0["tensors"][key], r1["tensors"][key]), key
     if strategy == "fsdp":
-        # the adapters really were sharded: FSDP2 holds them as DTensor shards
+        # the adapters really were sharded: FSDP2 holds them as DTensor shards (4-bit base too)
         assert r0["placements"], "no DTensor parameters: fully_shard did not shard the adapters"
         assert all("Shard" in p for p in r0["placements"].values()), r0["placements"]
     if method == "vera":
         for name in ("A", "B"):
             assert torch.equal(r0["basis"][name], r1["basis"][name])
-    if method == "adalora":
+    if method.startswith("adalora"):
         assert r0["rank_pattern"] is not None
         assert r0["rank_pattern"] == r1["rank_pattern"]
 
@@ -207,10 +212,10 @@ def test_matches_single_process(
         # the frozen basis is untouched (broadcast buffers did not change it) and the same
         for name in ("A", "B"):
             assert torch.equal(r0["basis"][name], ref["basis"][name])
-    if method == "adalora":
+    if method.startswith("adalora"):
         pattern = r0["rank_pattern"]
         assert pattern == ref["rank_pattern"]
-        config = worker.make_config("adalora")
+        config = worker.make_config(method)
         assert sum(sum(mask) for mask in pattern.values()) == config.target_r * len(pattern)
         assert len({sum(mask) for mask in pattern.values()}) > 1  # not a uniform cut
 
@@ -237,7 +242,11 @@ def test_rank0_checkpoint_matches_single_process(
         "adapter_model.safetensors",
     ]
     got_config = json.loads((saved / "adapter_config.json").read_text())
-    assert got_config == json.loads((want / "adapter_config.json").read_text())
+    want_config = json.loads((want / "adapter_config.json").read_text())
+    if method.endswith("nf4"):  # each process quantised its own copy of the base, elsewhere
+        got_config.pop("base_model_name_or_path")
+        want_config.pop("base_model_name_or_path")
+    assert got_config == want_config
     got = safetensors_torch.load_file(str(saved / "adapter_model.safetensors"))
     ref_tensors = safetensors_torch.load_file(str(want / "adapter_model.safetensors"))
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref_tensors.items()}
@@ -252,6 +261,21 @@ def test_rank0_checkpoint_matches_single_process(
     )
     assert diff <= PARAM_ATOL
     assert logit_diff <= 10 * ATOL
-    if method == "adalora":
+    if method.startswith("adalora"):
         # saved pruned to the kept ranks, with the pattern in the config
         assert got_config["rank_pattern"] == ref["rank_pattern"]
+
+
+def test_fsdp1_refusals(launches: Callable[[str], Launch]) -> None:
+    """What FSDP1 cannot give right is refused, with a message that says what to change."""
+    run = launches("fsdp1")
+    file = run.out / "refusals-rank0.json"
+    assert file.is_file(), run.output[-6000:]
+    found = json.loads(file.read_text())
+    for name, message in found.items():
+        print(f"\n[{name}] {message}")
+    regulariser = found["adalora_regulariser_fsdp1"]
+    assert regulariser.startswith("AdapterStateError") and "orth_reg_weight=0" in regulariser
+    save = found["save_root_only_fsdp1"]
+    assert save.startswith("CheckpointError") and "summon_full_params" in save
+    assert not (run.out / "root-only").exists()  # nothing written

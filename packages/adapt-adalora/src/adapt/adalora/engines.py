@@ -183,14 +183,23 @@ def sync_master(p: torch.Tensor) -> None:
     safe_set_full_fp32_param(p, p.detach().float())
 
 
-def refuse_partitioned_regulariser(tensors: Iterable[torch.Tensor]) -> None:
-    """The orthogonal regulariser reads A and B after the forward; partitioned ZeRO-3
-    parameters are empty there."""
-    if any(is_zero3(t) and is_partitioned(t) for t in tensors):
-        raise AdapterStateError(
-            "AdaLoRA's orthogonal regulariser reads every A and B matrix after the forward, "
-            "and DeepSpeed ZeRO-3 has partitioned them (empty on this rank). Keep the adapter "
-            "parameters whole: set stage3_param_persistence_threshold in the DeepSpeed config "
-            "above the largest adapter tensor's size (its default, 1e5, usually is), or set "
-            "orth_reg_weight=0"
-        )
+def refuse_unreadable_regulariser(tensors: Iterable[torch.Tensor]) -> None:
+    """The orthogonal regulariser reads every A and B after the forward: refuse where an
+    engine has taken them apart there (a ZeRO-3 partition, an FSDP1 flat shard)."""
+    for t in tensors:
+        if is_zero3(t) and is_partitioned(t):
+            raise AdapterStateError(
+                "AdaLoRA's orthogonal regulariser reads every A and B matrix after the forward, "
+                "and DeepSpeed ZeRO-3 has partitioned them (empty on this rank). Keep the "
+                "adapter parameters whole: set stage3_param_persistence_threshold in the "
+                "DeepSpeed config above the largest adapter tensor's size, or set "
+                "orth_reg_weight=0"
+            )
+        if t.dim() != 2 and not hasattr(t, "placements"):
+            raise AdapterStateError(
+                "AdaLoRA's orthogonal regulariser reads every A and B matrix after the forward, "
+                f"and an engine holds them as flat shards there (a {tuple(t.shape)} tensor where "
+                "a matrix belongs): FSDP1 (FullyShardedDataParallel) reshards each unit after "
+                "its forward. Use FSDP2 (torch.distributed.fsdp.fully_shard), whose shards the "
+                "regulariser gathers, or set orth_reg_weight=0"
+            )

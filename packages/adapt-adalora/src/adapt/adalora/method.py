@@ -15,7 +15,7 @@ from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .allocator import RankAllocator
 from .config import AdaLoraConfig
-from .engines import gradient_reader, refuse_partitioned_regulariser, whole
+from .engines import gradient_reader, refuse_unreadable_regulariser, whole
 from .layer import AdaLoraLayer, full_tensor, kept_ranks
 
 _STATE_ATTR = "_adalora_allocators"
@@ -51,7 +51,7 @@ def orthogonal_regulariser(model: AdaptedModel, adapter_name: str) -> torch.Tens
     total: torch.Tensor | None = None
     count = 0
     layers = adalora_layers(model, adapter_name).values()
-    refuse_partitioned_regulariser(
+    refuse_unreadable_regulariser(
         t for layer in layers for t in (layer.lora_A[adapter_name], layer.lora_B[adapter_name])
     )
     for layer in layers:
