@@ -36,7 +36,13 @@ _CAPTURE_ATTR = "_adapt_adalora_capture"
 def zero_optimizer(obj: Any) -> Any:
     """The DeepSpeed ZeRO optimizer behind ``obj``: a ``DeepSpeedEngine``, accelerate's
     optimizer wrapper, the Trainer's optimizer, or the ZeRO optimizer itself; else None."""
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    try:
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    except ImportError as exc:
+        raise ImportError(
+            "capturing gradients for AdaLoRA under DeepSpeed needs deepspeed: "
+            "`pip install deepspeed`"
+        ) from exc
 
     for _ in range(4):
         if isinstance(obj, ZeROOptimizer):
