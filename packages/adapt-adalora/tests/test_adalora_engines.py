@@ -89,5 +89,5 @@ def test_capture_needs_a_deepspeed_optimizer() -> None:
     pytest.importorskip("deepspeed")
     adapted = model()
     opt = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-3)
-    with pytest.raises(TypeError, match="DeepSpeed engine or its optimizer.*AdamW"):
+    with pytest.raises(TypeError, match=r"DeepSpeed engine or its optimizer.*AdamW"):
         capture_deepspeed_gradients(adapted, opt)
