@@ -185,8 +185,15 @@ def training_args(out: Path, method: str, batch: int, deepspeed: Any = None) -> 
     )
 
 
-def train(out: Path, method: str, model: str, batch: int, deepspeed: Any = None) -> dict[str, Any]:
-    from adapt.core.integrations.transformers import Trainer
+def train(
+    out: Path, method: str, model: str, batch: int, deepspeed: Any = None, plain: bool = False
+) -> dict[str, Any]:
+    """``plain``: transformers' own Trainer with ``AdapterCheckpointCallback`` (the adapter in
+    each checkpoint-N only; its save_model writes no adapter)."""
+    import transformers
+
+    from adapt.core.integrations.transformers import Trainer as AdaptTrainer
+    from adapt.core.trainer import AdapterCheckpointCallback
 
     args = training_args(out, method, batch, deepspeed)  # before the model: ZeRO-3 Init
     assert args.world_size == (WORLD_SIZE if deepspeed else 1)  # sets up the process group
@@ -194,9 +201,13 @@ def train(out: Path, method: str, model: str, batch: int, deepspeed: Any = None)
     torch.manual_seed(1)
     adapted = adapt(base, adapter_config(method, model))
     callbacks = [AdaLoraCallback()] if method == "adalora" else []
-    trainer = Trainer(model=adapted, args=args, train_dataset=dataset(), callbacks=callbacks)
+    trainer_class = transformers.Trainer if plain else AdaptTrainer
+    if plain:
+        callbacks.append(AdapterCheckpointCallback())
+    trainer = trainer_class(model=adapted, args=args, train_dataset=dataset(), callbacks=callbacks)
     result = trainer.train()
-    trainer.save_model(str(out / "final"))
+    if not plain:
+        trainer.save_model(str(out / "final"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     pattern = getattr(adapted.peft_config["default"], "rank_pattern", None)
     trainable = [p for p in adapted.parameters() if p.requires_grad]
@@ -260,12 +271,13 @@ def main() -> None:
     # (which zero.Init reads for the world size) stays empty unless started here first
     deepspeed.init_distributed(dist_backend="gloo")
     for case in args.cases.split(","):
-        method, model = case.split("-")
+        method, model, *how = case.split("-")
         folder = args.out / case
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
+        config = ds_config(args.zero, args.persist)
         try:
-            result = train(folder, method, model, PER_DEVICE, ds_config(args.zero, args.persist))
+            result = train(folder, method, model, PER_DEVICE, config, plain=how == ["callback"])
         except BaseException:
             (folder / f"rank{rank}.error").write_text(traceback.format_exc())
             raise

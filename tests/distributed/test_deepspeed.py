@@ -69,6 +69,8 @@ def launch(engine: str, out: Path) -> Launch:
         "TRANSFORMERS_OFFLINE": "1",
     }
     cases = [f"{m}-{b}" for m, b in CASES]
+    if engine == "zero3-partitioned":
+        cases.append("lora-llama-callback")  # transformers' Trainer + AdapterCheckpointCallback
     start = time.perf_counter()
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
@@ -173,3 +175,19 @@ def test_adalora_without_gradient_capture_is_refused(launches: Callable[[str], L
     message = json.loads(file.read_text())["adalora_without_capture"]
     print(f"\n{message}")
     assert message.startswith("AdapterStateError") and "AdaLoraCallback()" in message
+
+
+def test_checkpoint_callback_gathers_partitions(
+    launches: Callable[[str], Launch], single: Callable[[str, str], Path]
+) -> None:
+    """transformers' own Trainer with AdapterCheckpointCallback, adapter partitioned: the
+    adapter in checkpoint-N is whole and equals one process's."""
+    run = launches("zero3-partitioned")
+    r0 = result(run, "lora-llama-callback")
+    assert r0["partitioned"] == r0["trainable"] > 0
+    diff = compare(
+        run.out / "lora-llama-callback" / f"checkpoint-{worker.STEPS}",
+        single("lora", "llama") / f"checkpoint-{worker.STEPS}",
+    )
+    print(f"\n[zero3-partitioned-lora-llama-callback] checkpoint vs single: {diff:.3g}")
+    assert diff <= PARAM_ATOL
