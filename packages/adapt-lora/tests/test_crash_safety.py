@@ -103,6 +103,7 @@ CRASHER = textwrap.dedent(
 )
 
 
+@pytest.mark.crash
 def test_a_crash_at_every_step_of_a_save(tmp_path: Path) -> None:
     """Die at each file-system step of a save in turn (fsync, rename, unlink): the folder
     always loads as the old adapter or the new one."""
@@ -139,6 +140,7 @@ def test_a_crash_at_every_step_of_a_save(tmp_path: Path) -> None:
     print(f"crashed at each of {len(outcomes) - 1} steps of a save: loaded {outcomes}")
 
 
+@pytest.mark.crash
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 def test_killed_saves_leave_a_whole_adapter(tmp_path: Path) -> None:
     folder = tmp_path / "adapter"
