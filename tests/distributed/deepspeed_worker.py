@@ -221,6 +221,34 @@ def train(
     }
 
 
+def train_resumed(out: Path, method: str, model: str, deepspeed: Any) -> dict[str, Any]:
+    """Half the steps (a checkpoint at STEPS // 2), then a new process's model, its adapter
+    scrambled, resumed from that checkpoint to the end: the result must be the uninterrupted
+    run's (resume goes through DeepSpeed's own checkpoint in checkpoint-N)."""
+    from adapt.core.integrations.transformers import Trainer
+
+    half = STEPS // 2
+    first = out / "first"
+    args = training_args(first, method, PER_DEVICE, deepspeed)
+    args.max_steps, args.save_steps = half, half
+    assert args.world_size == WORLD_SIZE
+    base = base_model(model)
+    torch.manual_seed(1)  # as train() does
+    adapted = adapt(base, adapter_config(method, model))
+    Trainer(model=adapted, args=args, train_dataset=dataset()).train()
+
+    args = training_args(out, method, PER_DEVICE, deepspeed)
+    adapted = adapt(base_model(model), adapter_config(method, model))
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    trainer = Trainer(model=adapted, args=args, train_dataset=dataset())
+    trainer.train(resume_from_checkpoint=str(first / f"checkpoint-{half}"))
+    trainer.save_model(str(out / "final"))
+    return {"resumed_at": half}
+
+
 def run_single(out: Path, method: str, model: str) -> dict[str, Any]:
     """The reference: one process, the whole global batch per step, no DeepSpeed."""
     return train(out, method, model, GLOBAL_BATCH)
@@ -277,7 +305,10 @@ def main() -> None:
         start = time.perf_counter()
         config = ds_config(args.zero, args.persist)
         try:
-            result = train(folder, method, model, PER_DEVICE, config, plain=how == ["callback"])
+            if how == ["resume"]:
+                result = train_resumed(folder, method, model, config)
+            else:
+                result = train(folder, method, model, PER_DEVICE, config, plain=how == ["callback"])
         except BaseException:
             (folder / f"rank{rank}.error").write_text(traceback.format_exc())
             raise

@@ -71,6 +71,8 @@ def launch(engine: str, out: Path) -> Launch:
     cases = [f"{m}-{b}" for m, b in CASES]
     if engine == "zero3-partitioned":
         cases.append("lora-llama-callback")  # transformers' Trainer + AdapterCheckpointCallback
+    else:
+        cases.append("lora-llama-resume")  # resume_from_checkpoint half way
     start = time.perf_counter()
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
@@ -191,3 +193,14 @@ def test_checkpoint_callback_gathers_partitions(
     )
     print(f"\n[zero3-partitioned-lora-llama-callback] checkpoint vs single: {diff:.3g}")
     assert diff <= PARAM_ATOL
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_resume_from_checkpoint_equals_the_uninterrupted_run(
+    launches: Callable[[str], Launch], engine: str
+) -> None:
+    run = launches(engine)
+    result(run, "lora-llama-resume")
+    diff = compare(run.out / "lora-llama-resume" / "final", run.out / "lora-llama" / "final")
+    print(f"\n[{engine}] resumed at step {worker.STEPS // 2} vs uninterrupted: {diff:.3g}")
+    assert diff <= 1e-6
