@@ -151,3 +151,14 @@ def test_model_still_runs_after_refused_save(tmp_path: Path) -> None:
         model.save_pretrained(tmp_path / "out")
     weight.data = keep
     assert torch.equal(model(input_ids=ids()).logits, before)
+
+
+def test_a_reshaped_tensor_in_one_process_is_the_users_and_written(tmp_path: Path) -> None:
+    """Same rank, other sizes, one process (e.g. resized token embeddings in modules_to_save):
+    not an engine's piece, so it is written as it is."""
+    model = adapted()
+    weight = model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight
+    weight.data = torch.zeros(12, 4)
+    model.save_pretrained(tmp_path)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    assert saved(tmp_path)[key].shape == (12, 4)

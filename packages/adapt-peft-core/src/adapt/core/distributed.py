@@ -19,7 +19,7 @@ Nothing here imports DeepSpeed or FSDP unless a model really holds such paramete
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, cast
 
 import torch
@@ -106,31 +106,40 @@ def needs_collective(module: nn.Module, tensors: Iterable[torch.Tensor]) -> bool
     return any(is_dtensor(t) or is_partitioned(t) for t in tensors) or bool(fsdp1_units(module))
 
 
-@contextlib.contextmanager
-def gathered(
-    module: nn.Module, tensors: Iterable[torch.Tensor], *, with_grads: bool = False
-) -> Iterator[None]:
-    """Within the block, ZeRO-3 partitions among ``tensors`` and the FSDP1 units inside
-    ``module`` are whole on every rank (read-only: changes are not written back). A collective
-    when there is something to gather: every rank must enter it. DTensors are left to
-    :func:`full_tensor`."""
-    partitioned = [t for t in tensors if is_partitioned(t)]
-    units = fsdp1_units(module)
+def whole_copies(
+    module: nn.Module, tensors: dict[str, torch.Tensor], *, copy: bool = True
+) -> dict[str, torch.Tensor]:
+    """``tensors`` (parameters and buffers of ``module``) whole: ZeRO-3 partitions gathered
+    (these tensors only), FSDP1 units inside ``module`` summoned one at a time (each unit's
+    tensors copied while it is whole), DTensors gathered. A collective when anything is sharded:
+    every rank must call it, with the same tensors. ``copy``: clone what is returned (what a
+    gather lends is taken back when it ends); the processes that only help may pass False."""
+
+    def take(tensor: torch.Tensor) -> torch.Tensor:
+        whole = full_tensor(tensor).detach()
+        return whole.clone() if copy else whole
+
+    out: dict[str, torch.Tensor] = {}
+    pending = dict(tensors)
+    partitioned = [t for t in tensors.values() if is_partitioned(t)]
     with contextlib.ExitStack() as stack:
         if partitioned:
             import deepspeed
 
             stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None))
+        units = fsdp1_units(module)
         if units:
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             for unit in units:
-                stack.enter_context(
-                    FullyShardedDataParallel.summon_full_params(
-                        unit, writeback=False, with_grads=with_grads
-                    )
-                )
-        yield
+                owned = {id(p) for p in unit.parameters()}
+                mine = [k for k, t in pending.items() if id(t) in owned]
+                if not mine:  # the same on every rank: the model's structure is
+                    continue
+                with FullyShardedDataParallel.summon_full_params(unit, writeback=False):
+                    out.update({k: take(pending.pop(k)) for k in mine})
+        out.update({k: take(t) for k, t in pending.items()})
+    return {k: out[k] for k in tensors}
 
 
 def unreadable_message(key: str, got: tuple[int, ...], want: tuple[int, ...], engine: str) -> str:

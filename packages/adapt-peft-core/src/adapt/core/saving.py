@@ -7,6 +7,7 @@ the adapter was built with, whatever engine holds them (see :mod:`adapt.core.dis
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,11 +16,10 @@ import torch
 from .distributed import (
     clean_key,
     engine_of,
-    full_tensor,
-    gathered,
     logical_shape,
     needs_collective,
     unreadable_message,
+    whole_copies,
 )
 from .errors import CheckpointError
 
@@ -87,7 +87,7 @@ def _check(model: Any, name: str, tensors: dict[str, torch.Tensor], engine: str 
     for key, tensor in tensors.items():
         want = expected.get(key)
         got = tuple(int(d) for d in tensor.shape)
-        if want is not None and got != want:
+        if want is not None and got != want and _looks_sharded(got, want):
             raise CheckpointError(
                 unreadable_message(key, got, want, engine or "a distributed engine")
             )
@@ -96,6 +96,16 @@ def _check(model: Any, name: str, tensors: dict[str, torch.Tensor], engine: str 
                 f"refusing to save {key!r}: the key carries a wrapper's path segment; "
                 "save the AdaptedModel, not a module wrapped inside it"
             )
+
+
+def _looks_sharded(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """Whether a tensor of shape ``got``, recorded as ``want``, is an engine's piece of it: empty,
+    flattened, or any other shape while training on several ranks. (In one process a changed
+    shape with the same rank is the user's doing, e.g. resized token embeddings: written.)"""
+    if len(got) != len(want) or (math.prod(got) == 0 and math.prod(want) > 0):
+        return True
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def collect_states(
@@ -119,13 +129,8 @@ def collect_states(
             return None
         whole = {n: _from_state_dict(model, t, state_dict) for n, t in raw.items()}
     else:
-        with gathered(model, everything):
-            for name, tensors in raw.items():
-                # copies taken while whole: ZeRO-3 empties the parameters again on exit
-                whole[name] = {
-                    k: full_tensor(v).detach().clone() if main else full_tensor(v)
-                    for k, v in tensors.items()
-                }
+        for name, tensors in raw.items():
+            whole[name] = whole_copies(model, tensors, copy=main)
     if not main:
         return None
     states = {}
