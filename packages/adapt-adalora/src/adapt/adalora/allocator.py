@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 import torch
 
 from adapt.core import AdapterStateError
-from adapt.core.distributed import clean_key
+from adapt.core.distributed import clean_key, full_tensor
 
 from .config import AdaLoraConfig
 from .engines import sync_master
-from .layer import AdaLoraLayer, full_tensor
+from .layer import AdaLoraLayer
 
 
 def _own_grad(p: torch.Tensor) -> torch.Tensor | None:

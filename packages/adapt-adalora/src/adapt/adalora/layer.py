@@ -25,14 +25,6 @@ from .config import AdaLoraConfig
 RANK_EPS = 1e-5
 
 
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` whole: a DTensor (a parameter or gradient sharded by FSDP2) is gathered from
-    its shards (a collective; differentiable), any other tensor is returned as is."""
-    gather = getattr(tensor, "full_tensor", None)
-    full: torch.Tensor = gather() if callable(gather) else tensor
-    return full
-
-
 def kept_ranks(tensors: dict[str, torch.Tensor], mask: list[bool]) -> dict[str, torch.Tensor]:
     """A layer's ``lora_A``, ``lora_E``, ``lora_B`` (whole tensors, by those names) restricted to
     the ranks ``mask`` keeps, as saved on disk. ``mask`` has one entry per initial rank; tensors

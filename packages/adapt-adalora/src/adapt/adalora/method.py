@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from adapt.core import AdaptedModel, AdapterConfig, AdapterStateError, ConfigError, Method
-from adapt.core.distributed import clean_key
+from adapt.core.distributed import clean_key, full_tensor
 from adapt.core.errors import warn_user
 from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .allocator import RankAllocator
 from .config import AdaLoraConfig
 from .engines import gradient_reader, refuse_unreadable_regulariser, whole
-from .layer import AdaLoraLayer, full_tensor, kept_ranks
+from .layer import AdaLoraLayer, kept_ranks
 
 _STATE_ATTR = "_adalora_allocators"
 LAYER_TENSORS = ("lora_A", "lora_E", "lora_B")
