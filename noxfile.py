@@ -279,12 +279,15 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def interop(session: nox.Session) -> None:
-    """tests/interop against HF PEFT (a test-only dependency) and the latest transformers."""
+    """tests/interop against HF PEFT (a test-only dependency) and the latest transformers; the
+    golden checkpoints (tests/golden)."""
     setup(session)
     constraints = install_torch(session)
     install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}")
     install(session, constraints, *editable(PACKAGES), *TEST_DEPS)
     session.run("pytest", "-m", "interop", "tests/interop", *pytest_args(session), *session.posargs)
+    # golden checkpoints (tests/golden): adapt's saves byte for byte, PEFT's file resaved
+    session.run("pytest", "tests/golden", *pytest_args(session, "golden"), *session.posargs)
 
 
 @nox.session
