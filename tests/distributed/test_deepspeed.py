@@ -18,12 +18,7 @@ trained on the whole global batch without DeepSpeed: same keys and shapes, tenso
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +29,7 @@ pytest.importorskip("deepspeed")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import deepspeed_worker as worker  # noqa: E402
-from test_distributed import free_port  # noqa: E402
+from launching import Launch, torchrun  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "deepspeed_worker.py"
@@ -52,42 +47,14 @@ PARAM_ATOL = 2e-2 * worker.LR
 LAUNCH_TIMEOUT = 240
 
 
-@dataclass
-class Launch:
-    out: Path
-    returncode: int
-    output: str
-    seconds: float
-
-
 def launch(engine: str, out: Path) -> Launch:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
     cases = [f"{m}-{b}" for m, b in CASES]
     if engine == "zero3-partitioned":
         cases.append("lora-llama-callback")  # transformers' Trainer + AdapterCheckpointCallback
     else:
         cases.append("lora-llama-resume")  # resume_from_checkpoint half way
-    start = time.perf_counter()
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1", "--nproc_per_node", str(worker.WORLD_SIZE),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(WORKER), *ENGINES[engine], "--out", str(out), "--cases", ",".join(cases),
-    ]  # fmt: skip
-    try:
-        proc = subprocess.run(
-            cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT
-        )
-    except subprocess.TimeoutExpired as exc:
-        output = f"{exc.stdout or ''}\n{exc.stderr or ''}"
-        return Launch(out, -1, f"timed out after {LAUNCH_TIMEOUT} s\n{output}", LAUNCH_TIMEOUT)
-    return Launch(out, proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start)
+    args = [*ENGINES[engine], "--out", str(out), "--cases", ",".join(cases)]
+    return torchrun(WORKER, args, out, LAUNCH_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ through the Trainer: test_deepspeed.py.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +35,7 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
 import distributed_worker as worker  # noqa: E402  (this folder is on sys.path under pytest)
+from launching import Launch, torchrun  # noqa: E402
 
 from adapt.core import AdaptedModel  # noqa: E402
 
@@ -62,48 +57,9 @@ PARAM_ATOL = 5e-2 * worker.LR
 LAUNCH_TIMEOUT = 150  # seconds, per torchrun launch (about 15 s each on 2 cores)
 
 
-@dataclass
-class Launch:
-    out: Path
-    returncode: int
-    output: str
-    seconds: float
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def launch(strategy: str, out: Path) -> Launch:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    start = time.perf_counter()
-    for _ in range(3):  # the free port may be taken between probing and binding: retry
-        port = free_port()
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run",
-            "--nnodes", "1", "--nproc_per_node", str(worker.WORLD_SIZE),
-            "--master_addr", "127.0.0.1", "--master_port", str(port),
-            str(WORKER), "--strategy", strategy, "--out", str(out),
-        ]  # fmt: skip
-        try:
-            proc = subprocess.run(
-                cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT
-            )
-        except subprocess.TimeoutExpired as exc:
-            output = f"{exc.stdout or ''}\n{exc.stderr or ''}"
-            return Launch(out, -1, f"timed out after {LAUNCH_TIMEOUT} s\n{output}", LAUNCH_TIMEOUT)
-        output = proc.stdout + proc.stderr
-        if proc.returncode == 0 or "address already in use" not in output.lower():
-            break
-    return Launch(out, proc.returncode, output, time.perf_counter() - start)
+    args = ["--strategy", strategy, "--out", str(out)]
+    return torchrun(WORKER, args, out, LAUNCH_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,14 @@ torch, accelerate, DeepSpeed), and each must leave an adapter that loads.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 
-from test_distributed import free_port
+from launching import torchrun
 
 from adapt.core import AdaptedModel
 
@@ -62,22 +59,11 @@ def test_guide_scripts_run_under_torchrun(launch: str, tmp_path: Path) -> None:
     (tmp_path / "scripts").mkdir()
     for name, source in scripts().items():
         (tmp_path / "scripts" / name).write_text(source)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
     if launch == "deepspeed":
         pytest.importorskip("deepspeed")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(HERE / "guide_runner.py"), str(tmp_path), *LAUNCHES[launch],
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    output = proc.stdout + proc.stderr
+    args = [str(tmp_path), *LAUNCHES[launch]]
+    proc = torchrun(HERE / "guide_runner.py", args, tmp_path, TIMEOUT)
+    output = proc.output
     assert proc.returncode == 0, output[-8000:]
     for spec in LAUNCHES[launch]:
         name, _, arg = spec.partition(":")

@@ -85,14 +85,23 @@ def AdaLoraCallback() -> Any:
         ) from exc
 
     class _AdaLoraCallback(TrainerCallback):  # type: ignore[misc]
+        #: whether the first step looked for DeepSpeed (the engine exists once training started)
+        checked_engine = False
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.checked_engine = False  # a new train() call may bring a new engine
+
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             # DeepSpeed clears the gradients inside its engine step, before on_optimizer_step:
-            # capture them there (once; the engine exists only once training started)
+            # capture them there. Decided once, at the first step, not rescanned every step.
             model = kwargs.get("model")
-            if model is None or capture(_adapted(model)) is not None:
+            if self.checked_engine or model is None:
                 return
+            self.checked_engine = True
             adapted = _adapted(model)
-            if any(is_deepspeed(p) for p in adapted.parameters() if p.requires_grad):
+            if capture(adapted) is None and any(
+                is_deepspeed(p) for p in adapted.parameters() if p.requires_grad
+            ):
                 capture_deepspeed_gradients(adapted, kwargs.get("optimizer"))
 
         def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
