@@ -26,7 +26,7 @@ from adapt.core import (
     load_config,
 )
 from adapt.core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_tensors
-from adapt.core.model import _normalise_peft_keys
+from adapt.core.state_dict import normalise_peft_keys as _normalise_peft_keys
 from adapt.core.testing import ToyConfig
 
 KEYS = [

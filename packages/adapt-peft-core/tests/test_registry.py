@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from adapt.core import AdapterLayer, DenseBackend, MissingMethodError, PluginError, TargetError
-from adapt.core import registry as registry_mod
+from adapt.core import plugins as plugins_mod
 from adapt.core.backends import MergeReport, mro_distance
 from adapt.core.registry import (
     GROUP_BACKENDS,
@@ -71,7 +71,7 @@ def fake_eps(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[FakeEnt
         calls[group] = calls.get(group, 0) + 1
         return list(eps[group])
 
-    monkeypatch.setattr(registry_mod, "metadata", types.SimpleNamespace(entry_points=entry_points))
+    monkeypatch.setattr(plugins_mod, "metadata", types.SimpleNamespace(entry_points=entry_points))
     eps["calls"] = calls  # type: ignore[assignment]
     yield eps
 

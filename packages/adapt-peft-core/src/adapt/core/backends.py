@@ -15,16 +15,16 @@ dense backend ships with core.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
 
 from .distributed import is_partitioned, logical_shape
-from .errors import TargetError
-
-CONV1D_TRANSFORMERS = "transformers.pytorch_utils.Conv1D"
+from .errors import PluginError, TargetError
+from .merge import MergeReport
+from .plugins import GROUP_BACKENDS, PluginStore, current_store
+from .typenames import CONV1D_TRANSFORMERS, describe, mro_distance, type_names
 
 #: Weight tensor types the dense backend can really read and write back (exact types, by name:
 #: a subclass may store anything). Plain tensors and parameters (DeepSpeed ZeRO-3 partitions
@@ -48,15 +48,6 @@ DENSE_WEIGHT_TYPES = frozenset(
 def is_plain_weight(weight: torch.Tensor) -> bool:
     """Whether ``weight`` is one of :data:`DENSE_WEIGHT_TYPES` (its exact type, not a subclass)."""
     return describe(type(weight)) in DENSE_WEIGHT_TYPES
-
-
-@dataclass(frozen=True)
-class MergeReport:
-    """What writing a merged weight cost: zero for dense layers, requantisation error otherwise."""
-
-    max_abs_error: float = 0.0
-    rel_error: float = 0.0
-    lossy: bool = False
 
 
 @runtime_checkable
@@ -83,23 +74,6 @@ class WeightBackend(Protocol):
     def compute_dtype(self, base: nn.Module) -> torch.dtype:
         """The dtype adapters on this module compute in."""
         ...
-
-
-def type_names(cls: type) -> list[str]:
-    """``module.qualname`` of each class in ``cls``'s MRO, nearest first."""
-    return [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__]
-
-
-def mro_distance(obj_type: type, base_types: tuple[type | str, ...]) -> int | None:
-    """How far up ``obj_type``'s MRO the nearest of ``base_types`` is (0 = exact), or None."""
-    names = type_names(obj_type)
-    best: int | None = None
-    for want in base_types:
-        for dist, cls in enumerate(obj_type.__mro__):
-            if (isinstance(want, str) and names[dist] == want) or cls is want:
-                best = dist if best is None else min(best, dist)
-                break
-    return best
 
 
 class DenseBackend:
@@ -184,6 +158,100 @@ class DenseBackend:
         return dtype if dtype.is_floating_point else torch.float32
 
 
-def describe(obj: Any) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
+_DENSE = DenseBackend()
+
+#: Base-layer types whose weights only a plugin can read, and the package that adds the backend.
+#: Matched by dotted name anywhere in a module's MRO, so subclasses (``LinearNF4``) count.
+KNOWN_BACKEND_PACKAGES = {
+    "bitsandbytes.nn.modules.Linear8bitLt": "adapt-bnb",
+    "bitsandbytes.nn.modules.Linear4bit": "adapt-bnb",
+}
+
+
+def backend_hint(module: nn.Module) -> tuple[str, str] | None:
+    """``(type name, package)`` when ``module`` is a quantised type a known package supports."""
+    for name in type_names(type(module)):
+        if name in KNOWN_BACKEND_PACKAGES:
+            return name, KNOWN_BACKEND_PACKAGES[name]
+    return None
+
+
+def _candidates(module: nn.Module, store: PluginStore) -> list[tuple[int, int, str, WeightBackend]]:
+    """Every backend serving ``module``'s type: ``(MRO distance, -priority, name, backend)``."""
+    candidates: list[tuple[int, int, str, WeightBackend]] = []
+    for entry in store.entries(GROUP_BACKENDS):
+        backend = entry.obj
+        if backend is None:
+            continue
+        if isinstance(backend, type):  # entry point names the class: instantiate once
+            backend = backend()
+            entry.obj = backend
+        dist = mro_distance(type(module), tuple(backend.base_types))
+        if dist is not None:
+            candidates.append((dist, -entry.priority, entry.name, backend))
+    dist = mro_distance(type(module), DenseBackend.base_types)
+    if dist is not None and DenseBackend.accepts(module):
+        candidates.append((dist, 1, "~dense", _DENSE))
+    candidates.sort(key=lambda t: (t[0], t[1], t[2]))
+    return candidates
+
+
+def resolve_backend(module: nn.Module, store: PluginStore | None = None) -> WeightBackend | None:
+    """The weight backend for ``module`` (nearest type, then priority, then name), or None.
+
+    Two backends of different distributions tied on both are a conflict (:class:`PluginError`
+    naming both); a quantised type served only through a parent type (``nn.Linear``) has none.
+    """
+    store = store if store is not None else current_store()
+    candidates = _candidates(module, store)
+    if not candidates:
+        return None
+    best_dist, best_prio, best_name, best = candidates[0]
+    for dist, prio, name, other in candidates[1:]:
+        if (dist, prio) != (best_dist, best_prio):
+            break
+        if other is best or type(other) is type(best):
+            continue
+        a, b = store.entry_named(GROUP_BACKENDS, best_name), store.entry_named(GROUP_BACKENDS, name)
+        if a is not None and b is not None and a.distribution != b.distribution:
+            raise PluginError(
+                f"plugin conflict for {describe(module)}: weight backends {a.name!r} "
+                f"({a.distribution}) and {b.name!r} ({b.distribution}) both serve it with "
+                f"priority {a.priority}; give one of them a higher `priority`, or uninstall one"
+            )
+    hint = backend_hint(module)
+    if hint is not None and best_dist > type_names(type(module)).index(hint[0]):
+        # Only a parent type (nn.Linear) is served: its reading of the packed weight
+        # would be wrong, so there is no backend for this module.
+        return None
+    return best
+
+
+def no_backend_message(module: nn.Module) -> str:
+    """Why no weight backend serves ``module``, and what to install."""
+    hint = backend_hint(module)
+    if hint is not None:
+        type_name, package = hint
+        return (
+            f"no weight backend can read the weight of {describe(module)} (a {type_name} "
+            f"stores a quantised, packed weight): install it with `pip install {package}`"
+        )
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and not is_plain_weight(weight):
+        return (
+            f"no weight backend can read the weight of {describe(module)}: "
+            f"{DenseBackend.refusal(module)}. Install the adapt package for that quantisation "
+            f"library if there is one, or write a weight backend for {describe(type(weight))} "
+            "(get_weight / set_weight; docs/guides/writing-a-plugin.md) and register it under "
+            "the 'adapt.backends' entry point"
+        )
+    stored = (
+        f" (its weight is a {weight.dtype} tensor of shape {tuple(weight.shape)})"
+        if isinstance(weight, torch.Tensor)
+        else ""
+    )
+    return (
+        f"no weight backend can read the weight of {describe(module)}{stored}; install the "
+        "package that supports this layer type (e.g. adapt-bnb for bitsandbytes layers), or "
+        "register a weight backend for it under the 'adapt.backends' entry point"
+    )

@@ -26,10 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import DenseBackend, MergeReport, WeightBackend, describe, is_plain_weight
+from .backends import WeightBackend, no_backend_message, resolve_backend
 from .errors import AdapterStateError, TargetError, warn_user
-from .registry import backend_hint, get_registry
-from .routing import BASE, current_adapter_names
+from .kernels import add_scaled_product, factor_grad, matmul_factor, transposed_factor_is_faster
+from .merge import MergeReport, add_deltas, fits_dtype, unsafe_merge_error
+from .routing import current_adapter_names, sample_groups
+from .typenames import describe
+
+__all__ = [
+    "AdapterLayer",
+    "adapter_dtype_device",
+    "add_scaled_product",
+    "factor_grad",
+    "fits_dtype",
+    "matmul_factor",
+    "no_backend_message",
+    "transposed_factor_is_faster",
+]
 
 
 class AdapterLayer(nn.Module):
@@ -53,7 +66,7 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, backend: WeightBackend | None = None) -> None:
         super().__init__()
         if backend is None:
-            backend = get_registry().resolve_backend(base_layer)
+            backend = resolve_backend(base_layer)
         if backend is None:
             raise TargetError(no_backend_message(base_layer))
         self.base_layer = base_layer
@@ -275,13 +288,7 @@ class AdapterLayer(nn.Module):
                 "samples; give one adapter name (or '__base__') per sample"
             )
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
-        known = self.adapter_names
-        for name in dict.fromkeys(batch_names):
-            if name == BASE or name not in known:
-                continue
-            index = torch.tensor(
-                [i for i, n in enumerate(batch_names) if n == name], device=x.device
-            )
+        for name, index in sample_groups(batch_names, self.adapter_names, x.device):
             contribution = self._contribution(x.index_select(0, index), name, result)
             result = result.index_add(0, index, contribution)
         return result
@@ -300,11 +307,8 @@ class AdapterLayer(nn.Module):
     def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """W + Σ ΔW for ``adapter_names``, without writing it (used by safe merges)."""
         weight = self.backend.get_weight(self.base_layer)
-        # sum in (at least) float32: a float16/bfloat16 weight is rounded once, at the end
-        new = weight.detach().to(_accumulation_dtype(weight.dtype), copy=True)
-        for name in adapter_names:
-            new += self.delta_weight(name).detach().to(new.dtype)
-        return new
+        # summed in (at least) float32: a float16/bfloat16 weight is rounded once, at the end
+        return add_deltas(weight, (self.delta_weight(name) for name in adapter_names))
 
     def merge(
         self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False
@@ -322,9 +326,8 @@ class AdapterLayer(nn.Module):
             return None
         new = self.merged_weight(names)
         if safe_merge and not fits_dtype(new, self.backend.get_weight(self.base_layer).dtype):
-            raise AdapterStateError(
-                f"safe_merge: merging {names} into {describe(self.get_base_layer())} gives NaN or "
-                "Inf weights (or values beyond the weight's dtype); the layer was left unchanged (check the adapter's weights)"
+            raise unsafe_merge_error(
+                names, describe(self.get_base_layer()), "the layer was left unchanged"
             )
         report = self.backend.set_weight(self.base_layer, new)
         self.merged_adapters.extend(names)
@@ -340,10 +343,9 @@ class AdapterLayer(nn.Module):
                 "quantised, so the restored weight differs from the original by the "
                 "requantisation error"
             )
-        current = self.backend.get_weight(self.base_layer).detach()
-        weight = current.to(_accumulation_dtype(current.dtype), copy=True)
-        for name in reversed(self.merged_adapters):
-            weight -= self.delta_weight(name).detach().to(weight.dtype)
+        current = self.backend.get_weight(self.base_layer)
+        deltas = (self.delta_weight(name) for name in reversed(self.merged_adapters))
+        weight = add_deltas(current, deltas, sign=-1.0)
         report = self.backend.set_weight(self.base_layer, weight)
         self.merged_adapters = []
         return report
@@ -363,89 +365,6 @@ def _global_forward_hooks() -> bool:
     return bool(hooks)
 
 
-def transposed_factor_is_faster(weight: torch.Tensor) -> bool:
-    """Whether products with a thin ``(n, r)`` factor run faster through its transpose.
-
-    On the CPU, MKL's float32 GEMM is 2–4× slower for ``g @ B`` and ``gᵀ h`` when the inner or
-    outer dimension is a small rank (2 ≤ r ≤ 8: LoRA's usual ranks) than for the same products
-    written with the thin operand transposed (measured on 1 and 2 threads, 256–4096 rows; from
-    r = 16 on the plain layout is as fast or faster). The rule is static, so every process and
-    every step computes in the same order.
-    """
-    return (
-        weight.dim() == 2
-        and 2 <= weight.shape[1] <= 8
-        and weight.dtype == torch.float32
-        and weight.device.type == "cpu"
-    )
-
-
-def matmul_factor(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``g @ weight`` for a 2-D ``g`` ``(rows, n)`` and a thin factor ``weight`` ``(n, r)``
-    (the input-side gradient of a product with ``weightᵀ``), in the faster layout."""
-    if transposed_factor_is_faster(weight):
-        return g @ weight.t().contiguous().t()
-    return g @ weight
-
-
-def factor_grad(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``gᵀ h`` ``(n, r)`` for 2-D ``g`` ``(rows, n)`` and ``h`` ``(rows, r)`` (the gradient of a
-    thin factor ``(n, r)`` applied as ``h @ weightᵀ``), in the faster layout; may be a
-    transposed view."""
-    if transposed_factor_is_faster(h):
-        return (h.t() @ g).t()
-    return g.t() @ h
-
-
-def add_scaled_product(
-    result: torch.Tensor,
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    scale: float = 1.0,
-    *,
-    in_place: bool = False,
-) -> torch.Tensor:
-    """``result + scale · (h @ weightᵀ)`` in ``result``'s dtype.
-
-    ``h`` is ``(..., k)``, ``weight`` ``(out, k)`` and ``result`` ``(..., out)``. When the dtypes
-    agree this is one ``addmm`` (product, scale and sum in a single kernel, and no
-    activation-sized temporaries); otherwise the product is computed in ``h``'s dtype and cast.
-    With ``in_place`` (see :meth:`AdapterLayer.may_add_in_place`) a 2-D or 3-D ``result`` is
-    updated and returned, saving the allocation of a new output.
-    """
-    out_features = weight.shape[0]
-    fusable = (
-        result.dtype == h.dtype == weight.dtype
-        and result.dim() >= 2
-        and result.shape[-1] == out_features
-        and result.shape[:-1] == h.shape[:-1]
-        and result.device == h.device
-    )
-    if not fusable:
-        product = F.linear(h, weight)
-        if scale != 1.0:
-            product = product * scale
-        return result + product.to(result.dtype)
-    # the backward computes g @ mat2ᵀ; with mat2 = weightᵀ laid out contiguously, that is the
-    # fast layout for thin factors (see transposed_factor_is_faster)
-    mat2 = weight.t()
-    if torch.is_grad_enabled() and transposed_factor_is_faster(weight):
-        mat2 = mat2.contiguous()
-    if in_place and result.dim() == 3:
-        batch = result.shape[0]
-        return result.baddbmm_(h, mat2.expand(batch, -1, -1), alpha=scale)
-    if in_place and result.dim() == 2:
-        return result.addmm_(h, mat2, alpha=scale)
-    rows = math.prod(result.shape[:-1])
-    summed = torch.addmm(
-        result.reshape(rows, out_features),
-        h.reshape(rows, h.shape[-1]),
-        mat2,
-        alpha=scale,
-    )
-    return summed.view(result.shape)
-
-
 def adapter_dtype_device(layer: AdapterLayer) -> tuple[torch.dtype, torch.device]:
     """Where and in what dtype a new adapter's tensors live: on the base layer's device, in
     float32 unless the base computes in float64 (half-precision bases get float32 adapters,
@@ -459,47 +378,3 @@ def adapter_dtype_device(layer: AdapterLayer) -> tuple[torch.dtype, torch.device
     if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
         dtype = torch.float32
     return dtype, device
-
-
-def no_backend_message(module: nn.Module) -> str:
-    """Why no weight backend serves ``module``, and what to install."""
-    hint = backend_hint(module)
-    if hint is not None:
-        type_name, package = hint
-        return (
-            f"no weight backend can read the weight of {describe(module)} (a {type_name} "
-            f"stores a quantised, packed weight): install it with `pip install {package}`"
-        )
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and not is_plain_weight(weight):
-        return (
-            f"no weight backend can read the weight of {describe(module)}: "
-            f"{DenseBackend.refusal(module)}. Install the adapt package for that quantisation "
-            f"library if there is one, or write a weight backend for {describe(type(weight))} "
-            "(get_weight / set_weight; docs/guides/writing-a-plugin.md) and register it under "
-            "the 'adapt.backends' entry point"
-        )
-    stored = (
-        f" (its weight is a {weight.dtype} tensor of shape {tuple(weight.shape)})"
-        if isinstance(weight, torch.Tensor)
-        else ""
-    )
-    return (
-        f"no weight backend can read the weight of {describe(module)}{stored}; install the "
-        "package that supports this layer type (e.g. adapt-bnb for bitsandbytes layers), or "
-        "register a weight backend for it under the 'adapt.backends' entry point"
-    )
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision weights, the weight's own dtype otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def fits_dtype(weight: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether ``weight`` is finite and stays finite when stored as ``dtype``."""
-    if not torch.isfinite(weight).all():
-        return False
-    if dtype.is_floating_point and weight.dtype != dtype:
-        return bool(weight.abs().max() <= torch.finfo(dtype).max) if weight.numel() else True
-    return True

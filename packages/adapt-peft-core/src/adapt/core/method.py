@@ -1,20 +1,26 @@
-"""The method object a method package publishes under the ``adapt.methods`` entry point."""
+"""The method object a method package publishes under the ``adapt.methods`` entry point.
+
+``Method`` is generic over its config class: ``class VeraMethod(Method[VeraConfig])`` gets its
+hooks called with a ``VeraConfig`` (core checks the type once, in :meth:`Method.config_of`),
+and with the model as a :class:`~adapt.core.protocols.ModelView`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .errors import AdapterStateError, ConfigError
+from .protocols import ModelView
 
-if TYPE_CHECKING:
-    from .model import AdaptedModel
+ConfigT = TypeVar("ConfigT", bound=AdapterConfig)
 
 
-class Method:
+class Method(Generic[ConfigT]):
     """What core needs to know about a method beyond its layers.
 
     Subclass it, set the class attributes and override the hooks a method needs; the defaults
@@ -33,58 +39,66 @@ class Method:
     #: (PEFT's defaults; see :data:`adapt.core.targeting.QUERY_VALUE_TARGETS`).
     default_target_modules: ClassVar[Mapping[str, Sequence[str]]] = {}
 
+    def config_of(self, model: ModelView, adapter_name: str) -> ConfigT:
+        """``adapter_name``'s config, checked to be this method's config class."""
+        config = model.peft_config[adapter_name]
+        if not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"adapter {adapter_name!r} has a {type(config).__name__}, but the {self.name} "
+                f"method needs a {self.config_class.__name__}"
+            )
+        return cast(ConfigT, config)
+
     def layer_kwargs(
-        self, model: AdaptedModel, config: AdapterConfig, adapter_name: str, path: str
+        self, model: ModelView, config: ConfigT, adapter_name: str, path: str
     ) -> dict[str, Any]:
         """Extra keyword arguments for ``update_layer`` of the layer at ``path``."""
         return {}
 
     def prepare(
         self,
-        model: AdaptedModel,
-        config: AdapterConfig,
+        model: ModelView,
+        config: ConfigT,
         adapter_name: str,
         targets: dict[str, nn.Module],
     ) -> None:
         """Called before layers get the adapter (e.g. to build a shared basis). Must raise
         before changing anything if the adapter cannot be added."""
 
-    def mark_trainable(self, model: AdaptedModel, config: AdapterConfig, adapter_name: str) -> None:
+    def mark_trainable(self, model: ModelView, config: ConfigT, adapter_name: str) -> None:
         """Called after trainability is set; a method can mark more parameters trainable."""
 
-    def extra_state(self, model: AdaptedModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    def extra_state(self, model: ModelView, adapter_name: str) -> dict[str, torch.Tensor]:
         """Tensors saved outside the layers, keyed relative to ``base_model.`` (e.g. ``vera_A``)."""
         return {}
 
     def load_extra_state(
-        self, model: AdaptedModel, adapter_name: str, tensors: dict[str, torch.Tensor]
+        self, model: ModelView, adapter_name: str, tensors: dict[str, torch.Tensor]
     ) -> list[str]:
         """Take the tensors :meth:`extra_state` wrote; return the keys consumed."""
         return []
 
-    def before_load(self, model: AdaptedModel, config: AdapterConfig, adapter_name: str) -> None:
+    def before_load(self, model: ModelView, config: ConfigT, adapter_name: str) -> None:
         """Called by ``from_pretrained`` / ``load_adapter`` once the adapter has been added from
         its config and before the saved tensors are read into it, e.g. to give layers the shapes
         a checkpoint was saved with (AdaLoRA's ``rank_pattern``). A failure rolls the load back."""
 
-    def on_delete(self, model: AdaptedModel, adapter_name: str) -> None:
+    def on_delete(self, model: ModelView, adapter_name: str) -> None:
         """Called when an adapter is removed (or a failed add is rolled back)."""
 
     def checkpoint_state(
-        self, model: AdaptedModel, adapter_name: str, tensors: dict[str, torch.Tensor]
+        self, model: ModelView, adapter_name: str, tensors: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """The tensors to write for ``adapter_name``, given its live state dict (on-disk keys).
         AdaLoRA writes only the ranks its budget kept."""
         return tensors
 
-    def postprocess_output(self, model: AdaptedModel, adapter_name: str, output: Any) -> Any:
+    def postprocess_output(self, model: ModelView, adapter_name: str, output: Any) -> Any:
         """Called with the wrapped model's output for each active adapter of this method
         (AdaLoRA adds its orthogonal regulariser to ``output.loss``)."""
         return output
 
-    def update_and_allocate(self, model: AdaptedModel, global_step: int) -> None:
-        from .errors import AdapterStateError
-
+    def update_and_allocate(self, model: ModelView, global_step: int) -> None:
         raise AdapterStateError(
             f"update_and_allocate is for AdaLoRA adapters; the active adapter uses {self.name!r}"
         )

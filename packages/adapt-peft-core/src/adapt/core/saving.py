@@ -2,7 +2,7 @@
 the adapter was built with, whatever engine holds them (see :mod:`adapt.core.distributed`).
 
 ``model`` here is an :class:`~adapt.core.AdaptedModel` (typed loosely: this module sits below
-``model`` and does not import it).
+``model`` and does not import it); the recorded shapes are kept by its adapter set.
 """
 
 from __future__ import annotations
@@ -23,20 +23,16 @@ from .distributed import (
 )
 from .errors import CheckpointError
 
-_SHAPES_ATTR = "_adapt_adapter_shapes"
-
-
 def record_shapes(model: Any, adapter_name: str) -> None:
     """Remember the shape of each of the adapter's tensors (called when it is built or
     reshaped for loading, before any engine shards it): the truth a save is checked against."""
-    shapes = model.__dict__.setdefault(_SHAPES_ATTR, {})
-    shapes[adapter_name] = {
+    model.adapter_set.shapes[adapter_name] = {
         key: logical_shape(t) for key, t in model.adapter_state_dict(adapter_name).items()
     }
 
 
 def forget_shapes(model: Any, adapter_name: str) -> None:
-    model.__dict__.get(_SHAPES_ATTR, {}).pop(adapter_name, None)
+    model.adapter_set.shapes.pop(adapter_name, None)
 
 
 def _own_names(model: Any) -> dict[int, str]:
@@ -83,7 +79,7 @@ def _from_state_dict(
 
 
 def _check(model: Any, name: str, tensors: dict[str, torch.Tensor], engine: str | None) -> None:
-    expected = model.__dict__.get(_SHAPES_ATTR, {}).get(name, {})
+    expected = model.adapter_set.shapes.get(name, {})
     for key, tensor in tensors.items():
         want = expected.get(key)
         got = tuple(int(d) for d in tensor.shape)

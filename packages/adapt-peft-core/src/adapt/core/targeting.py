@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .backends import CONV1D_TRANSFORMERS, type_names
 from .errors import TargetError
+from .typenames import CONV1D_TRANSFORMERS, type_names
 
 ALL_LINEAR = "all-linear"
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
@@ -171,6 +171,28 @@ def module_summary(model: nn.Module, limit: int = 12) -> str:
     return text + (", …" if len(leaves) > limit else "")
 
 
+def close_names(asked: Sequence[str], candidates: Sequence[str]) -> list[str]:
+    """Candidates close to the last segment of each asked name (the one near-name hint)."""
+    close: list[str] = []
+    for name in asked:
+        for cand in difflib.get_close_matches(name.split(".")[-1], candidates, n=3, cutoff=0.5):
+            if cand not in close:
+                close.append(cand)
+    return close
+
+
+def leaf_names(model: nn.Module) -> list[str]:
+    """The last path segment of every module of ``model``, sorted, once each."""
+    return sorted({p.split(".")[-1] for p, _ in model.named_modules() if p})
+
+
+def names_hint(model: nn.Module, names: Sequence[str]) -> str:
+    """"did you mean [...]?" for ``names`` that matched no module, or some module names."""
+    leaves = leaf_names(model)
+    close = sorted(close_names(names, leaves))
+    return f"did you mean {close}?" if close else f"module names in this model: {leaves[:12]}"
+
+
 def _no_match_message(
     model: nn.Module,
     target_modules: str | Sequence[str],
@@ -179,11 +201,7 @@ def _no_match_message(
     paths = [p for p, _ in model.named_modules() if p]
     leaves = sorted({p.split(".")[-1] for p in paths})
     asked = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    close: list[str] = []
-    for name in asked:
-        for cand in difflib.get_close_matches(name.split(".")[-1], leaves, n=3, cutoff=0.5):
-            if cand not in close:
-                close.append(cand)
+    close = close_names(asked, leaves)
     msg = f"target_modules {target_modules!r} matched no module of {type(model).__name__}"
     if layers_to_transform is not None:
         msg += f" in layers {layers_to_transform!r}"

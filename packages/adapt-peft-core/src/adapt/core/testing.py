@@ -184,12 +184,11 @@ def isolated_registry() -> Iterator[Registry]:
     fresh = Registry()
     for group in GROUPS:
         fresh._groups[group].scanned = True
-    previous = _registry_module._REGISTRY
-    _registry_module._REGISTRY = fresh
+    previous = _registry_module.swap_registry(fresh)
     try:
         yield fresh
     finally:
-        _registry_module._REGISTRY = previous
+        _registry_module.swap_registry(previous)
 
 
 def output_tensor(output: Any) -> torch.Tensor:

@@ -82,7 +82,7 @@ def adopt(model: Any) -> AdaptedModel | None:
     adapted = find_adapted(model)
     if adapted is not None:
         _refuse_adapted_head(adapted)
-        object.__setattr__(adapted, "_fused_head_handler", _fused_head_on_wrapped_model)
+        adapted.adapter_set.fused_head_handler = _fused_head_on_wrapped_model
     return adapted
 
 

@@ -1,0 +1,193 @@
+"""The generic entry-point store under ``adapt.methods``, ``adapt.layers`` and ``adapt.backends``.
+
+Discovery is lazy: a group is read the first time it is needed and cached. A plugin that fails
+to import is skipped with one warning naming its distribution and the error. In-process
+registrations (notebooks, tests) sit beside the entry points. What a plugin *is* (a method, a
+layer class, a weight backend) is the typed resolvers' business: :mod:`adapt.core.registry`
+for methods and layers, :mod:`adapt.core.backends` for backends.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import warn_user
+from .typenames import describe, type_label
+
+GROUP_METHODS = "adapt.methods"
+GROUP_LAYERS = "adapt.layers"
+GROUP_BACKENDS = "adapt.backends"
+GROUPS = (GROUP_METHODS, GROUP_LAYERS, GROUP_BACKENDS)
+
+IN_PROCESS = "<in-process>"
+
+
+@dataclass
+class PluginEntry:
+    """One plugin: where it came from and, once loaded, the object it provides."""
+
+    group: str
+    name: str
+    value: str
+    distribution: str
+    version: str
+    obj: Any = None
+    error: str | None = None
+    priority: int = 0
+    loaded: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return f"failed: {self.error}"
+        return "ok" if self.loaded else "not loaded"
+
+
+@dataclass
+class _Group:
+    entries: list[PluginEntry] = field(default_factory=list)
+    scanned: bool = False
+
+
+class PluginStore:
+    """Every plugin found through entry points or registered in-process, by group; knows
+    nothing of what the plugins are (:class:`adapt.core.registry.Registry` does)."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, _Group] = {g: _Group() for g in GROUPS}
+        self._lock = threading.RLock()
+
+    # -- discovery ---------------------------------------------------------------------------
+    def _scan(self, group: str) -> _Group:
+        grp = self._groups[group]
+        if grp.scanned:
+            return grp
+        with self._lock:
+            if grp.scanned:
+                return grp
+            found: list[PluginEntry] = []
+            for ep in metadata.entry_points(group=group):
+                dist = getattr(ep, "dist", None)
+                found.append(
+                    PluginEntry(
+                        group=group,
+                        name=ep.name,
+                        value=ep.value,
+                        distribution=dist.metadata["Name"] if dist is not None else "?",
+                        version=dist.version if dist is not None else "?",
+                        obj=ep,
+                    )
+                )
+            # in-process registrations made before the scan stay, after entry points
+            grp.entries = found + [e for e in grp.entries if e.distribution == IN_PROCESS]
+            grp.scanned = True
+        return grp
+
+    def _load(self, entry: PluginEntry) -> Any:
+        if entry.loaded or entry.error:
+            return entry.obj if entry.loaded else None
+        ep = entry.obj
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plugin never breaks the rest
+            entry.error = f"{type(exc).__name__}: {exc}"
+            entry.obj = None
+            warn_user(
+                f"adapt: skipping plugin {entry.name!r} ({entry.group}) from distribution "
+                f"{entry.distribution} {entry.version}: it failed to import: {entry.error}",
+                RuntimeWarning,
+            )
+            return None
+        entry.obj = obj
+        entry.loaded = True
+        entry.priority = int(getattr(obj, "priority", 0) or 0)
+        return obj
+
+    def entries(self, group: str, *, load: bool = True) -> list[PluginEntry]:
+        grp = self._scan(group)
+        if load:
+            for entry in grp.entries:
+                self._load(entry)
+        return list(grp.entries)
+
+    def entry_named(self, group: str, name: str) -> PluginEntry | None:
+        return next((e for e in self.entries(group) if e.name == name), None)
+
+    def status_of(self, entry: PluginEntry) -> str:
+        """What ``adapt plugins`` shows for ``entry``: ok, failed (with the error), shadowed by
+        another plugin for some base type, or in conflict with one."""
+        if entry.error or not entry.loaded or entry.group == GROUP_METHODS:
+            return entry.status
+        method = getattr(entry.obj, "method", None)
+        rivals = [
+            e
+            for e in self.entries(entry.group)
+            if e is not entry
+            and e.obj is not None
+            and e.obj is not entry.obj
+            and getattr(e.obj, "method", None) == method
+        ]
+        notes: list[str] = []
+        for want in getattr(entry.obj, "base_types", ()):
+            label = type_label(want)
+            for other in rivals:
+                if label not in {type_label(t) for t in getattr(other.obj, "base_types", ())}:
+                    continue
+                if other.priority > entry.priority:
+                    notes.append(f"shadowed by {other.name} for {label.rsplit('.', 1)[-1]}")
+                elif other.priority == entry.priority:
+                    if other.distribution != entry.distribution:
+                        notes.append(
+                            f"conflict with {other.name} ({other.distribution}) for "
+                            f"{label.rsplit('.', 1)[-1]}: same priority"
+                        )
+                    elif other.name < entry.name:
+                        notes.append(f"shadowed by {other.name} for {label.rsplit('.', 1)[-1]}")
+        return "; ".join(dict.fromkeys(notes)) or "ok"
+
+    # -- in-process registration -------------------------------------------------------------
+    def _register(self, group: str, name: str, obj: Any, priority: int | None) -> PluginEntry:
+        entry = PluginEntry(
+            group=group,
+            name=name,
+            value=describe(obj) if not isinstance(obj, str) else obj,
+            distribution=IN_PROCESS,
+            version="",
+            obj=obj,
+            loaded=True,
+            priority=int(priority if priority is not None else getattr(obj, "priority", 0) or 0),
+        )
+        with self._lock:
+            grp = self._groups[group]
+            grp.entries = [
+                e for e in grp.entries if not (e.distribution == IN_PROCESS and e.name == name)
+            ]
+            grp.entries.append(entry)
+        return entry
+
+    def unregister(self, group: str, name: str) -> None:
+        with self._lock:
+            grp = self._groups[group]
+            grp.entries = [
+                e for e in grp.entries if not (e.distribution == IN_PROCESS and e.name == name)
+            ]
+
+
+_current: list[PluginStore] = []
+
+
+def current_store() -> PluginStore:
+    """The process-wide store (the registry :func:`adapt.core.get_registry` returns)."""
+    if not _current:
+        _current.append(PluginStore())
+    return _current[0]
+
+
+def use_store(store: PluginStore) -> PluginStore:
+    """Make ``store`` the process-wide one; returns the previous one."""
+    previous = current_store()
+    _current[0] = store
+    return previous

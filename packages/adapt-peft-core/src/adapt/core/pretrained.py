@@ -1,0 +1,102 @@
+"""Adapter folders and the Hub: ``save_pretrained`` writes PEFT's files, the loaders read them.
+
+Writing goes through :mod:`adapt.core.saving` (whole tensors under any engine, checked against
+the shapes the adapter was built with) and :mod:`adapt.core.checkpoint` (atomic, crash-safe
+files); reading resolves a folder or a Hub repo id, builds the config of the method the file
+names, and hands the tensors to :mod:`adapt.core.state_dict` for validated loading.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import AdapterSet
+from .checkpoint import adapter_folder, read_config, read_tensors, resolve_adapter_dir, write_adapter
+from .config import AdapterConfig
+from .errors import CheckpointError, ConfigError
+from .registry import get_registry
+from .saving import collect_states, record_shapes
+from .state_dict import load_tensors
+
+SAVE_OPTIONS = {"safe_serialization", "is_main_process", "state_dict"}
+
+
+def load_config(model_id: str | os.PathLike[str], **hub: Any) -> AdapterConfig:
+    """Read ``adapter_config.json`` (a local folder or a Hub repo id) and build the config of
+    the method it names."""
+    model_id = resolve_adapter_dir(model_id, caller="load_config", **hub)
+    data = read_config(model_id)
+    peft_type = data["peft_type"]
+    if not isinstance(peft_type, str):
+        raise CheckpointError(f"{model_id}: peft_type must be a string, got {peft_type!r}")
+    method = get_registry().get_method(peft_type)
+    source = str(Path(model_id) / "adapter_config.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        return method.config_class.from_dict(data, source=source)
+
+
+def read_adapter(
+    model_id: str | os.PathLike[str],
+    config: AdapterConfig | None,
+    *,
+    is_trainable: bool,
+    allow_pickle: bool,
+    caller: str,
+    **hub: Any,
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config (read from the folder unless given) and the tensors of a saved adapter."""
+    folder = resolve_adapter_dir(model_id, allow_pickle=allow_pickle, caller=caller, **hub)
+    if config is None:
+        config = load_config(folder)
+    config.inference_mode = not is_trainable
+    return config, read_tensors(folder, allow_pickle=allow_pickle)
+
+
+def fill(adapters: AdapterSet, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Give the new adapter ``adapter_name`` a checkpoint's tensors (the method first shapes
+    it, e.g. AdaLoRA's kept ranks); the caller rolls back on failure."""
+    config = adapters.configs[adapter_name]
+    adapters.method_of(adapter_name).before_load(adapters.view, config, adapter_name)
+    record_shapes(adapters.view, adapter_name)  # the shapes the checkpoint was saved with
+    load_tensors(adapters, adapter_name, tensors, source=source)
+
+
+def _file_config(adapters: AdapterSet, name: str) -> dict[str, Any]:
+    config = adapters.configs[name].to_dict()
+    config["inference_mode"] = True
+    config.setdefault("base_model_name_or_path", None)
+    if config.get("base_model_name_or_path") is None:
+        model_config = getattr(adapters.model, "config", None)
+        config["base_model_name_or_path"] = getattr(model_config, "name_or_path", None) or None
+    return config
+
+
+def save_pretrained(
+    adapters: AdapterSet,
+    save_directory: str | os.PathLike[str],
+    selected_adapters: Sequence[str] | None,
+    options: dict[str, Any],
+) -> None:
+    """Write each adapter in PEFT's format (see ``AdaptedModel.save_pretrained``)."""
+    unknown = sorted(set(options) - SAVE_OPTIONS)
+    if unknown:
+        raise TypeError(f"save_pretrained got unexpected arguments {unknown}")
+    if options.get("safe_serialization") is False:
+        raise ConfigError("adapt writes safetensors only; drop safe_serialization=False")
+    main = options.get("is_main_process", True) is not False
+    names = list(selected_adapters) if selected_adapters is not None else list(adapters.configs)
+    states = collect_states(adapters.view, names, main=main, state_dict=options.get("state_dict"))
+    if states is None:
+        return
+    root = Path(save_directory)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"cannot save into {str(root)!r}: it is a file, not a folder")
+    for name in names:
+        write_adapter(adapter_folder(root, name), _file_config(adapters, name), states[name])

@@ -1,0 +1,77 @@
+"""Which parameters train, which adapters apply, and how many parameters there are.
+
+Only active adapters train (and only on a trainable model); a config's ``bias`` makes base
+biases trainable too; a method may mark more (``Method.mark_trainable``). ``disabled`` switches
+every adapter layer and ``modules_to_save`` wrapper off at once.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .adapters import AdapterSet
+from .layer import AdapterLayer
+from .modules_to_save import ModulesToSave
+
+#: bias modes that train the biases of adapted layers only (each method's PEFT spelling)
+ADAPTED_BIAS_MODES = ("lora_only", "vera_only", "adapter_only")
+
+
+def apply_active(adapters: AdapterSet) -> None:
+    """Freeze the base, then make the active adapters (and their biases) trainable."""
+    trainable = adapters.is_trainable
+    for param in adapters.model.parameters():
+        param.requires_grad_(False)
+    for _, layer in adapters.layers():
+        layer.set_adapter(adapters.active, trainable=trainable)
+    for _, wrapper in adapters.wrappers():
+        active = [n for n in adapters.active if n in wrapper.modules_to_save]
+        wrapper.active_adapter = active[0] if active else None
+        if trainable and active:
+            wrapper.modules_to_save[active[0]].requires_grad_(True)
+    if not trainable:
+        return
+    for name in adapters.active:
+        config = adapters.configs[name]
+        bias = getattr(config, "bias", "none")
+        if bias == "all" or bias in ADAPTED_BIAS_MODES:
+            for param in bias_parameters(adapters, all_biases=bias == "all").values():
+                param.requires_grad_(True)
+        adapters.method_of(name).mark_trainable(adapters.view, config, name)
+
+
+def bias_parameters(adapters: AdapterSet, *, all_biases: bool) -> dict[str, nn.Parameter]:
+    """Base-model biases by path: all of them, or only those of adapted layers."""
+    out: dict[str, nn.Parameter] = {}
+    if all_biases:
+        for pname, param in adapters.model.named_parameters():
+            if pname.endswith("bias") and not (
+                ".modules_to_save." in pname or ".original_module." in pname
+            ):
+                out[pname] = param
+        return out
+    for path, layer in adapters.layers():
+        bias = getattr(layer.get_base_layer(), "bias", None)
+        if isinstance(bias, nn.Parameter):
+            out[f"{path}.base_layer.bias"] = bias
+    return out
+
+
+def switchable(adapters: AdapterSet) -> list[AdapterLayer | ModulesToSave]:
+    """Every module that ``disabled`` switches off: adapter layers and modules_to_save."""
+    layers = [layer for _, layer in adapters.layers()]
+    wrappers = [w for _, w in adapters.wrappers()]
+    return [*layers, *wrappers]
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (4-bit weights counted unpacked)."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if hasattr(param, "quant_state") or param.__class__.__name__ == "Params4bit":
+            n *= 2  # 4-bit: two values per stored byte
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
