@@ -30,7 +30,7 @@ from torch import nn
 from adapt.core import AdapterStateError
 from adapt.core.distributed import fsdp1_units, is_deepspeed, is_partitioned, is_zero3
 
-_CAPTURE_ATTR = "_adapt_adalora_capture"
+_CAPTURE_KEY = "adalora.deepspeed_capture"
 
 
 def zero_optimizer(obj: Any) -> Any:
@@ -74,6 +74,7 @@ class DeepSpeedCapture:
 
         optimizer.step = step
         self._original = original
+        self._installed = True
 
     def _read(self) -> None:
         from deepspeed.utils import safe_get_full_grad
@@ -103,12 +104,19 @@ class DeepSpeedCapture:
         return self.grads.get(id(p))
 
     def remove(self) -> None:
-        if self.optimizer.__dict__.get("step") is not None:
+        if self._installed:  # the wrapper is an attribute of the instance: deleting it restores
             del self.optimizer.step
+            self._installed = False
+
+
+def _slot(model: Any) -> dict[str, DeepSpeedCapture]:
+    """Where the model's adapter set keeps this method's DeepSpeed capture."""
+    slot: dict[str, DeepSpeedCapture] = model.adapter_set.state(_CAPTURE_KEY, dict)
+    return slot
 
 
 def capture(model: nn.Module) -> DeepSpeedCapture | None:
-    found: DeepSpeedCapture | None = model.__dict__.get(_CAPTURE_ATTR)
+    found: DeepSpeedCapture | None = _slot(model).get("capture")
     return found
 
 
@@ -127,7 +135,7 @@ def install_capture(
     if old is not None:
         old.remove()
     found = DeepSpeedCapture(zero, tensors)
-    model.__dict__[_CAPTURE_ATTR] = found
+    _slot(model)["capture"] = found
     return found
 
 

@@ -8,9 +8,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from adapt.core import AdaptedModel, AdapterConfig, AdapterStateError, ConfigError, Method
+from adapt.core import AdapterConfig, AdapterStateError, ConfigError, Method
 from adapt.core.distributed import clean_key, full_tensor
 from adapt.core.errors import warn_user
+from adapt.core.protocols import ModelView
 from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .allocator import RankAllocator
@@ -18,7 +19,7 @@ from .config import AdaLoraConfig
 from .engines import gradient_reader, refuse_unreadable_regulariser, whole
 from .layer import AdaLoraLayer, kept_ranks
 
-_STATE_ATTR = "_adalora_allocators"
+_STATE_KEY = "adalora.allocators"
 LAYER_TENSORS = ("lora_A", "lora_E", "lora_B")
 
 NEVER_RAN = (
@@ -29,16 +30,13 @@ NEVER_RAN = (
 )
 
 
-def allocators(model: AdaptedModel) -> dict[str, RankAllocator]:
+def allocators(model: ModelView) -> dict[str, RankAllocator]:
     """The rank allocators of ``model``'s AdaLoRA adapters, by adapter name."""
-    found = model.__dict__.get(_STATE_ATTR)
-    if found is None:
-        found = {}
-        model.__dict__[_STATE_ATTR] = found
+    found: dict[str, RankAllocator] = model.adapter_set.state(_STATE_KEY, dict)
     return found
 
 
-def adalora_layers(model: AdaptedModel, adapter_name: str) -> dict[str, AdaLoraLayer]:
+def adalora_layers(model: ModelView, adapter_name: str) -> dict[str, AdaLoraLayer]:
     return {
         path: layer
         for path, layer in model.adapter_layers()
@@ -46,7 +44,7 @@ def adalora_layers(model: AdaptedModel, adapter_name: str) -> dict[str, AdaLoraL
     }
 
 
-def orthogonal_regulariser(model: AdaptedModel, adapter_name: str) -> torch.Tensor:
+def orthogonal_regulariser(model: ModelView, adapter_name: str) -> torch.Tensor:
     """Mean over the adapter's A and B matrices of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F."""
     total: torch.Tensor | None = None
     count = 0
@@ -90,7 +88,7 @@ ADALORA_TARGETS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 
 
-class AdaLoraMethod(Method):
+class AdaLoraMethod(Method[AdaLoraConfig]):
     name: ClassVar[str] = "adalora"
     peft_type: ClassVar[str] = "ADALORA"
     package: ClassVar[str] = "adapt-adalora"
@@ -99,12 +97,11 @@ class AdaLoraMethod(Method):
 
     def prepare(
         self,
-        model: AdaptedModel,
-        config: AdapterConfig,
+        model: ModelView,
+        config: AdaLoraConfig,
         adapter_name: str,
         targets: dict[str, nn.Module],
     ) -> None:
-        assert isinstance(config, AdaLoraConfig)
         if config.inference_mode:
             return
         others = [
@@ -120,17 +117,15 @@ class AdaLoraMethod(Method):
             )
 
     def layer_kwargs(
-        self, model: AdaptedModel, config: AdapterConfig, adapter_name: str, path: str
+        self, model: ModelView, config: AdaLoraConfig, adapter_name: str, path: str
     ) -> dict[str, Any]:
-        assert isinstance(config, AdaLoraConfig)
         # init_r ranks, whatever config.rank_pattern holds: training writes the pattern into
         # the config object (as PEFT does), and a new model built from it must not start pruned
         # (PEFT too builds init_r and applies rank_pattern only when loading: before_load)
         return {"r": config.init_r}
 
-    def before_load(self, model: AdaptedModel, config: AdapterConfig, adapter_name: str) -> None:
+    def before_load(self, model: ModelView, config: AdaLoraConfig, adapter_name: str) -> None:
         """A budgeted checkpoint holds only the kept ranks: shape each layer to them."""
-        assert isinstance(config, AdaLoraConfig)
         for path, layer in adalora_layers(model, adapter_name).items():
             mask = config.kept_ranks(path)
             if mask is None or sum(mask) == layer.r[adapter_name]:
@@ -140,19 +135,19 @@ class AdaLoraMethod(Method):
             for table in (layer.lora_A, layer.lora_E, layer.lora_B):
                 table[adapter_name].requires_grad_(trainable)
 
-    def allocator(self, model: AdaptedModel, adapter_name: str) -> RankAllocator:
+    def allocator(self, model: ModelView, adapter_name: str) -> RankAllocator:
         found = allocators(model)
         alloc = found.get(adapter_name)
         if alloc is None:
-            config = model.peft_config[adapter_name]
-            assert isinstance(config, AdaLoraConfig)
+            config = self.config_of(model, adapter_name)
             alloc = RankAllocator(config, adapter_name, adalora_layers(model, adapter_name))
             found[adapter_name] = alloc
         return alloc
 
-    def update_and_allocate(self, model: AdaptedModel, global_step: int) -> None:
-        config = model.peft_config[adapter_name := self._trainable(model)]
-        assert isinstance(config, AdaLoraConfig) and config.total_step is not None
+    def update_and_allocate(self, model: ModelView, global_step: int) -> None:
+        adapter_name = self._trainable(model)
+        config = self.config_of(model, adapter_name)
+        assert config.total_step is not None  # validated: a trainable AdaLoRA config has it
         alloc = self.allocator(model, adapter_name)
         if any(layer.r[adapter_name] != config.init_r for layer in alloc.layers.values()):
             raise AdapterStateError(
@@ -178,7 +173,7 @@ class AdaLoraMethod(Method):
 
     @staticmethod
     def _allocate(
-        model: AdaptedModel,
+        model: ModelView,
         config: AdaLoraConfig,
         alloc: RankAllocator,
         global_step: int,
@@ -205,7 +200,7 @@ class AdaLoraMethod(Method):
             )
 
     @staticmethod
-    def _trainable(model: AdaptedModel) -> str:
+    def _trainable(model: ModelView) -> str:
         for name in model.active_adapters:
             config = model.peft_config[name]
             if isinstance(config, AdaLoraConfig) and not config.inference_mode:
@@ -215,9 +210,8 @@ class AdaLoraMethod(Method):
             f"{model.active_adapters}"
         )
 
-    def postprocess_output(self, model: AdaptedModel, adapter_name: str, output: Any) -> Any:
-        config = model.peft_config[adapter_name]
-        assert isinstance(config, AdaLoraConfig)
+    def postprocess_output(self, model: ModelView, adapter_name: str, output: Any) -> Any:
+        config = self.config_of(model, adapter_name)
         if not config.inference_mode and model.training and torch.is_grad_enabled():
             self._count_training_forward(model, adapter_name, config)
         loss = getattr(output, "loss", None)
@@ -229,7 +223,7 @@ class AdaLoraMethod(Method):
         return output
 
     def _count_training_forward(
-        self, model: AdaptedModel, adapter_name: str, config: AdaLoraConfig
+        self, model: ModelView, adapter_name: str, config: AdaLoraConfig
     ) -> None:
         alloc = self.allocator(model, adapter_name)
         alloc.training_forwards += 1
@@ -248,10 +242,9 @@ class AdaLoraMethod(Method):
             )
 
     def checkpoint_state(
-        self, model: AdaptedModel, adapter_name: str, tensors: dict[str, torch.Tensor]
+        self, model: ModelView, adapter_name: str, tensors: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        config = model.peft_config[adapter_name]
-        assert isinstance(config, AdaLoraConfig)
+        config = self.config_of(model, adapter_name)
         alloc = allocators(model).get(adapter_name)
         trained = alloc is not None and alloc.training_forwards > 0
         if trained and alloc is not None and alloc.steps_seen == 0 and not config.rank_pattern:
@@ -269,7 +262,7 @@ class AdaLoraMethod(Method):
             out.update({keys[attr]: tensor for attr, tensor in kept.items()})
         return out
 
-    def on_delete(self, model: AdaptedModel, adapter_name: str) -> None:
+    def on_delete(self, model: ModelView, adapter_name: str) -> None:
         allocators(model).pop(adapter_name, None)
 
 

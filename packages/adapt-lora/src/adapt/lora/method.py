@@ -7,14 +7,15 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from adapt.core import AdaptedModel, AdapterConfig, Method, TargetError, get_registry
+from adapt.core import AdapterConfig, Method, TargetError, get_registry
+from adapt.core.protocols import ModelView
 from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .config import LoraConfig
 from .layer import LoraConv, grouped_conv_message
 
 
-class LoraMethod(Method):
+class LoraMethod(Method[LoraConfig]):
     name: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = "LORA"
     package: ClassVar[str] = "adapt-lora"
@@ -23,8 +24,8 @@ class LoraMethod(Method):
 
     def prepare(
         self,
-        model: AdaptedModel,
-        config: AdapterConfig,
+        model: ModelView,
+        config: LoraConfig,
         adapter_name: str,
         targets: dict[str, nn.Module],
     ) -> None:
@@ -38,9 +39,8 @@ class LoraMethod(Method):
                 raise TargetError(grouped_conv_message(path, module))
 
     def layer_kwargs(
-        self, model: AdaptedModel, config: AdapterConfig, adapter_name: str, path: str
+        self, model: ModelView, config: LoraConfig, adapter_name: str, path: str
     ) -> dict[str, Any]:
-        assert isinstance(config, LoraConfig)
         r, alpha = config.rank_and_alpha(path)
         return {"r": r, "lora_alpha": alpha}
 

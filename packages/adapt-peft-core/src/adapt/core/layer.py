@@ -80,6 +80,17 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self._references: dict[str, Any] = {}
+
+    def use_shared(self, name: str, obj: Any) -> None:
+        """Keep a plain reference to ``obj`` under ``name``: state the model owns once and
+        many layers read (VeRA's basis, registered on the model), not a submodule of this
+        layer, so it is neither saved nor moved through it."""
+        self._references[name] = obj
+
+    def shared(self, name: str) -> Any:
+        """What :meth:`use_shared` stored under ``name``, or None."""
+        return self._references.get(name)
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:

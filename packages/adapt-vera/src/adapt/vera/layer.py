@@ -36,7 +36,7 @@ class VeraLayer(AdapterLayer):
 
     @property
     def basis(self) -> SharedBasis:
-        basis: SharedBasis | None = self.__dict__.get("_basis")
+        basis: SharedBasis | None = self.shared("basis")
         if basis is None:
             raise RuntimeError("this VeRA layer has no shared basis; it was not created by adapt()")
         return basis
@@ -50,7 +50,7 @@ class VeraLayer(AdapterLayer):
             config.r, self.in_features, self.out_features, what=f"VeRA adapter {adapter_name!r}"
         )
         # a plain reference, not a submodule: the basis is registered once, on the model
-        self.__dict__["_basis"] = basis
+        self.use_shared("basis", basis)
         dtype, device = adapter_dtype_device(self)
         self.r[adapter_name] = config.r
         dropout = config.vera_dropout

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from adapt.core import (
-    AdaptedModel,
     AdapterConfig,
     AdapterLayer,
     CheckpointError,
@@ -19,6 +18,7 @@ from adapt.core import (
     get_registry,
 )
 from adapt.core.errors import warn_user
+from adapt.core.protocols import ModelView
 from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .config import VeraConfig
@@ -41,7 +41,7 @@ def _device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class VeraMethod(Method):
+class VeraMethod(Method[VeraConfig]):
     name: ClassVar[str] = "vera"
     peft_type: ClassVar[str] = "VERA"
     package: ClassVar[str] = "adapt-vera"
@@ -53,18 +53,17 @@ class VeraMethod(Method):
     }
 
     @staticmethod
-    def basis(model: AdaptedModel) -> SharedBasis | None:
-        basis = model.base_model._modules.get(BASIS_NAME)
+    def basis(model: ModelView) -> SharedBasis | None:
+        basis = model.adapter_set.shared(BASIS_NAME)
         return basis if isinstance(basis, SharedBasis) else None
 
     def prepare(
         self,
-        model: AdaptedModel,
-        config: AdapterConfig,
+        model: ModelView,
+        config: VeraConfig,
         adapter_name: str,
         targets: dict[str, nn.Module],
     ) -> None:
-        assert isinstance(config, VeraConfig)
         for other, other_cfg in model.peft_config.items():
             key = getattr(other_cfg, "projection_prng_key", None)
             if key != config.projection_prng_key:
@@ -90,27 +89,22 @@ class VeraMethod(Method):
                 shape = declared
             basis = SharedBasis(*shape, config.projection_prng_key)
             basis.to(_device(next(iter(targets.values()))))
-            model.base_model.add_module(BASIS_NAME, basis)
+            model.adapter_set.set_shared(BASIS_NAME, basis)
         else:
             basis.require(config.r, max_in, max_out, what=f"VeRA adapter {adapter_name!r}")
 
     def layer_kwargs(
-        self, model: AdaptedModel, config: AdapterConfig, adapter_name: str, path: str
+        self, model: ModelView, config: VeraConfig, adapter_name: str, path: str
     ) -> dict[str, Any]:
         return {"basis": self.basis(model)}
 
-    def on_delete(self, model: AdaptedModel, adapter_name: str) -> None:
-        if (
-            not any(n != adapter_name for n in model.peft_config)
-            and BASIS_NAME in model.base_model._modules
-        ):
-            del model.base_model._modules[BASIS_NAME]
+    def on_delete(self, model: ModelView, adapter_name: str) -> None:
+        if not any(n != adapter_name for n in model.peft_config):
+            model.adapter_set.drop_shared(BASIS_NAME)
 
-    @staticmethod
-    def natural_shape(model: AdaptedModel, adapter_name: str) -> tuple[int, int, int]:
+    def natural_shape(self, model: ModelView, adapter_name: str) -> tuple[int, int, int]:
         """The basis PEFT would build for this adapter alone: (r, max in, max out) of its layers."""
-        config = model.peft_config[adapter_name]
-        assert isinstance(config, VeraConfig)
+        config = self.config_of(model, adapter_name)
         layers = [lay for _, lay in model.adapter_layers() if adapter_name in lay.adapter_names]
         return (
             config.r,
@@ -118,9 +112,8 @@ class VeraMethod(Method):
             max(lay.out_features for lay in layers),
         )
 
-    def extra_state(self, model: AdaptedModel, adapter_name: str) -> dict[str, torch.Tensor]:
-        config = model.peft_config[adapter_name]
-        assert isinstance(config, VeraConfig)
+    def extra_state(self, model: ModelView, adapter_name: str) -> dict[str, torch.Tensor]:
+        config = self.config_of(model, adapter_name)
         basis = self.basis(model)
         assert basis is not None
         r, max_in, max_out = self.natural_shape(model, adapter_name)
@@ -140,10 +133,9 @@ class VeraMethod(Method):
         return {}
 
     def load_extra_state(
-        self, model: AdaptedModel, adapter_name: str, tensors: dict[str, torch.Tensor]
+        self, model: ModelView, adapter_name: str, tensors: dict[str, torch.Tensor]
     ) -> list[str]:
-        config = model.peft_config[adapter_name]
-        assert isinstance(config, VeraConfig)
+        config = self.config_of(model, adapter_name)
         basis = self.basis(model)
         assert basis is not None
         r, max_in, max_out = self.natural_shape(model, adapter_name)
