@@ -1,0 +1,278 @@
+"""The timed cases: import, inject, train (step, floor, overhead), infer (unmerged, merged,
+base), merge_and_unload, from_pretrained and AdaLoRA's update_and_allocate. Each one runs both
+libraries through ``alternate`` and adds its rows to the ``Bench``. Peak memory is in
+``bench_memory``."""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench_config import LIBS
+from bench_report import make_row, median
+from bench_timing import Bench, alternate
+from bench_workloads import empty_llama, floor_fn, inject, same_work, train_step_fn, trainable
+
+
+def case_import(b: Bench, methods: Sequence[str]) -> None:
+    """Wall time of a fresh ``python -c "import X"``; also minus ``import torch``."""
+    mods = {"torch": "torch", "peft": "peft", **{m: f"adapt.{m}" for m in methods}}
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # both sides import from compiled .pyc files
+    # Warm-up (untimed): writes any missing .pyc and fills the OS page cache for both sides.
+    warm = subprocess.run(
+        [sys.executable, "-c", "import " + ", ".join(mods.values())],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if warm.returncode:
+        raise RuntimeError(f"importing {list(mods.values())} failed:\n{warm.stderr}")
+
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    clock = children_cpu if b.cpu_clock else time.perf_counter
+
+    def run(mod: str) -> float:
+        start = clock()
+        subprocess.run(
+            [sys.executable, "-c", f"import {mod}"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return clock() - start
+
+    contenders = {k: (lambda rep, mod=mod: run(mod)) for k, mod in mods.items()}
+    samples = alternate(contenders, b.sizes.import_reps, warmup=0)
+    torch_s = samples["torch"]
+    b.add(make_row("import torch", "-", "s", median(torch_s), None, samples={"torch": torch_s}))
+    for m in methods:
+        a, p = samples[m], samples["peft"]
+        b.add(make_row("import", m, "s", median(a), median(p), samples={"adapt": a, "peft": p}))
+    for m in methods:
+        a = [x / t for x, t in zip(samples[m], torch_s, strict=True)]
+        p = [x / t for x, t in zip(samples["peft"], torch_s, strict=True)]
+        b.add(
+            make_row(
+                "import ÷ torch", m, "x", median(a), median(p),
+                note="× import torch", samples={"adapt": a, "peft": p},
+            )
+        )  # fmt: skip
+
+
+def case_inject(b: Bench, methods: Sequence[str]) -> None:
+    """adapt(...) vs get_peft_model(...) on a Llama built with empty (meta) weights."""
+    for m in methods:
+        how_used = None
+        for how in ("meta", "init_empty_weights", "real"):
+            try:
+                for lib in LIBS:
+                    inject(lib, empty_llama(b, how), m)
+            except Exception as exc:  # report it and fall back
+                b.notes.append(f"inject/{m}: {how} failed ({type(exc).__name__}: {exc})")
+                continue
+            how_used = how
+            break
+        if how_used is None:
+            b.notes.append(f"inject/{m}: skipped, no way to build the model worked for both")
+            continue
+
+        def contender(lib: str, how: str = how_used, m: str = m) -> Callable[[int], float]:
+            def run(rep: int) -> float:
+                model = empty_llama(b, how)
+                return b.timed(lambda: inject(lib, model, m))
+
+            return run
+
+        samples = alternate({lib: contender(lib) for lib in LIBS}, b.sizes.reps)
+        note = f"{b.sizes.inject_layers} layers, {how_used}"
+        b.add(
+            make_row(
+                "inject", m, "s", median(samples["adapt"]), median(samples["peft"]),
+                note=note, samples=samples,
+            )
+        )  # fmt: skip
+
+
+def case_train(b: Bench, methods: Sequence[str]) -> None:
+    """forward + backward + AdamW step, and the frozen base model's forward + backward."""
+    ids = b.batch()
+    floor_model = b.fresh_base()
+    floor_step = floor_fn(floor_model, ids)
+    for m in methods:
+        models = {lib: inject(lib, b.fresh_base(), m).train() for lib in LIBS}
+        counts = {lib: trainable(models[lib]) for lib in LIBS}
+        if counts["adapt"] != counts["peft"]:
+            b.notes.append(f"train/{m}: trainable parameters differ: {counts}")
+        check = same_work(models, ids)
+        if check != "same loss":
+            b.notes.append(f"train/{m}: {check}")
+        steps = {lib: train_step_fn(models[lib], ids) for lib in LIBS}
+        steps["floor"] = floor_step
+        samples = alternate(
+            {k: (lambda rep, f=f: b.timed(f)) for k, f in steps.items()}, b.sizes.reps
+        )
+        a, p, fl = samples["adapt"], samples["peft"], samples["floor"]
+        b.add(make_row("train step", m, "s", median(a), median(p), note=check, samples=samples))
+        b.add(make_row("train floor", m, "s", median(fl), None, note="frozen base fwd+bwd"))
+        oa = [x - f for x, f in zip(a, fl, strict=True)]
+        op = [x - f for x, f in zip(p, fl, strict=True)]
+        b.add(
+            make_row(
+                "train overhead", m, "s", median(oa), median(op),
+                note="step − floor", samples={"adapt": oa, "peft": op},
+            )
+        )  # fmt: skip
+        del models, steps
+        gc.collect()
+
+
+def case_infer(b: Bench, methods: Sequence[str]) -> None:
+    """no_grad eval forward: unmerged, merged (merge_adapter), and the base model."""
+    import torch
+
+    ids = b.batch()
+    base_model = b.fresh_base().eval()
+    n = b.sizes.infer_number
+
+    def fwd(model: Any) -> Callable[[int], float]:
+        def run(rep: int) -> float:
+            with torch.no_grad():
+                return b.timed(lambda: model(input_ids=ids).logits, number=n)
+
+        return run
+
+    for m in methods:
+        models = {lib: inject(lib, b.fresh_base(), m).eval() for lib in LIBS}
+        unmerged = alternate(
+            {**{lib: fwd(models[lib]) for lib in LIBS}, "base": fwd(base_model)},
+            b.sizes.infer_reps,
+        )
+        for lib in LIBS:
+            models[lib].merge_adapter()
+        merged = alternate(
+            {**{lib: fwd(models[lib]) for lib in LIBS}, "base": fwd(base_model)},
+            b.sizes.infer_reps,
+        )
+        b.add(
+            make_row(
+                "infer unmerged", m, "s", median(unmerged["adapt"]), median(unmerged["peft"]),
+                samples=unmerged,
+            )
+        )  # fmt: skip
+        b.add(
+            make_row(
+                "infer merged", m, "s", median(merged["adapt"]), median(merged["peft"]),
+                samples=merged,
+            )
+        )  # fmt: skip
+        base_t = median(merged["base"])
+        b.add(make_row("infer base", m, "s", base_t, None, note="no adapter"))
+        b.add(
+            make_row(
+                "infer merged÷base", m, "x",
+                median(merged["adapt"]) / base_t, median(merged["peft"]) / base_t,
+                note="merged / base model",
+            )
+        )  # fmt: skip
+        del models
+        gc.collect()
+
+
+def case_merge(b: Bench, methods: Sequence[str]) -> None:
+    """merge_and_unload on a freshly adapted model each time."""
+    for m in methods:
+
+        def contender(lib: str, m: str = m) -> Callable[[int], float]:
+            def run(rep: int) -> float:
+                model = inject(lib, b.fresh_base(), m)
+                if lib == "adapt":
+                    return b.timed(lambda: model.merge_and_unload(progress_bar=False))
+                return b.timed(lambda: model.merge_and_unload(progressbar=False))
+
+            return run
+
+        samples = alternate({lib: contender(lib) for lib in LIBS}, b.sizes.reps)
+        b.add(
+            make_row(
+                "merge_and_unload", m, "s", median(samples["adapt"]), median(samples["peft"]),
+                samples=samples,
+            )
+        )  # fmt: skip
+
+
+def case_load(b: Bench, methods: Sequence[str]) -> None:
+    """from_pretrained of a saved adapter onto a fresh copy of the base model."""
+    from peft import PeftModel
+
+    from adapt.core import AdaptedModel
+
+    with tempfile.TemporaryDirectory(prefix="adapt-bench-") as tmp:
+        for m in methods:
+            dirs = {lib: Path(tmp) / f"{lib}-{m}" for lib in LIBS}
+            for lib in LIBS:  # each library saves its own adapter once
+                inject(lib, b.fresh_base(), m).save_pretrained(str(dirs[lib]))
+
+            # NB: the default `dirs[lib]` is bound here, after the save loop, so it is the PEFT
+            # directory for both contenders (adapt loads PEFT's files); kept as it was.
+            def contender(lib: str, path: Path = dirs[lib]) -> Callable[[int], float]:
+                def run(rep: int) -> float:
+                    model = b.fresh_base()
+                    if lib == "adapt":
+                        return b.timed(lambda: AdaptedModel.from_pretrained(model, path))
+                    return b.timed(lambda: PeftModel.from_pretrained(model, str(path)))
+
+                return run
+
+            samples = alternate({lib: contender(lib) for lib in LIBS}, b.sizes.reps)
+            b.add(
+                make_row(
+                    "from_pretrained", m, "s", median(samples["adapt"]), median(samples["peft"]),
+                    samples=samples,
+                )
+            )  # fmt: skip
+
+
+def case_allocate(b: Bench, methods: Sequence[str]) -> None:
+    """AdaLoRA's update_and_allocate per step, in the budgeting phase, after a backward."""
+    if "adalora" not in methods:
+        return
+    ids = b.batch()
+    models = {lib: inject(lib, b.fresh_base(), "adalora").train() for lib in LIBS}
+    for model in models.values():
+        model(input_ids=ids, labels=ids).loss.backward()
+    tinit, delta_t = 10, 2  # as in configs("adalora")
+    calls = {
+        "adapt": lambda step: models["adapt"].update_and_allocate(step),
+        "peft": lambda step: models["peft"].base_model.update_and_allocate(step),
+    }
+
+    def contender(lib: str) -> Callable[[int], float]:
+        # the same step number for both libraries in one repetition
+        return lambda rep: b.timed(lambda: calls[lib](tinit + 1 + rep))
+
+    reps = b.sizes.allocate_reps
+    samples = alternate({lib: contender(lib) for lib in LIBS}, reps)
+    steps = [tinit + 1 + rep for rep in range(1, 1 + reps)]  # warm-up rep 0 dropped
+    for label, masking in (("importance only", False), ("importance + mask", True)):
+        pick = [i for i, s in enumerate(steps) if (s % delta_t == 0) == masking]
+        a = [samples["adapt"][i] for i in pick]
+        p = [samples["peft"][i] for i in pick]
+        b.add(
+            make_row(
+                "update_and_allocate", "adalora", "s", median(a), median(p),
+                note=label, samples={"adapt": a, "peft": p},
+            )
+        )  # fmt: skip

@@ -1,0 +1,73 @@
+"""What the bench compares and against which targets: the case and method names, the target
+modules, the two libraries, the model sizes and repetition counts of a full and a ``--quick``
+run, and the goals of the performance issue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CASES = ("import", "inject", "train", "infer", "merge", "load", "allocate", "memory")
+METHODS = ("lora", "vera", "adalora")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LIBS = ("adapt", "peft")
+
+
+# ----------------------------------------------------------------------------- sizes and goals
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model sizes and repetition counts of one run (full or ``--quick``)."""
+
+    hidden: int
+    intermediate: int
+    layers: int  # the training / inference model
+    heads: int
+    vocab: int
+    batch: int
+    seq: int
+    inject_layers: int  # the empty-weight model of the injection case
+    inject_hidden: int
+    inject_intermediate: int
+    reps: int  # timed repetitions per case (after one warm-up)
+    import_reps: int
+    infer_reps: int
+    infer_number: int  # forwards per inference sample
+    allocate_reps: int
+    memory_reps: int
+
+
+FULL = Sizes(
+    hidden=512, intermediate=1376, layers=4, heads=8, vocab=1024, batch=8, seq=128,
+    inject_layers=32, inject_hidden=512, inject_intermediate=1376,
+    reps=9, import_reps=5, infer_reps=15, infer_number=1, allocate_reps=20, memory_reps=3,
+)  # fmt: skip
+QUICK = Sizes(
+    hidden=128, intermediate=344, layers=2, heads=4, vocab=256, batch=2, seq=32,
+    inject_layers=8, inject_hidden=512, inject_intermediate=1376,
+    reps=3, import_reps=1, infer_reps=3, infer_number=1, allocate_reps=4, memory_reps=1,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Goal:
+    """``value(on) <= limit``; ``on`` is ``"ratio"`` (adapt / PEFT) or ``"adapt"``."""
+
+    limit: float
+    on: str = "ratio"
+
+    def text(self) -> str:
+        return f"{'ratio' if self.on == 'ratio' else 'adapt'} ≤ {self.limit:g}"
+
+
+# Goals of the issue, as ratios adapt / PEFT (unless `on="adapt"`).
+GOALS: dict[tuple[str, str], Goal] = {
+    **{("import", m): Goal(0.35) for m in METHODS},
+    **{("inject", m): Goal(0.5) for m in METHODS},
+    ("train step", "lora"): Goal(0.90),
+    ("train step", "vera"): Goal(0.85),
+    ("train overhead", "lora"): Goal(0.6),
+    **{("infer unmerged", m): Goal(0.9) for m in METHODS},
+    **{("infer merged÷base", m): Goal(1.02, on="adapt") for m in METHODS},
+    **{("peak mem", m): Goal(1.0) for m in METHODS},
+}

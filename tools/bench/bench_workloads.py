@@ -1,0 +1,130 @@
+"""The work both libraries are given, and where adapt and PEFT differ: the matching configs of
+each method, injection (``adapt`` vs ``get_peft_model``), the same-work check of the two
+losses, the training step, the frozen-base floor step, and the empty-weight injection model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bench_config import LIBS, TARGETS
+from bench_timing import Bench
+
+
+def configs(method: str) -> tuple[Any, Any]:
+    """Fresh ``(adapt config, PEFT config)`` of ``method``, with the same settings.
+
+    PEFT gets ``task_type="CAUSAL_LM"`` (how PEFT is used on a causal LM): without it
+    ``get_peft_model`` returns a bare ``PeftModel`` whose forward skips the tuner's forward, so
+    AdaLoRA's orthogonal regulariser would silently not be computed on the PEFT side.
+    """
+    import peft
+
+    task = {"task_type": "CAUSAL_LM"}
+    if method == "lora":
+        from adapt.lora import LoraConfig
+
+        return (
+            LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)),
+            peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS), **task),
+        )
+    if method == "vera":
+        from adapt.vera import VeraConfig
+
+        return (
+            VeraConfig(r=256, target_modules=list(TARGETS)),
+            peft.VeraConfig(r=256, target_modules=list(TARGETS), **task),
+        )
+    if method == "adalora":
+        from adapt.adalora import AdaLoraConfig
+
+        kw = dict(init_r=12, target_r=8, tinit=10, tfinal=10, deltaT=2, total_step=1000)
+        return (
+            AdaLoraConfig(target_modules=list(TARGETS), **kw),
+            peft.AdaLoraConfig(target_modules=list(TARGETS), **kw, **task),
+        )
+    raise ValueError(method)
+
+
+def inject(lib: str, model: Any, method: str) -> Any:
+    a_cfg, p_cfg = configs(method)
+    if lib == "adapt":
+        from adapt.core import adapt
+
+        return adapt(model, a_cfg)
+    import peft
+
+    return peft.get_peft_model(model, p_cfg)
+
+
+def trainable(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def same_work(models: dict[str, Any], ids: Any) -> str:
+    """Copy adapt's trainable tensors into the PEFT model (same names: both use PEFT's key
+    layout) and compare the two training losses; returns a note for the table."""
+    import torch
+
+    params = {
+        lib: {n: p for n, p in models[lib].named_parameters() if p.requires_grad} for lib in LIBS
+    }
+    if set(params["adapt"]) != set(params["peft"]):
+        return "trainable tensors differ by name"
+    with torch.no_grad():
+        for name, tensor in params["adapt"].items():
+            params["peft"][name].copy_(tensor)
+        loss = {lib: float(models[lib](input_ids=ids, labels=ids).loss) for lib in LIBS}
+    if abs(loss["adapt"] - loss["peft"]) > 1e-4 * max(1.0, abs(loss["peft"])):
+        return f"LOSSES DIFFER: adapt {loss['adapt']:.5f}, peft {loss['peft']:.5f}"
+    return "same loss"
+
+
+def train_step_fn(model: Any, ids: Any) -> Callable[[], None]:
+    """zero_grad + forward (causal-LM loss) + backward + AdamW step."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def floor_fn(model: Any, ids: Any) -> Callable[[], None]:
+    """The frozen base model's forward + backward: every weight frozen, the input embeddings'
+    output made to require grad (``enable_input_require_grads``) so the loss backpropagates
+    through every layer (activation grads only, no weight grads); no optimizer."""
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    model.train()
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+
+    return step
+
+
+def empty_llama(b: Bench, how: str) -> Any:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    s = b.sizes
+    cfg = b.llama_config(
+        layers=s.inject_layers, hidden=s.inject_hidden, intermediate=s.inject_intermediate
+    )
+    if how == "meta":
+        with torch.device("meta"):
+            return LlamaForCausalLM(cfg)
+    if how == "init_empty_weights":
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            return LlamaForCausalLM(cfg)
+    torch.manual_seed(0)  # "real": small real weights
+    return LlamaForCausalLM(cfg)
