@@ -147,7 +147,7 @@ NO_CAPTURE = (
 )
 
 
-def gradient_reader(model: nn.Module, tensors: list[torch.Tensor]) -> Callable[[torch.Tensor], Any]:
+def gradient_reader(model: Any, tensors: list[torch.Tensor]) -> Callable[[torch.Tensor], Any]:
     """How to read the gradient of each of ``tensors`` for scoring (None: no gradient)."""
     if any(is_deepspeed(t) for t in tensors):
         found = capture(model)
@@ -164,7 +164,7 @@ def gradient_reader(model: nn.Module, tensors: list[torch.Tensor]) -> Callable[[
 
 
 @contextlib.contextmanager
-def whole(model: nn.Module, tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+def whole(model: Any, tensors: Iterable[torch.Tensor]) -> Iterator[None]:
     """Within the block the adapter's parameters (and FSDP1 gradients) are whole on every rank,
     and what the block writes into them is kept: ZeRO-3 partitions gathered (rank 0's values
     written back), FSDP1 units summoned with their gradients and written back. A collective."""

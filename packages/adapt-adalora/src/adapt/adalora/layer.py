@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from adapt.core import AdapterLayer, ConfigError, adapter_dtype_device, add_scaled_product
-from adapt.core.backends import CONV1D_TRANSFORMERS
+from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import AdaLoraConfig
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from adapt.core import AdapterStateError, MergeReport, TargetError
-from adapt.core.backends import describe
+from adapt.core.typenames import describe
 
 LINEAR_8BIT = "bitsandbytes.nn.modules.Linear8bitLt"
 LINEAR_4BIT = "bitsandbytes.nn.modules.Linear4bit"

@@ -24,7 +24,7 @@ from adapt.core import (
     matmul_factor,
 )
 from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
-from adapt.core.backends import CONV1D_TRANSFORMERS, describe
+from adapt.core.typenames import CONV1D_TRANSFORMERS, describe
 
 from .config import LoraConfig
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from ._namespace import check_namespace
-from .backends import DenseBackend, MergeReport, WeightBackend
+from .backends import DenseBackend, WeightBackend
 from .basis import SharedBasis
 from .config import ANY_VALUE, AdapterConfig
 from .errors import (
@@ -30,6 +30,7 @@ from .layer import (
     matmul_factor,
     transposed_factor_is_faster,
 )
+from .merge import MergeReport
 from .method import Method
 from .model import AdaptedModel, ModulesToSave, adapt, load_config
 from .registry import get_registry, register_backend, register_layer, register_method

@@ -85,7 +85,8 @@ class AdapterSet:
     @property
     def model(self) -> nn.Module:
         """The wrapped model."""
-        return cast(nn.Module, self.host.model)
+        model: nn.Module = self.host.model
+        return model
 
     # -- the one check of an adapter name ---------------------------------------------------
     def require(self, name: str, fix: str = "") -> AdapterConfig:
@@ -136,7 +137,9 @@ class AdapterSet:
 
     def set_shared(self, name: str, module: nn.Module) -> None:
         if name == "model":
-            raise ValueError("'model' is the wrapped model's slot; name the shared module otherwise")
+            raise ValueError(
+                "'model' is the wrapped model's slot; name the shared module otherwise"
+            )
         self.host.add_module(name, module)
 
     def drop_shared(self, name: str) -> None:

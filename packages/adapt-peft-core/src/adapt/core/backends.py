@@ -15,7 +15,7 @@ dense backend ships with core.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol, cast, runtime_checkable
+from typing import ClassVar, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -25,6 +25,22 @@ from .errors import PluginError, TargetError
 from .merge import MergeReport
 from .plugins import GROUP_BACKENDS, PluginStore, current_store
 from .typenames import CONV1D_TRANSFORMERS, describe, mro_distance, type_names
+
+__all__ = [
+    "CONV1D_TRANSFORMERS",
+    "DENSE_WEIGHT_TYPES",
+    "KNOWN_BACKEND_PACKAGES",
+    "DenseBackend",
+    "MergeReport",
+    "WeightBackend",
+    "backend_hint",
+    "describe",
+    "is_plain_weight",
+    "mro_distance",
+    "no_backend_message",
+    "resolve_backend",
+    "type_names",
+]
 
 #: Weight tensor types the dense backend can really read and write back (exact types, by name:
 #: a subclass may store anything). Plain tensors and parameters (DeepSpeed ZeRO-3 partitions

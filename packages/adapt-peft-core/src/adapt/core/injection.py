@@ -26,7 +26,14 @@ from .modules_to_save import ModulesToSave
 from .registry import get_registry
 from .routing import BASE
 from .saving import record_shapes
-from .targeting import ALL_LINEAR, find_targets, matches_name, model_type_of, module_summary, names_hint
+from .targeting import (
+    ALL_LINEAR,
+    find_targets,
+    matches_name,
+    model_type_of,
+    module_summary,
+    names_hint,
+)
 from .trainability import apply_active
 from .typenames import describe
 
@@ -139,7 +146,9 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig, targets: set[str])
             found.append(path)
     missing = [n for n in names if not any(p == n or p.endswith("." + n) for p in found)]
     if missing:
-        raise TargetError(f"modules_to_save {missing} matched no module; " + names_hint(model, missing))
+        raise TargetError(
+            f"modules_to_save {missing} matched no module; " + names_hint(model, missing)
+        )
     return found
 
 

@@ -93,5 +93,3 @@ def add_scaled_product(
         alpha=scale,
     )
     return summed.view(result.shape)
-
-

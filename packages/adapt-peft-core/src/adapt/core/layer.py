@@ -18,7 +18,6 @@ both which parameters train and what goes into the checkpoint.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, cast
 

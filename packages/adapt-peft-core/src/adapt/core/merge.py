@@ -42,7 +42,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def add_deltas(weight: torch.Tensor, deltas: Iterable[torch.Tensor], sign: float = 1.0) -> torch.Tensor:
+def add_deltas(
+    weight: torch.Tensor, deltas: Iterable[torch.Tensor], sign: float = 1.0
+) -> torch.Tensor:
     """``weight + sign · Σ deltas`` as a new tensor in :func:`accumulation_dtype`."""
     new = weight.detach().to(accumulation_dtype(weight.dtype), copy=True)
     for delta in deltas:

@@ -28,9 +28,7 @@ def _check_safe(adapters: AdapterSet, names: Sequence[str]) -> None:
         if todo and not fits_dtype(
             layer.merged_weight(todo), layer.backend.get_weight(layer.base_layer).dtype
         ):
-            raise unsafe_merge_error(
-                todo, describe(layer.get_base_layer()), "nothing was merged"
-            )
+            raise unsafe_merge_error(todo, describe(layer.get_base_layer()), "nothing was merged")
 
 
 def merge_adapters(

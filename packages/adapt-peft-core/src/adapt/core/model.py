@@ -83,9 +83,7 @@ class AdaptedModel(nn.Module):
         super().__setattr__(name, value)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._adapters.warned_plain_save and called_by_plain_trainer_save(
-            sys._getframe(1)
-        ):
+        if not self._adapters.warned_plain_save and called_by_plain_trainer_save(sys._getframe(1)):
             self._adapters.warned_plain_save = True
             warn_user(PLAIN_TRAINER_SAVE_MESSAGE)
         return super().state_dict(*args, **kwargs)
@@ -156,12 +154,18 @@ class AdaptedModel(nn.Module):
             output = batches.call_mixed(self._adapters, self.model, adapter_names, args, kwargs)
         for name in self.active_adapters:
             method = self.method_of(name) if name in self.peft_config else None
-            if method is not None and type(method).postprocess_output is not Method.postprocess_output:
+            if (
+                method is not None
+                and type(method).postprocess_output is not Method.postprocess_output
+            ):
                 output = method.postprocess_output(self, name, output)
         return output
 
-    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        generate = getattr(self.model, "generate")
+    def generate(
+        self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> Any:
+        inner: Any = self.model
+        generate = inner.generate
         if adapter_names is None:
             return generate(*args, **kwargs)
         batches.check_batch_names(self._adapters, adapter_names)
@@ -371,7 +375,8 @@ class AdaptedModel(nn.Module):
         """The wrapped transformers model's gradient checkpointing (transformers' signature),
         with input grads on so a frozen embedding still lets gradients reach the adapters
         (once: re-enabling, as TRL does around reference passes, adds no hook)."""
-        getattr(self.model, "gradient_checkpointing_enable")(
+        inner: Any = self.model
+        inner.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
         )
         enable = getattr(self.model, "enable_input_require_grads", None)

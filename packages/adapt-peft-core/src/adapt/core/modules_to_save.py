@@ -45,7 +45,7 @@ class ModulesToSave(nn.Module):
             return self._current()(*args, **kwargs)
         x = args[0]
         result = self.original_module(*args, **kwargs)
-        for name, index in sample_groups(names, self.modules_to_save, x.device):
+        for name, index in sample_groups(names, set(self.modules_to_save.keys()), x.device):
             sub = self.modules_to_save[name](x.index_select(0, index), *args[1:], **kwargs)
             result = result.index_copy(0, index, sub.to(result.dtype))
         return result

@@ -17,7 +17,13 @@ from typing import Any
 import torch
 
 from .adapters import AdapterSet
-from .checkpoint import adapter_folder, read_config, read_tensors, resolve_adapter_dir, write_adapter
+from .checkpoint import (
+    adapter_folder,
+    read_config,
+    read_tensors,
+    resolve_adapter_dir,
+    write_adapter,
+)
 from .config import AdapterConfig
 from .errors import CheckpointError, ConfigError
 from .registry import get_registry
@@ -59,7 +65,9 @@ def read_adapter(
     return config, read_tensors(folder, allow_pickle=allow_pickle)
 
 
-def fill(adapters: AdapterSet, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+def fill(
+    adapters: AdapterSet, adapter_name: str, tensors: dict[str, torch.Tensor], source: str
+) -> None:
     """Give the new adapter ``adapter_name`` a checkpoint's tensors (the method first shapes
     it, e.g. AdaLoRA's kept ranks); the caller rolls back on failure."""
     config = adapters.configs[adapter_name]

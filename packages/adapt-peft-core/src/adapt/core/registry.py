@@ -75,7 +75,7 @@ class Registry(PluginStore):
             )
         self._register(GROUP_LAYERS, name or describe(layer_cls), layer_cls, priority)
 
-    def register_method(self, method: Method, *, name: str | None = None) -> None:
+    def register_method(self, method: Method[Any], *, name: str | None = None) -> None:
         self._register(GROUP_METHODS, name or method.name, method, None)
 
     def register_backend(
@@ -84,7 +84,7 @@ class Registry(PluginStore):
         self._register(GROUP_BACKENDS, name or describe(backend), backend, priority)
 
     # -- methods -----------------------------------------------------------------------------
-    def get_method(self, name: str) -> Method:
+    def get_method(self, name: str) -> Method[Any]:
         """The method registered under ``name`` (``"lora"``) or with that ``peft_type``."""
         key = name.lower()
         grp = self._scan(GROUP_METHODS)
@@ -182,7 +182,7 @@ def register_layer(
     _REGISTRY.register_layer(layer_cls, name=name, priority=priority)
 
 
-def register_method(method: Method, *, name: str | None = None) -> None:
+def register_method(method: Method[Any], *, name: str | None = None) -> None:
     _REGISTRY.register_method(method, name=name)
 
 

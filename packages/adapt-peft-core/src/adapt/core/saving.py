@@ -23,6 +23,7 @@ from .distributed import (
 )
 from .errors import CheckpointError
 
+
 def record_shapes(model: Any, adapter_name: str) -> None:
     """Remember the shape of each of the adapter's tensors (called when it is built or
     reshaped for loading, before any engine shards it): the truth a save is checked against."""

@@ -142,9 +142,7 @@ def load_tensors(
 ) -> None:
     """Copy a checkpoint's tensors into adapter ``adapter_name`` after checking all of them."""
     method = adapters.method_of(adapter_name)
-    extra_keys = {
-        k for k in tensors if k.startswith("base_model.") and not k.startswith(PREFIX)
-    }
+    extra_keys = {k for k in tensors if k.startswith("base_model.") and not k.startswith(PREFIX)}
     extra = {k[len("base_model.") :]: tensors[k] for k in extra_keys}
     tensors = normalise_peft_keys(tensors)
     layer_tensors = {k: v for k, v in tensors.items() if k not in extra_keys}
@@ -166,12 +164,8 @@ def load_state_dict_into(
     adapters: AdapterSet, state_dict: Mapping[str, torch.Tensor], adapter_name: str
 ) -> None:
     """PEFT's ``set_peft_model_state_dict`` for an existing adapter: all or nothing."""
-    adapters.require(
-        adapter_name, ". Add it first (add_adapter), then load its tensors"
-    )
-    backup = {
-        k: v.detach().clone() for k, v in adapter_state_dict(adapters, adapter_name).items()
-    }
+    adapters.require(adapter_name, ". Add it first (add_adapter), then load its tensors")
+    backup = {k: v.detach().clone() for k, v in adapter_state_dict(adapters, adapter_name).items()}
     try:
         load_tensors(adapters, adapter_name, dict(state_dict), source="state_dict")
     except BaseException:

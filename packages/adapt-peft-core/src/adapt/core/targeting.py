@@ -187,7 +187,7 @@ def leaf_names(model: nn.Module) -> list[str]:
 
 
 def names_hint(model: nn.Module, names: Sequence[str]) -> str:
-    """"did you mean [...]?" for ``names`` that matched no module, or some module names."""
+    """ "did you mean [...]?" for ``names`` that matched no module, or some module names."""
     leaves = leaf_names(model)
     close = sorted(close_names(names, leaves))
     return f"did you mean {close}?" if close else f"module names in this model: {leaves[:12]}"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapt.core import AdapterLayer, SharedBasis, adapter_dtype_device, add_scaled_product
-from adapt.core.backends import CONV1D_TRANSFORMERS
+from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import VeraConfig
 
