@@ -38,6 +38,7 @@ __all__ = [
     "is_plain_weight",
     "mro_distance",
     "no_backend_message",
+    "require_backend",
     "resolve_backend",
     "type_names",
 ]
@@ -241,6 +242,14 @@ def resolve_backend(module: nn.Module, store: PluginStore | None = None) -> Weig
         # would be wrong, so there is no backend for this module.
         return None
     return best
+
+
+def require_backend(module: nn.Module) -> WeightBackend:
+    """The weight backend for ``module``; :class:`TargetError` saying what to install if none."""
+    backend = resolve_backend(module)
+    if backend is None:
+        raise TargetError(no_backend_message(module))
+    return backend
 
 
 def no_backend_message(module: nn.Module) -> str:

@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import WeightBackend, no_backend_message, resolve_backend
-from .errors import AdapterStateError, TargetError, warn_user
+from . import merge as merge_math
+from .backends import WeightBackend, require_backend
+from .deprecation import moved_names
+from .errors import AdapterStateError, warn_user
 from .kernels import add_scaled_product, factor_grad, matmul_factor, transposed_factor_is_faster
-from .merge import MergeReport, add_deltas, fits_dtype, unsafe_merge_error
+from .merge import MergeReport, add_deltas, unsafe_merge_error
 from .routing import current_adapter_names, sample_groups
 from .typenames import describe
 
@@ -37,9 +39,7 @@ __all__ = [
     "adapter_dtype_device",
     "add_scaled_product",
     "factor_grad",
-    "fits_dtype",
     "matmul_factor",
-    "no_backend_message",
     "transposed_factor_is_faster",
 ]
 
@@ -65,9 +65,7 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, backend: WeightBackend | None = None) -> None:
         super().__init__()
         if backend is None:
-            backend = resolve_backend(base_layer)
-        if backend is None:
-            raise TargetError(no_backend_message(base_layer))
+            backend = require_backend(base_layer)
         self.base_layer = base_layer
         self.backend: WeightBackend = backend
         self.in_features, self.out_features = backend.shape(base_layer)
@@ -335,7 +333,9 @@ class AdapterLayer(nn.Module):
         if not names:
             return None
         new = self.merged_weight(names)
-        if safe_merge and not fits_dtype(new, self.backend.get_weight(self.base_layer).dtype):
+        if safe_merge and not merge_math.fits_dtype(
+            new, self.backend.get_weight(self.base_layer).dtype
+        ):
             raise unsafe_merge_error(
                 names, describe(self.get_base_layer()), "the layer was left unchanged"
             )
@@ -388,3 +388,12 @@ def adapter_dtype_device(layer: AdapterLayer) -> tuple[torch.dtype, torch.device
     if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
         dtype = torch.float32
     return dtype, device
+
+
+__getattr__ = moved_names(
+    __name__,
+    {
+        "fits_dtype": "adapt.core.merge:fits_dtype",
+        "no_backend_message": "adapt.core.backends:no_backend_message",
+    },
+)

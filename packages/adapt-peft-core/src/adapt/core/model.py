@@ -22,6 +22,7 @@ from torch import nn
 from . import batches, injection, merging, pretrained, state_dict, trainability
 from .adapters import AdapterSet, ModelHost
 from .config import AdapterConfig
+from .deprecation import moved_names
 from .errors import AdapterStateError, IntegrationError, warn_user
 from .foreign import (
     PLAIN_TRAINER_SAVE_MESSAGE,
@@ -36,10 +37,9 @@ from .modules_to_save import ModulesToSave
 from .pretrained import load_config
 from .routing import route_batch
 from .signature import expose_forward_signature
-from .targeting import names_hint as find_targets_hint
 from .wrapped import guard_direct_save
 
-__all__ = ["AdaptedModel", "ModulesToSave", "adapt", "find_targets_hint", "load_config"]
+__all__ = ["AdaptedModel", "ModulesToSave", "adapt", "load_config"]
 
 
 class AdaptedModel(nn.Module):
@@ -127,6 +127,10 @@ class AdaptedModel(nn.Module):
     @property
     def is_trainable(self) -> bool:
         return self._adapters.is_trainable
+
+    @is_trainable.setter
+    def is_trainable(self, value: bool) -> None:
+        self._adapters.is_trainable = bool(value)
 
     @property
     def active_adapter(self) -> str | None:
@@ -393,3 +397,6 @@ def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
     # getattr: a non-config is refused by add_adapter with a clear ConfigError
     is_trainable = not getattr(config, "inference_mode", False)
     return AdaptedModel(model, config, adapter_name, is_trainable=is_trainable)
+
+
+__getattr__ = moved_names(__name__, {"find_targets_hint": "adapt.core.targeting:names_hint"})

@@ -12,12 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from .backends import (
-    KNOWN_BACKEND_PACKAGES,
-    WeightBackend,
-    backend_hint,
-    resolve_backend,
-)
+from .backends import WeightBackend, resolve_backend
+from .deprecation import moved_names
 from .errors import MissingMethodError, PluginError
 from .layer import AdapterLayer
 from .method import Method
@@ -39,11 +35,9 @@ __all__ = [
     "GROUP_LAYERS",
     "GROUP_METHODS",
     "IN_PROCESS",
-    "KNOWN_BACKEND_PACKAGES",
     "KNOWN_METHOD_PACKAGES",
     "PluginEntry",
     "Registry",
-    "backend_hint",
     "get_registry",
     "register_backend",
     "register_layer",
@@ -190,3 +184,12 @@ def register_backend(
     backend: WeightBackend, *, name: str | None = None, priority: int | None = None
 ) -> None:
     _REGISTRY.register_backend(backend, name=name, priority=priority)
+
+
+__getattr__ = moved_names(
+    __name__,
+    {
+        "backend_hint": "adapt.core.backends:backend_hint",
+        "KNOWN_BACKEND_PACKAGES": "adapt.core.backends:KNOWN_BACKEND_PACKAGES",
+    },
+)
