@@ -114,6 +114,17 @@ class AdapterSet:
         self.shapes.pop(name, None)
         self.active = [n for n in self.active if n != name]
 
+    def postprocess(self, output: Any) -> Any:
+        """``output`` after the ``postprocess_output`` of each active adapter's method that
+        has one (AdaLoRA's regulariser)."""
+        for name in list(self.active):
+            if name not in self.configs:
+                continue
+            method = self.method_of(name)
+            if type(method).postprocess_output is not Method.postprocess_output:
+                output = method.postprocess_output(self.view, name, output)
+        return output
+
     # -- walks ------------------------------------------------------------------------------
     def layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         return adapter_layers(self.model)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -23,13 +22,8 @@ from . import batches, injection, merging, pretrained, state_dict, trainability
 from .adapters import AdapterSet, ModelHost
 from .config import AdapterConfig
 from .deprecation import moved_names
-from .errors import AdapterStateError, IntegrationError, warn_user
-from .foreign import (
-    PLAIN_TRAINER_SAVE_MESSAGE,
-    PLAIN_TRL_MESSAGE,
-    called_by_plain_trainer_save,
-    is_trl_fused_head,
-)
+from .errors import AdapterStateError
+from .foreign_hooks import ForeignHooks
 from .layer import AdapterLayer
 from .merge import MergeReport
 from .method import Method
@@ -42,13 +36,14 @@ from .wrapped import guard_direct_save
 __all__ = ["AdaptedModel", "ModulesToSave", "adapt", "load_config"]
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(ForeignHooks):
     """A model with adapters. Forward, ``generate`` and attribute access pass through to the
     wrapped model."""
 
     #: transformers' Trainer refuses "purely quantized" models unless adapters are attached;
     #: this is the flag it reads (transformers' own PEFT integration sets it the same way).
     _hf_peft_config_loaded = True
+    _adapters: AdapterSet
 
     def __init__(
         self,
@@ -70,23 +65,6 @@ class AdaptedModel(nn.Module):
         self.add_adapter(adapter_name, config)
         expose_forward_signature(self, model.forward, AdaptedModel.forward)
         guard_direct_save(model)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "forward" and is_trl_fused_head(value):
-            # TRL's fused LM head; adapt's TRL integration installs a handler that puts it on
-            # the wrapped transformers model instead (see adapt.core.foreign)
-            handler = self._adapters.fused_head_handler
-            if handler is None:
-                raise IntegrationError(PLAIN_TRL_MESSAGE)
-            handler(self, value)
-            return
-        super().__setattr__(name, value)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._adapters.warned_plain_save and called_by_plain_trainer_save(sys._getframe(1)):
-            self._adapters.warned_plain_save = True
-            warn_user(PLAIN_TRAINER_SAVE_MESSAGE)
-        return super().state_dict(*args, **kwargs)
 
     # -- pass-through and views ------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -156,13 +134,7 @@ class AdaptedModel(nn.Module):
             output = self.model(*args, **kwargs)
         else:
             output = batches.call_mixed(self._adapters, self.model, adapter_names, args, kwargs)
-        for name in self.active_adapters:
-            method = self.method_of(name) if name in self.peft_config else None
-            if (
-                method is not None
-                and type(method).postprocess_output is not Method.postprocess_output
-            ):
-                output = method.postprocess_output(self, name, output)
+        output = self._adapters.postprocess(output)
         return output
 
     def generate(
@@ -179,14 +151,7 @@ class AdaptedModel(nn.Module):
     def update_and_allocate(self, global_step: int) -> None:
         """AdaLoRA's rank-allocation step for the trainable adapter: call it after
         ``loss.backward()`` and ``optimizer.step()``, before ``zero_grad()``, every step."""
-        names = [n for n in self.active_adapters if not self.peft_config[n].inference_mode]
-        if not names:
-            raise AdapterStateError(
-                "update_and_allocate needs a trainable adapter; the active adapters "
-                f"{self.active_adapters} are in inference mode (load with is_trainable=True)"
-            )
-        for name in names:
-            self.method_of(name).update_and_allocate(self, global_step)
+        trainability.update_and_allocate(self._adapters, global_step)
 
     # -- adding, selecting, deleting ----------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
@@ -195,11 +160,7 @@ class AdaptedModel(nn.Module):
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make ``adapter_name`` (or several) active; only active adapters train."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for name in names:
-            self._adapters.require(name)
-        self._adapters.active = names
-        trainability.apply_active(self._adapters)
+        trainability.set_active(self._adapters, adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; layers left with no adapter go back to their base module."""
@@ -208,26 +169,17 @@ class AdaptedModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model: every adapter (and modules_to_save copy) is bypassed inside."""
-        modules = trainability.switchable(self._adapters)
-        previous = [m.disabled for m in modules]
-        for module in modules:
-            module.disabled = True
-        try:
+        with trainability.all_disabled(self._adapters):
             yield
-        finally:
-            for mod, was in zip(modules, previous, strict=True):
-                mod.disabled = was
 
     def disable_adapter_layers(self) -> None:
         """Bypass every adapter (and modules_to_save copy) until :meth:`enable_adapter_layers`;
         PEFT's call of the same name. :meth:`disable_adapter` is the scoped form."""
-        for module in trainability.switchable(self._adapters):
-            module.disabled = True
+        trainability.set_disabled(self._adapters, True)
 
     def enable_adapter_layers(self) -> None:
         """Undo :meth:`disable_adapter_layers`: the active adapters apply again."""
-        for module in trainability.switchable(self._adapters):
-            module.disabled = False
+        trainability.set_disabled(self._adapters, False)
 
     # -- parameters ---------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -332,21 +284,14 @@ class AdaptedModel(nn.Module):
         ``torch.load(weights_only=True)``; trusted files only). ``model_id`` is a local folder
         or a Hugging Face Hub repo id; ``subfolder``, ``revision``, ``cache_dir``, ``token``,
         ``local_files_only`` and ``force_download`` go to the download as in PEFT."""
-        config, tensors = pretrained.read_adapter(
-            model_id, config, is_trainable=is_trainable, allow_pickle=allow_pickle,
-            caller="from_pretrained", **kwargs,
+
+        def build(config: AdapterConfig) -> AdaptedModel:
+            return cls(model, config, adapter_name, is_trainable=is_trainable)
+
+        return pretrained.load_new_model(
+            build, model, model_id, adapter_name, config,
+            is_trainable=is_trainable, allow_pickle=allow_pickle, hub=kwargs,
         )  # fmt: skip
-        # injecting freezes the base; a failed load gives the user's flags back
-        requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        adapted = cls(model, config, adapter_name, is_trainable=is_trainable)
-        try:
-            pretrained.fill(adapted._adapters, adapter_name, tensors, source=str(model_id))
-        except BaseException:
-            adapted.unload()
-            for param, flag in requires_grad:
-                param.requires_grad_(flag)
-            raise
-        return adapted
 
     def load_adapter(
         self,
@@ -360,33 +305,10 @@ class AdaptedModel(nn.Module):
     ) -> None:
         """Load a saved adapter next to the existing ones (not made active). ``model_id`` and
         the Hub arguments are as for :meth:`from_pretrained`."""
-        injection.validate_name(self._adapters, adapter_name)
-        config, tensors = pretrained.read_adapter(
-            model_id, config, is_trainable=is_trainable, allow_pickle=allow_pickle,
-            caller="load_adapter", **kwargs,
+        pretrained.load_next_to(
+            self._adapters, self.add_adapter, self.delete_adapter, model_id, adapter_name, config,
+            is_trainable=is_trainable, allow_pickle=allow_pickle, hub=kwargs,
         )  # fmt: skip
-        self.add_adapter(adapter_name, config)
-        try:
-            pretrained.fill(self._adapters, adapter_name, tensors, source=str(model_id))
-        except BaseException:
-            self.delete_adapter(adapter_name)
-            raise
-
-    # -- training helpers ---------------------------------------------------------------------
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
-    ) -> None:
-        """The wrapped transformers model's gradient checkpointing (transformers' signature),
-        with input grads on so a frozen embedding still lets gradients reach the adapters
-        (once: re-enabling, as TRL does around reference passes, adds no hook)."""
-        inner: Any = self.model
-        inner.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
-        )
-        enable = getattr(self.model, "enable_input_require_grads", None)
-        if callable(enable) and not self._adapters.input_grads_on:
-            enable()
-            self._adapters.input_grads_on = True
 
 
 _state_dict_module = state_dict

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
+from torch import nn
 
 from .adapters import AdapterSet
 from .checkpoint import (
@@ -26,9 +27,20 @@ from .checkpoint import (
 )
 from .config import AdapterConfig
 from .errors import CheckpointError, ConfigError
+from .injection import validate_name
 from .registry import get_registry
 from .saving import collect_states, record_shapes
 from .state_dict import load_tensors
+
+
+class _Adapted(Protocol):
+    @property
+    def adapter_set(self) -> AdapterSet: ...
+
+    def unload(self) -> nn.Module: ...
+
+
+M = TypeVar("M", bound=_Adapted)
 
 SAVE_OPTIONS = {"safe_serialization", "is_main_process", "state_dict"}
 
@@ -108,3 +120,59 @@ def save_pretrained(
         raise CheckpointError(f"cannot save into {str(root)!r}: it is a file, not a folder")
     for name in names:
         write_adapter(adapter_folder(root, name), _file_config(adapters, name), states[name])
+
+
+def load_new_model(
+    build: Callable[[AdapterConfig], M],
+    model: nn.Module,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    config: AdapterConfig | None,
+    *,
+    is_trainable: bool,
+    allow_pickle: bool,
+    hub: dict[str, Any],
+) -> M:
+    """``AdaptedModel.from_pretrained``: ``build(config)`` adapts ``model``, then the saved
+    tensors go in; on any error ``model`` is as it was (adapters out, the user's flags back)."""
+    config, tensors = read_adapter(
+        model_id, config, is_trainable=is_trainable, allow_pickle=allow_pickle,
+        caller="from_pretrained", **hub,
+    )  # fmt: skip
+    # injecting freezes the base; a failed load gives the user's flags back
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    adapted = build(config)
+    try:
+        fill(adapted.adapter_set, adapter_name, tensors, source=str(model_id))
+    except BaseException:
+        adapted.unload()
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
+        raise
+    return adapted
+
+
+def load_next_to(
+    adapters: AdapterSet,
+    add: Callable[[str, AdapterConfig], None],
+    delete: Callable[[str], None],
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    config: AdapterConfig | None,
+    *,
+    is_trainable: bool,
+    allow_pickle: bool,
+    hub: dict[str, Any],
+) -> None:
+    """``AdaptedModel.load_adapter``: add the saved adapter beside the others, or nothing."""
+    validate_name(adapters, adapter_name)
+    config, tensors = read_adapter(
+        model_id, config, is_trainable=is_trainable, allow_pickle=allow_pickle,
+        caller="load_adapter", **hub,
+    )  # fmt: skip
+    add(adapter_name, config)
+    try:
+        fill(adapters, adapter_name, tensors, source=str(model_id))
+    except BaseException:
+        delete(adapter_name)
+        raise

@@ -7,9 +7,13 @@ every adapter layer and ``modules_to_save`` wrapper off at once.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 from torch import nn
 
 from .adapters import AdapterSet
+from .errors import AdapterStateError
 from .layer import AdapterLayer
 from .modules_to_save import ModulesToSave
 
@@ -75,3 +79,43 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def set_active(adapters: AdapterSet, names: str | Sequence[str]) -> None:
+    """Make ``names`` (one or several) the active adapters; only active adapters train."""
+    active = [names] if isinstance(names, str) else list(names)
+    for name in active:
+        adapters.require(name)
+    adapters.active = active
+    apply_active(adapters)
+
+
+def set_disabled(adapters: AdapterSet, disabled: bool) -> None:
+    for module in switchable(adapters):
+        module.disabled = disabled
+
+
+@contextlib.contextmanager
+def all_disabled(adapters: AdapterSet) -> Iterator[None]:
+    """Every adapter (and modules_to_save copy) bypassed inside; the previous flags after."""
+    modules = switchable(adapters)
+    previous = [m.disabled for m in modules]
+    for module in modules:
+        module.disabled = True
+    try:
+        yield
+    finally:
+        for mod, was in zip(modules, previous, strict=True):
+            mod.disabled = was
+
+
+def update_and_allocate(adapters: AdapterSet, global_step: int) -> None:
+    """Each trainable active adapter's method step (AdaLoRA's rank allocation)."""
+    names = [n for n in adapters.active if not adapters.configs[n].inference_mode]
+    if not names:
+        raise AdapterStateError(
+            "update_and_allocate needs a trainable adapter; the active adapters "
+            f"{adapters.active} are in inference mode (load with is_trainable=True)"
+        )
+    for name in names:
+        adapters.method_of(name).update_and_allocate(adapters.view, global_step)
