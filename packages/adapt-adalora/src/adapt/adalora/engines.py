@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from adapt.core import AdapterStateError
-from adapt.core.distributed import fsdp1_units, is_deepspeed, is_partitioned, is_zero3
+from adapt.core.distributed import gathered, is_deepspeed, is_partitioned, is_zero3
 
 _CAPTURE_KEY = "adalora.deepspeed_capture"
 
@@ -163,28 +163,11 @@ def gradient_reader(model: Any, tensors: list[torch.Tensor]) -> Callable[[torch.
     return lambda p: p.grad
 
 
-@contextlib.contextmanager
-def whole(model: Any, tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+def whole(model: Any, tensors: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager[None]:
     """Within the block the adapter's parameters (and FSDP1 gradients) are whole on every rank,
-    and what the block writes into them is kept: ZeRO-3 partitions gathered (rank 0's values
-    written back), FSDP1 units summoned with their gradients and written back. A collective."""
-    partitioned = [t for t in tensors if is_partitioned(t)]
-    units = fsdp1_units(model)
-    with contextlib.ExitStack() as stack:
-        if partitioned:
-            import deepspeed
-
-            stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0))
-        if units:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            for unit in units:
-                stack.enter_context(
-                    FullyShardedDataParallel.summon_full_params(
-                        unit, writeback=True, with_grads=True
-                    )
-                )
-        yield
+    and what the block writes into them is kept (core's :func:`adapt.core.distributed.gathered`;
+    a collective)."""
+    return gathered(model, tensors)
 
 
 def sync_master(p: torch.Tensor) -> None:

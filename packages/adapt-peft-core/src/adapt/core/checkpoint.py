@@ -10,81 +10,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import CheckpointError
+from .files import atomic_write as _atomic_write
+from .files import fsync_dir as _fsync_dir
+from .files import write_temp as _write_temp
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 
 
-def _new_file_mode() -> int:
-    """The mode ``open()`` gives a new file under the current umask (0644 under the usual 022):
-    ``mkstemp`` creates 0600, which other users and containers reading the adapter cannot read."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _temp_file(folder: Path, name: str) -> str:
-    """A new empty temporary file next to ``folder / name``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return tmp
-
-
-def _finish_temp(tmp: str) -> None:
-    """Give a written temporary file the usual permissions (writers such as safetensors may
-    recreate the file) and fsync it."""
-    os.chmod(tmp, _new_file_mode())
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_file(path.parent, path.name)
-    try:
-        write(tmp)
-        _finish_temp(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-
-
 JOURNAL_NAME = ".adapt-save.json"
-
-
-def _write_temp(folder: Path, name: str, write: Any) -> Path:
-    """Write a complete, fsynced temporary file next to ``folder / name``; return its path."""
-    tmp = _temp_file(folder, name)
-    try:
-        write(tmp)
-        _finish_temp(tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return Path(tmp)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # pragma: no cover - platforms without directory fsync
-        pass
 
 
 def _journal(folder: Path) -> list[tuple[str, str]] | None:

@@ -19,7 +19,7 @@ Nothing here imports DeepSpeed or FSDP unless a model really holds such paramete
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
 import torch
@@ -106,6 +106,39 @@ def needs_collective(module: nn.Module, tensors: Iterable[torch.Tensor]) -> bool
     return any(is_dtensor(t) or is_partitioned(t) for t in tensors) or bool(fsdp1_units(module))
 
 
+def _gather_partitions(
+    stack: contextlib.ExitStack, tensors: list[torch.Tensor], rank: int | None
+) -> None:
+    """Gather ZeRO-3 partitions of ``tensors`` for the life of ``stack`` (``rank``: whose
+    changes are written back, None for read only)."""
+    partitioned = [t for t in tensors if is_partitioned(t)]
+    if partitioned:
+        import deepspeed
+
+        stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=rank))
+
+
+def _summon(unit: nn.Module, *, writeback: bool, with_grads: bool) -> Any:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(
+        unit, writeback=writeback, with_grads=with_grads
+    )
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module, tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Within the block ``tensors`` (and FSDP1 gradients) are whole on every rank and what the
+    block writes into them is kept: ZeRO-3 partitions gathered (rank 0's values written back),
+    every FSDP1 unit inside ``module`` summoned with its gradients and written back. A
+    collective: every rank must enter it with the same tensors."""
+    with contextlib.ExitStack() as stack:
+        _gather_partitions(stack, list(tensors), rank=0)
+        for unit in fsdp1_units(module):
+            stack.enter_context(_summon(unit, writeback=True, with_grads=True))
+        yield
+
+
 def whole_copies(
     module: nn.Module, tensors: dict[str, torch.Tensor], *, copy: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -121,23 +154,15 @@ def whole_copies(
 
     out: dict[str, torch.Tensor] = {}
     pending = dict(tensors)
-    partitioned = [t for t in tensors.values() if is_partitioned(t)]
     with contextlib.ExitStack() as stack:
-        if partitioned:
-            import deepspeed
-
-            stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None))
-        units = fsdp1_units(module)
-        if units:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            for unit in units:
-                owned = {id(p) for p in unit.parameters()}
-                mine = [k for k, t in pending.items() if id(t) in owned]
-                if not mine:  # the same on every rank: the model's structure is
-                    continue
-                with FullyShardedDataParallel.summon_full_params(unit, writeback=False):
-                    out.update({k: take(pending.pop(k)) for k in mine})
+        _gather_partitions(stack, list(tensors.values()), rank=None)
+        for unit in fsdp1_units(module):
+            owned = {id(p) for p in unit.parameters()}
+            mine = [k for k, t in pending.items() if id(t) in owned]
+            if not mine:  # the same on every rank: the model's structure is
+                continue
+            with _summon(unit, writeback=False, with_grads=False):
+                out.update({k: take(pending.pop(k)) for k in mine})
         out.update({k: take(t) for k, t in pending.items()})
     return {k: out[k] for k in tensors}
 
