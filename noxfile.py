@@ -190,13 +190,17 @@ def pytest_args(session: nox.Session, part: str = "") -> list[str]:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check + ruff format --check; sibling dependencies are exact pins (tools/check_pins.py)."""
+    """ruff check + ruff format --check; sibling dependencies are exact pins (tools/check_pins.py);
+    the structure lint (tools/check_structure.py: files ≤ 400 lines, functions ≤ 60, adapt-core
+    imports only down its tiers) and its own tests (tests/tools, no torch)."""
     setup(session)
-    session.install(f"ruff=={RUFF}")
+    session.install(f"ruff=={RUFF}", "pytest")
     paths = [p for p in ("packages", "tests", "tools", "docs", "noxfile.py") if (ROOT / p).exists()]
     session.run("ruff", "check", *paths, *session.posargs)
     session.run("ruff", "format", "--check", "--diff", *paths)
     session.run("python", str(ROOT / "tools" / "check_pins.py"))
+    session.run("pytest", str(ROOT / "tests" / "tools"), *pytest_args(session))
+    session.run("python", str(ROOT / "tools" / "check_structure.py"))
 
 
 @nox.session

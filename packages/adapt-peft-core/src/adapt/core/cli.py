@@ -77,17 +77,24 @@ def _unsupported_note(config: dict[str, Any]) -> str:
     return f" — uses {uses}, a PEFT feature adapt does not implement: adapt cannot load it"
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+#: what ``adapt inspect`` prints of an adapter's config after its targets, in this order
+_INSPECT_KEYS = (
+    "r",
+    "init_r",
+    "target_r",
+    "lora_alpha",
+    "use_rslora",
+    "projection_prng_key",
+    "save_projection",
+)
+
+
+def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in the safetensors file ``weights``, read from its header."""
     from safetensors import safe_open
 
-    from .checkpoint import WEIGHTS_NAME, read_config
     from .errors import CheckpointError
 
-    path = Path(args.path)
-    config = read_config(path)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{str(path)!r} holds no {WEIGHTS_NAME}")
     shapes: dict[str, tuple[int, ...]] = {}
     try:
         with safe_open(str(weights), "pt") as fh:
@@ -95,6 +102,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 shapes[key] = tuple(fh.get_slice(key).get_shape())
     except Exception as exc:
         raise CheckpointError(f"{weights} is corrupt and cannot be read: {exc}") from exc
+    return shapes
+
+
+def _by_module(
+    shapes: dict[str, tuple[int, ...]],
+) -> tuple[dict[str, dict[str, tuple[int, ...]]], dict[str, tuple[int, ...]]]:
+    """The tensors per adapted module (module path → tensor name → shape), and the shared
+    ones (``base_model.<name>``, outside the model, e.g. VeRA's basis)."""
     modules: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
     shared: dict[str, tuple[int, ...]] = {}
     for key, shape in shapes.items():
@@ -108,33 +123,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             len(parts) - 1,
         )
         modules[".".join(parts[:cut])][".".join(parts[cut:])] = shape
-    n_params = 0
-    for shape in shapes.values():
-        count = 1
-        for d in shape:
-            count *= d
-        n_params += count
+    return modules, shared
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
+
+
+def _print_summary(
+    path: Path,
+    config: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    n_modules: int,
+    weights: Path,
+) -> None:
+    """The first lines of ``adapt inspect``: the method, the base model, the config values
+    that matter, the tensor count and the size on disk."""
+    n_params = sum(_numel(shape) for shape in shapes.values())
     print(f"adapter:      {path}")
     print(f"method:       {config.get('peft_type')}{_unsupported_note(config)}")
     print(f"base model:   {config.get('base_model_name_or_path') or '(not recorded)'}")
     print(f"targets:      {config.get('target_modules')}")
-    for key in (
-        "r",
-        "init_r",
-        "target_r",
-        "lora_alpha",
-        "use_rslora",
-        "projection_prng_key",
-        "save_projection",
-    ):
+    for key in _INSPECT_KEYS:
         if key == "r" and "init_r" in config:
             continue  # AdaLoRA: PEFT writes LoRA's r, which it ignores; init_r/target_r rule
         if key in config:
             print(f"{key + ':':<13} {config[key]}")
     if config.get("modules_to_save"):
         print(f"modules_to_save: {config['modules_to_save']}")
-    print(f"tensors:      {len(shapes)} in {len(modules)} modules, {n_params:,} parameters")
+    print(f"tensors:      {len(shapes)} in {n_modules} modules, {n_params:,} parameters")
     print(f"size on disk: {_human_bytes(weights.stat().st_size)}")
+
+
+def _module_rows(modules: dict[str, dict[str, tuple[int, ...]]]) -> list[list[str]]:
+    """One ``[module, rank, tensors]`` row per adapted module, sorted by module path."""
     rows = []
     for module, tensors in sorted(modules.items()):
         rank = ""
@@ -145,13 +170,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 rank = str(shape[0])
         desc = ", ".join(f"{n} {list(s)}" for n, s in sorted(tensors.items()))
         rows.append([module, rank, desc])
-    limit = None if args.all else 20
+    return rows
+
+
+def _print_modules(rows: list[list[str]], show_all: bool) -> None:
+    """The table of modules: the first 20, or every one with ``show_all``."""
+    limit = None if show_all else 20
     shown = rows if limit is None else rows[:limit]
     if shown:
         print()
         print(_table(shown, ["module", "rank", "tensors"]))
         if limit is not None and len(rows) > limit:
             print(f"… {len(rows) - limit} more modules (use --all to list every one)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import WEIGHTS_NAME, read_config
+    from .errors import CheckpointError
+
+    path = Path(args.path)
+    config = read_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{str(path)!r} holds no {WEIGHTS_NAME}")
+    shapes = _tensor_shapes(weights)
+    modules, shared = _by_module(shapes)
+    _print_summary(path, config, shapes, len(modules), weights)
+    rows = _module_rows(modules)
+    _print_modules(rows, args.all)
     if shared:
         print("\nshared tensors: " + ", ".join(f"{k} {list(v)}" for k, v in sorted(shared.items())))
     if args.plot:

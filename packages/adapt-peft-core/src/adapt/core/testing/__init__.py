@@ -1,0 +1,54 @@
+"""Test kit for adapt and its plugins: a toy method and reusable assertions.
+
+Core's own tests use it so that ``adapt.core`` is tested without any method package; plugin
+authors can use it to check that their layers honour the layer protocol.
+
+* :class:`ToyConfig`, :class:`ToyLayer`, :class:`ToyMethod`: the smallest complete method.
+  ``ToyLayer`` wraps ``nn.Linear`` with ``ΔW = B @ A`` (``toy_A``: r × in, ``toy_B``:
+  out × r); B starts at zero, so a new adapter is the identity, unless
+  ``init_identity=False``.
+* :func:`registered_toy` registers the toy method and layer in-process (for a ``with``
+  block or a pytest fixture) and unregisters them afterwards.
+* :func:`isolated_registry` swaps the process-wide registry for an empty one that ignores
+  installed entry points, so a test sees only what it registers.
+* :func:`assert_merge_roundtrip` and :func:`assert_mixed_batch_matches` check the merge
+  protocol and mixed-batch routing of any :class:`~adapt.core.AdaptedModel`.
+
+Example, as pytest fixtures::
+
+    import pytest
+    from adapt.core.testing import isolated_registry, registered_toy
+
+
+    @pytest.fixture(autouse=True)
+    def toy():
+        with isolated_registry(), registered_toy() as method:
+            yield method
+
+The kit's modules, by concern: :mod:`.toy` (the toy method), :mod:`.registries` (registry
+isolation), :mod:`.asserts` (assertions over a model), :mod:`.models` (the model under
+test), :mod:`.checks` and :mod:`.conformance` (:func:`check_layer`). Import from
+``adapt.core.testing`` itself; the modules are its layout, not its API.
+"""
+
+from __future__ import annotations
+
+from .asserts import assert_merge_roundtrip, assert_mixed_batch_matches, output_tensor
+from .conformance import ConformanceReport, check_layer
+from .registries import isolated_registry
+from .toy import TOY_LAYER_NAME, TOY_METHOD_NAME, ToyConfig, ToyLayer, ToyMethod, registered_toy
+
+__all__ = [
+    "TOY_LAYER_NAME",
+    "TOY_METHOD_NAME",
+    "ConformanceReport",
+    "ToyConfig",
+    "ToyLayer",
+    "ToyMethod",
+    "assert_merge_roundtrip",
+    "assert_mixed_batch_matches",
+    "check_layer",
+    "isolated_registry",
+    "output_tensor",
+    "registered_toy",
+]
