@@ -41,39 +41,61 @@ CORE = "adapt.core"
 #: dotted name gives its tier ("testing" covers testing/toy.py). ``__init__`` is
 #: ``adapt.core`` itself: it re-exports everything, so it is the top tier, alone.
 TIERS: dict[str, int] = {
-    # 0: import nothing from adapt.core
+    # 0: import nothing from adapt.core: exceptions, type names, typing-only Protocols,
+    # per-call routing and sample grouping, engine helpers, GEMM kernels, small utilities
     "__about__": 0,
     "errors": 0,
+    "typenames": 0,
+    "protocols": 0,
     "routing": 0,
     "distributed": 0,
+    "kernels": 0,
     "progress": 0,
     "amp": 0,
     "foreign": 0,
-    # 1: configs, target matching, shared bases, the namespace check
+    "signature": 0,
+    "deprecation": 0,
+    # 1: the generic plugin store, merge math, configs, target matching, shared bases, files
     "_namespace": 1,
+    "plugins": 1,
+    "merge": 1,
     "config": 1,
     "targeting": 1,
     "basis": 1,
-    # 2: weight backends, checkpoint files
+    "files": 1,
+    # 2: weight backends (and their resolution), checkpoint files, the Method object
     "backends": 2,
     "checkpoint": 2,
-    "saving": 2,
-    # 3: typed resolution of methods and layers, Method, AdapterLayer
-    "registry": 3,
-    "method": 3,
+    "method": 2,
+    # 3: AdapterLayer and the modules_to_save wrapper
     "layer": 3,
-    # 5: model-level operations
-    "wrapped": 5,
-    # 6: the façade
-    "model": 6,
-    # 7: integration, the command line, the test kit
-    "trainer": 7,
-    "cli": 7,
-    "testing": 7,
-    # 8: trainer classes of other libraries (they use trainer.find_adapted)
-    "integrations": 8,
-    # 9: the package itself
-    "__init__": 9,
+    "modules_to_save": 3,
+    # 4: typed resolution of methods and layers; guards on the wrapped model; save collection
+    "registry": 4,
+    "wrapped": 4,
+    "saving": 4,
+    # 5: the owner of adapter state (AdapterSet) and the walks over the model
+    "adapters": 5,
+    # 6: trainability (activation, bias, counts)
+    "trainability": 6,
+    # 7: model-level jobs: injection, merging, state dicts, mixed batches
+    "injection": 7,
+    "merging": 7,
+    "state_dict": 7,
+    "batches": 7,
+    # 8: folders and the Hub; other libraries' habits (the façade's base)
+    "pretrained": 8,
+    "foreign_hooks": 8,
+    # 9: the façade
+    "model": 9,
+    # 10: integration, the command line, the test kit
+    "trainer": 10,
+    "cli": 10,
+    "testing": 10,
+    # 11: trainer classes of other libraries (they use trainer.find_adapted)
+    "integrations": 11,
+    # 12: the package itself
+    "__init__": 12,
 }
 
 
