@@ -13,7 +13,9 @@ Fails (exit 1, one line per violation: ``file:line: rule: what, the limit; fix: 
   (``adapt.core.x``). Importing ``adapt.core`` itself (its ``__init__``, which re-exports
   everything) counts as the top tier. Imports inside one unit of the map (e.g. between the
   modules of ``testing/``) are free;
-* ``unmapped-module``: a module or subpackage of adapt-core that :data:`TIERS` does not list.
+* ``unmapped-module``: a module or subpackage of adapt-core that :data:`TIERS` does not list;
+* ``module-internals``: in ``packages/*/src``, reading or writing an object's ``__dict__`` or
+  ``_modules`` (state has an owner: a model's adapter set, ``AdapterLayer.use_shared``).
 
 Run by ``nox -s lint``; ``--root PATH`` checks another tree (the default is this repository).
 Standard library only.
@@ -148,6 +150,26 @@ def check_sizes(root: Path, path: Path, text: str, tree: ast.Module) -> list[Vio
                     )
                 )
     return found
+
+
+#: attributes that are another object's internals: state kept there has no owner
+INTERNALS = ("__dict__", "_modules")
+
+
+def check_internals(root: Path, path: Path, tree: ast.Module) -> list[Violation]:
+    rel = path.relative_to(root)
+    return [
+        Violation(
+            rel,
+            node.lineno,
+            "module-internals",
+            f"touches .{node.attr}, the limit is none in packages/*/src; fix: keep the state "
+            "in the model's adapter set (model.adapter_set.state / set_shared) or a layer's "
+            "use_shared, and use public nn.Module calls (named_children, getattr, setattr)",
+        )
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr in INTERNALS
+    ]
 
 
 # ----------------------------------------------------------------------------- core tiers
@@ -328,6 +350,8 @@ def check(root: Path) -> list[Violation]:
         parsed[path] = tree
         if path in sized:
             found += check_sizes(root, path, text, tree)
+        if path.relative_to(root).parts[0] == "packages":
+            found += check_internals(root, path, tree)
     found += check_core(root, parsed)
     return sorted(found, key=lambda v: (v.path, v.line, v.rule))
 

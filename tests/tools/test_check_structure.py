@@ -166,6 +166,18 @@ CASES = {
         f"{CORE.as_posix()}/trainer.py:1: import-tier: trainer (tier {T['trainer']}) imports "
         "adapt.core",
     ),
+    "a package touching a module's __dict__": (
+        {
+            Path(
+                "packages/adapt-other/src/adapt/other/state.py"
+            ): "def f(m):\n    m.__dict__['x'] = 1\n"
+        },
+        "packages/adapt-other/src/adapt/other/state.py:2: module-internals: touches .__dict__",
+    ),
+    "core touching _modules": (
+        {CORE / "config.py": "def f(m):\n    return m._modules.get('x')\n"},
+        f"{CORE.as_posix()}/config.py:2: module-internals: touches ._modules",
+    ),
     "an unmapped module": (
         {CORE / "newthing.py": "from .errors import AdaptError\n"},
         f"{CORE.as_posix()}/newthing.py:1: unmapped-module: adapt.core.newthing has no tier",

@@ -257,7 +257,7 @@ class AdapterLayer(nn.Module):
         ``nn.Linear`` without hooks in x's dtype, no dropout is active, and the batch is large
         enough that building ΔW (out·in·r) costs less than the adapter's own products
         (rows·r·(in+out)); token-by-token generation keeps the unmerged path."""
-        if torch.is_grad_enabled() or not type(self).__dict__.get("delta_weight_forward", False):
+        if torch.is_grad_enabled() or not vars(type(self)).get("delta_weight_forward", False):
             return False
         base = self.base_layer
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:

@@ -38,19 +38,6 @@ class AdapterSetView(Protocol):
         ...
 
 
-class LayerView(Protocol):
-    """What a hook may read of an adapter layer."""
-
-    method: str
-    in_features: int
-    out_features: int
-    active_adapters: list[str]
-    merged_adapters: list[str]
-
-    @property
-    def adapter_names(self) -> list[str]: ...
-
-
 class ModelView(Protocol):
     """What a method hook may see of the model it serves."""
 

@@ -37,13 +37,18 @@ def _guarded_save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return original(self, *args, **kwargs)
 
 
+def _guarded(module: nn.Module) -> bool:
+    """Whether ``module``'s ``save_pretrained`` is adapt's guard (bound to this instance)."""
+    return getattr(getattr(module, _GUARD, None), "__func__", None) is _guarded_save_pretrained
+
+
 def guard_direct_save(model: nn.Module) -> None:
     """Refuse ``save_pretrained`` of ``model`` and of every module inside it that has one (a
     ``SentenceTransformer`` and its transformers model) while adapter layers are inside."""
     for module in model.modules():
         if isinstance(module, AdapterLayer):
             continue
-        if callable(getattr(type(module), _GUARD, None)) and _GUARD not in module.__dict__:
+        if callable(getattr(type(module), _GUARD, None)) and not _guarded(module):
             # a bound method: deepcopy rebinds it to the copy
             bound = types.MethodType(_guarded_save_pretrained, module)
             object.__setattr__(module, _GUARD, bound)
@@ -51,6 +56,5 @@ def guard_direct_save(model: nn.Module) -> None:
 
 def remove_guard(model: nn.Module) -> None:
     for module in model.modules():
-        bound = module.__dict__.get(_GUARD)
-        if getattr(bound, "__func__", None) is _guarded_save_pretrained:
-            del module.__dict__[_GUARD]
+        if _guarded(module):
+            object.__delattr__(module, _GUARD)  # the instance's guard; the class's method stays

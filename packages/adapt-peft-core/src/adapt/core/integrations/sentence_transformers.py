@@ -33,11 +33,16 @@ from ..errors import CheckpointError, IntegrationError
 from ..model import AdaptedModel, adapt
 
 
+def _child(module: nn.Module, name: str) -> nn.Module | None:
+    """``module``'s direct submodule ``name`` (not an attribute it passes through), or None."""
+    return dict(module.named_children()).get(name)
+
+
 def _transformer_module(st: Any) -> tuple[nn.Module, str]:
     """The module of ``st`` holding the transformers model, and the attribute it is under."""
-    for module in getattr(st, "_modules", {}).values():
+    for module in st.children() if isinstance(st, nn.Module) else ():
         for attr in ("model", "auto_model"):  # sentence-transformers >= 6, then older
-            inner = module._modules.get(attr) if isinstance(module, nn.Module) else None
+            inner = _child(module, attr)
             if inner is not None and hasattr(inner, "config"):
                 return module, attr
     raise IntegrationError(
@@ -53,7 +58,7 @@ def adapt_sentence_transformer(
     (for ``print_trainable_parameters``, ``merge_and_unload``, more adapters); ``st`` itself
     stays the model to train, encode and save."""
     module, attr = _transformer_module(st)
-    inner = cast(nn.Module, module._modules[attr])
+    inner = cast(nn.Module, _child(module, attr))
     if isinstance(inner, AdaptedModel):
         raise IntegrationError(
             "this SentenceTransformer is adapted already; add another adapter with "
@@ -72,7 +77,7 @@ def _differences(folder: Path, st: Any) -> list[str]:
         if (folder / "modules.json").is_file()
         else []
     )
-    modules = list(st._modules.values())
+    modules = list(st.children())
     if not entries:
         return []
     kinds = [str(e.get("type", "")).rsplit(".", 1)[-1] for e in entries]
@@ -120,7 +125,7 @@ def load_sentence_transformer(
         )
     module, attr = _transformer_module(st)
     adapted = AdaptedModel.from_pretrained(
-        cast(nn.Module, module._modules[attr]),
+        cast(nn.Module, _child(module, attr)),
         folder,
         adapter_name=adapter_name,
         is_trainable=is_trainable,

@@ -116,14 +116,14 @@ class ReferenceModel(nn.Module):
 
     @property
     def policy(self) -> AdaptedModel:
-        policy: AdaptedModel = self.__dict__["_policy"]
+        policy: AdaptedModel = object.__getattribute__(self, "_policy")
         return policy
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_policy"], name)
+            return getattr(self.policy, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "forward" and is_trl_fused_head(value):
