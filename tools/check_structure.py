@@ -56,6 +56,7 @@ TIERS: dict[str, int] = {
     "amp": 0,
     "foreign": 0,
     "signature": 0,
+    "fastpath": 0,
     "deprecation": 0,
     # 1: the generic plugin store, merge math, configs, target matching, shared bases, files
     "_namespace": 1,

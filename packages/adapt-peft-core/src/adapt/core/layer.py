@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fastpath
 from . import merge as merge_math
 from .backends import WeightBackend, require_backend
 from .deprecation import moved_names
@@ -184,15 +185,7 @@ class AdapterLayer(nn.Module):
         """Whether an adapter may add its contribution into ``result`` in place: ``result`` is
         the fresh output of a plain ``nn.Linear`` base (whose backward does not need its
         output), not a view, and no forward hook could have kept a reference to it."""
-        base = self.base_layer
-        return (
-            self.fuse_adapter_output
-            and type(base) is nn.Linear
-            and result._base is None
-            and not (result.is_leaf and result.requires_grad)
-            and not base._forward_hooks
-            and not _global_forward_hooks()
-        )
+        return self.fuse_adapter_output and fastpath.may_add_in_place(self.base_layer, result)
 
     def _contribution(self, x: torch.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
         return self.adapter_output(x, name).to(like.dtype)
@@ -233,17 +226,7 @@ class AdapterLayer(nn.Module):
         """Whether the base is a plain ``nn.Linear`` (no hooks, dense weight in ``x``'s dtype,
         frozen): its forward is exactly ``F.linear(x, weight, bias)``, so a method may compute
         base and adapter together (:meth:`fused_forward`)."""
-        base = self.base_layer
-        return (
-            self.fuse_adapter_output
-            and type(base) is nn.Linear
-            and not base._forward_hooks
-            and not base._forward_pre_hooks
-            and not _global_forward_hooks()
-            and x.dim() >= 2
-            and x.dtype == base.weight.dtype
-            and not base.weight.requires_grad
-        )
+        return self.fuse_adapter_output and fastpath.plain_linear(self.base_layer, x)
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
         """``base(x)`` plus the adapter's output computed together, for a plain-``nn.Linear``
@@ -253,21 +236,12 @@ class AdapterLayer(nn.Module):
 
     def _merged_forward_pays(self, x: torch.Tensor) -> bool:
         """Whether this no-grad forward should run as ``x (W + ΔW)ᵀ`` (see
-        :attr:`delta_weight_forward`): no gradient is being recorded, the base is a plain
-        ``nn.Linear`` without hooks in x's dtype, no dropout is active, and the batch is large
-        enough that building ΔW (out·in·r) costs less than the adapter's own products
-        (rows·r·(in+out)); token-by-token generation keeps the unmerged path."""
+        :attr:`delta_weight_forward` and :func:`adapt.core.fastpath.merged_forward_pays`)."""
         if torch.is_grad_enabled() or not vars(type(self)).get("delta_weight_forward", False):
             return False
-        base = self.base_layer
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-            return False
-        if x.dim() < 2 or x.dtype != base.weight.dtype or _global_forward_hooks():
-            return False
-        rows = x.numel() // max(x.shape[-1], 1)
-        if rows * (self.in_features + self.out_features) < 2 * self.in_features * self.out_features:
-            return False
-        return not any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in self.modules())
+        return fastpath.merged_forward_pays(
+            self, self.base_layer, x, self.in_features, self.out_features
+        )
 
     def _merged_weight_forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         base = self.base_layer
@@ -367,12 +341,6 @@ class AdapterLayer(nn.Module):
         return (
             f"method={self.method!r}, adapters={self.adapter_names}, active={self.active_adapters}"
         )
-
-
-def _global_forward_hooks() -> bool:
-    """Whether any module-global forward hook is registered (it could keep base outputs)."""
-    hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
-    return bool(hooks)
 
 
 def adapter_dtype_device(layer: AdapterLayer) -> tuple[torch.dtype, torch.device]:
