@@ -9,15 +9,34 @@ from typing import Any, ClassVar, TypeVar
 
 from adapt.core import ANY_VALUE, AdapterConfig, ConfigError
 from adapt.core.errors import warn_user
-from adapt.lora.config import _PEFT_LORA_KEYS
 
 C = TypeVar("C", bound="AdaLoraConfig")
 
 _BIAS = ("none", "all", "lora_only")
 
-#: PEFT's AdaLoraConfig inherits every LoraConfig field; these are ignored at their defaults.
+#: PEFT's AdaLoraConfig inherits every LoraConfig field; PEFT writes them all into an AdaLoRA
+#: adapter_config.json. These are ignored at their defaults (the neutral values), refused
+#: otherwise. (adapt-adalora owns this table: it needs no LoRA code.)
 _PEFT_ADALORA_KEYS: dict[str, Any] = {
-    **_PEFT_LORA_KEYS,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "corda_config": None,
+    "ensure_weight_tying": (False, None),
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "loftq_config": ({}, None),
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": ANY_VALUE,
+    "monteclora_config": None,
+    "qalora_group_size": ANY_VALUE,
+    "target_parameters": (None, []),
+    "trainable_token_indices": None,
+    "use_bdlora": (None, False),
+    "use_dora": False,
+    "use_qalora": False,
+    "velora_config": None,
     "use_rslora": False,
     "alpha_pattern": ({}, None),
     "lora_bias": False,
@@ -55,6 +74,7 @@ class AdaLoraConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "ADALORA"
     peft_ignored_keys: ClassVar[dict[str, Any]] = _PEFT_ADALORA_KEYS
+    adapted_bias_values: ClassVar[tuple[str, ...]] = ("lora_only",)
 
     init_r: int = 12
     target_r: int = 8

@@ -12,6 +12,7 @@ the registry matches the base types below by their dotted names.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, ClassVar, cast
 
 import torch
@@ -162,6 +163,15 @@ class FourBitBackend:
 
     def shape(self, base: nn.Module) -> tuple[int, int]:
         return _features(base)
+
+    @staticmethod
+    def logical_numel(param: torch.Tensor) -> int:
+        """The number of weights a packed 4-bit parameter holds: its quantisation state's
+        shape (two 4-bit codes per stored byte), or its own size before quantisation."""
+        state = getattr(param, "quant_state", None)
+        if state is None:
+            return param.numel()
+        return math.prod(int(d) for d in state.shape)
 
     @staticmethod
     def _state(base: nn.Module) -> Any:

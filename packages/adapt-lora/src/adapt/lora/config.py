@@ -12,7 +12,7 @@ from adapt.core import ANY_VALUE, AdapterConfig, ConfigError
 _BIAS = ("none", "all", "lora_only")
 
 #: Keys PEFT writes in a LoRA adapter_config.json: ignored at these values, refused otherwise.
-_PEFT_LORA_KEYS: dict[str, Any] = {
+PEFT_LORA_KEYS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "arrow_config": None,
     "corda_config": None,
@@ -61,7 +61,8 @@ class LoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
-    peft_ignored_keys: ClassVar[dict[str, Any]] = _PEFT_LORA_KEYS
+    peft_ignored_keys: ClassVar[dict[str, Any]] = PEFT_LORA_KEYS
+    adapted_bias_values: ClassVar[tuple[str, ...]] = ("lora_only",)
 
     r: int = 8
     lora_alpha: float = 8

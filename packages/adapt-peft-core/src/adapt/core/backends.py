@@ -92,6 +92,10 @@ class WeightBackend(Protocol):
         """The dtype adapters on this module compute in."""
         ...
 
+    # Optional (not part of the protocol's required members): ``logical_numel(param) -> int``,
+    # how many values a packed or quantised parameter of a served module holds, for parameter
+    # counts (``print_trainable_parameters``); without it the storage size counts.
+
 
 class DenseBackend:
     """Backend for ordinary float weights: Linear, Embedding, Conv1d/2d/3d, transformers Conv1D."""

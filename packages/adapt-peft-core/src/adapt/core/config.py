@@ -59,6 +59,10 @@ class AdapterConfig:
     #: Keys a PEFT config may carry that this method ignores. Maps key -> the neutral value
     #: (``ANY_VALUE`` for always ignored); a non-neutral value is refused as unsupported.
     peft_ignored_keys: ClassVar[dict[str, Any]] = {}
+    #: Values of the config's ``bias`` field that train the biases of adapted layers only
+    #: (LoRA's ``"lora_only"``); ``"none"`` and ``"all"`` mean what they say. Core reads the
+    #: scope through :meth:`bias_scope`, never a method's spelling.
+    adapted_bias_values: ClassVar[tuple[str, ...]] = ()
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -82,6 +86,15 @@ class AdapterConfig:
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
         self.validate()
+
+    def bias_scope(self) -> str:
+        """Which base biases this adapter trains and saves: ``"none"``, ``"all"`` (every bias
+        of the model) or ``"adapted"`` (the biases of the layers it adapts). Read from the
+        ``bias`` field by default; a method whose config says it otherwise overrides this."""
+        bias = getattr(self, "bias", "none")
+        if bias == "all":
+            return "all"
+        return "adapted" if bias in self.adapted_bias_values else "none"
 
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:

@@ -37,9 +37,9 @@ def adapter_state_dict(
             module = wrapper.modules_to_save[adapter_name]
             for pname, tensor in module.state_dict(keep_vars=True).items():
                 out[clean_key(f"{PREFIX}{path}.{pname}")] = tensor
-    bias = getattr(config, "bias", "none")
-    if bias != "none":
-        for pname, param in bias_parameters(adapters, all_biases=bias == "all").items():
+    scope = config.bias_scope()
+    if scope != "none":
+        for pname, param in bias_parameters(adapters, all_biases=scope == "all").items():
             out.setdefault(clean_key(f"{PREFIX}{pname}"), param)
     if include_shared:
         method = adapters.method_of(adapter_name)

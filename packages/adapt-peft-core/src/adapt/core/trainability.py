@@ -13,12 +13,10 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from .adapters import AdapterSet
-from .errors import AdapterStateError
+from .backends import WeightBackend, is_plain_weight, resolve_backend
+from .errors import AdapterStateError, PluginError
 from .layer import AdapterLayer
 from .modules_to_save import ModulesToSave
-
-#: bias modes that train the biases of adapted layers only (each method's PEFT spelling)
-ADAPTED_BIAS_MODES = ("lora_only", "vera_only", "adapter_only")
 
 
 def apply_active(adapters: AdapterSet) -> None:
@@ -37,9 +35,9 @@ def apply_active(adapters: AdapterSet) -> None:
         return
     for name in adapters.active:
         config = adapters.configs[name]
-        bias = getattr(config, "bias", "none")
-        if bias == "all" or bias in ADAPTED_BIAS_MODES:
-            for param in bias_parameters(adapters, all_biases=bias == "all").values():
+        scope = config.bias_scope()
+        if scope != "none":
+            for param in bias_parameters(adapters, all_biases=scope == "all").values():
                 param.requires_grad_(True)
         adapters.method_of(name).mark_trainable(adapters.view, config, name)
 
@@ -68,16 +66,37 @@ def switchable(adapters: AdapterSet) -> list[AdapterLayer | ModulesToSave]:
     return [*layers, *wrappers]
 
 
+def _backend_of(module: nn.Module) -> WeightBackend | None:
+    try:
+        return resolve_backend(module)
+    except PluginError:  # a conflict is reported where it matters (adapting the module)
+        return None
+
+
+def logical_numel(module: nn.Module, param: nn.Parameter) -> int:
+    """How many values ``param`` (a direct parameter of ``module``) holds: its storage size,
+    unless it is a packed or quantised tensor whose backend reports more (``logical_numel``:
+    bitsandbytes' 4-bit weights hold two values per byte)."""
+    if is_plain_weight(param):
+        return param.numel()
+    count = getattr(_backend_of(module), "logical_numel", None)
+    return int(count(param)) if callable(count) else param.numel()
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts (4-bit weights counted unpacked)."""
+    """``(trainable, total)`` parameter counts, each tensor once, packed weights counted as
+    the values they hold (the weight backend says; core knows no quantiser)."""
     trainable = total = 0
-    for param in model.parameters():
-        n = param.numel()
-        if hasattr(param, "quant_state") or param.__class__.__name__ == "Params4bit":
-            n *= 2  # 4-bit: two values per stored byte
-        total += n
-        if param.requires_grad:
-            trainable += n
+    seen: set[int] = set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            n = logical_numel(module, param)
+            total += n
+            if param.requires_grad:
+                trainable += n
     return trainable, total
 
 

@@ -27,6 +27,7 @@ class VeraConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "VERA"
     peft_ignored_keys: ClassVar[dict[str, Any]] = {}
+    adapted_bias_values: ClassVar[tuple[str, ...]] = ("vera_only",)
 
     r: int = 256
     projection_prng_key: int = 0

@@ -36,6 +36,7 @@ class ToyConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "TOY"
+    adapted_bias_values: ClassVar[tuple[str, ...]] = ("adapter_only",)
 
     r: int = 2
     init_identity: bool = True
