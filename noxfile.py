@@ -386,6 +386,17 @@ def user_install(
     session.run(py, "-m", "pip", "check", external=True)
 
 
+def user_venv(
+    session: nox.Session, venv: Path, dist: Path, requirements: list[str], expected: set[str]
+) -> str:
+    """The one sequence every from-wheels session runs: a fresh venv with torch, then
+    `pip install REQUIREMENTS` as a user would (:func:`user_install`: our distributions from
+    `dist` and exactly `expected`, provenance printed). Returns the venv's python."""
+    py = fresh_venv(session, venv)
+    user_install(session, py, dist, requirements, expected)
+    return py
+
+
 @nox.session
 def wheels(session: nox.Session) -> None:
     """Build every package's wheel and install them as a user would (`--find-links` to the wheel
@@ -399,8 +410,7 @@ def wheels(session: nox.Session) -> None:
     dist = tmp / "dist"
     build_wheels(session, dist, [PACKAGES_DIR / pkg for pkg in PACKAGES])
 
-    py = fresh_venv(session, tmp / "fresh-venv")
-    user_install(session, py, dist, PACKAGES, set(PACKAGES))
+    py = user_venv(session, tmp / "fresh-venv", dist, PACKAGES, set(PACKAGES))
     # Run from the session tmp dir so the repo is not on sys.path.
     with session.chdir(tmp):
         session.run(py, str(ROOT / "tools" / "smoke.py"), external=True)
@@ -410,11 +420,9 @@ def wheels(session: nox.Session) -> None:
     # The user story of adapt-bnb: `pip install adapt-vera adapt-bnb` (nothing else of ours)
     # into another fresh venv, then VeRA on a 4-bit model trains, saves, loads and merges.
     if {"adapt-vera", "adapt-bnb"} <= set(PACKAGES):
-        spy = fresh_venv(session, tmp / "story-venv")
         story = ["adapt-vera", "adapt-bnb"]
-        user_install(
-            session, spy, dist, story, set(local_deps("adapt-vera") + local_deps("adapt-bnb"))
-        )
+        expected = set(local_deps("adapt-vera") + local_deps("adapt-bnb"))
+        spy = user_venv(session, tmp / "story-venv", dist, story, expected)
         with session.chdir(tmp):
             session.run(spy, str(ROOT / "tools" / "story_vera_bnb.py"), external=True)
             session.run(spy, str(ROOT / "tools" / "check_shadowing.py"), external=True)
@@ -467,9 +475,8 @@ def plugin(session: nox.Session) -> None:
     test_requirements = project.get("optional-dependencies", {}).get("test", [])
 
     venv = tmp / "plugin-venv"
-    py = fresh_venv(session, venv)
     # the user's line, as for our own packages: the plugin by name, our wheels in a folder
-    user_install(session, py, dist, [plugin_dist, *test_requirements], {*needed, plugin_dist})
+    py = user_venv(session, venv, dist, [plugin_dist, *test_requirements], {*needed, plugin_dist})
 
     # Run from a scratch folder so neither the repo nor the plugin's src/ is on sys.path.
     run_dir = tmp / "run"
