@@ -14,11 +14,8 @@ available (``--device`` overrides), on CPU otherwise.
 
 This file is the entry script and owns the command line: the options, the order of the cases,
 the header, the final table, the JSON file, and the dispatch of ``--memory-worker`` (the
-subprocesses of the memory case re-run this script). The rest lives in sibling modules, imported
-as top-level modules from this script's folder: ``bench_config`` (names, sizes, goals),
-``bench_report`` (rows, formatting, environment), ``bench_timing`` (``alternate``, ``Bench``),
-``bench_workloads`` (adapt vs PEFT configs, injection, steps), ``bench_cases`` (the timed cases)
-and ``bench_memory`` (the memory case and its worker).
+subprocesses of the memory case re-run this script). The rest is the package ``adapt_bench`` beside it
+(harness, workloads, cases, memory, report: see its docstring and README.md).
 """
 
 from __future__ import annotations
@@ -34,13 +31,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-# The sibling modules are top-level modules of this folder: it is sys.path[0] when this file
+# The benchmark package (adapt_bench) sits beside this file: its folder is sys.path[0] when this file
 # runs as a script; put it there too when it does not (python -P, runpy, import from elsewhere).
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from bench_cases import (
+from adapt_bench.cases import (
     case_allocate,
     case_import,
     case_infer,
@@ -49,10 +46,10 @@ from bench_cases import (
     case_merge,
     case_train,
 )
-from bench_config import CASES, METHODS
-from bench_memory import case_memory, run_worker
-from bench_report import environment, print_table
-from bench_timing import Bench
+from adapt_bench.config import CASES, METHODS
+from adapt_bench.memory import case_memory, run_worker
+from adapt_bench.report import environment, print_table
+from adapt_bench.timing import Bench
 
 CASE_FUNCS: dict[str, Callable[[Bench, Sequence[str]], None]] = {
     "import": case_import,

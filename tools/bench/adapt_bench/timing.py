@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from bench_config import FULL, QUICK, Sizes
-from bench_report import Row, format_row
+from .config import FULL, QUICK, Sizes
+from .report import Row, format_row
 
 
 def alternate(

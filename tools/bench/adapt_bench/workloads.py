@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bench_config import LIBS, TARGETS
-from bench_timing import Bench
+from .config import LIBS, TARGETS
+from .timing import Bench
 
 
 def configs(method: str) -> tuple[Any, Any]:

@@ -1,7 +1,7 @@
 """The timed cases: import, inject, train (step, floor, overhead), infer (unmerged, merged,
 base), merge_and_unload, from_pretrained and AdaLoRA's update_and_allocate. Each one runs both
 libraries through ``alternate`` and adds its rows to the ``Bench``. Peak memory is in
-``bench_memory``."""
+``adapt_bench.memory``."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_config import LIBS
-from bench_report import make_row, median
-from bench_timing import Bench, alternate
-from bench_workloads import empty_llama, floor_fn, inject, same_work, train_step_fn, trainable
+from .config import LIBS
+from .report import make_row, median
+from .timing import Bench, alternate
+from .workloads import empty_llama, floor_fn, inject, same_work, train_step_fn, trainable
 
 
 def case_import(b: Bench, methods: Sequence[str]) -> None:

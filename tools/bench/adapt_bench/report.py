@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bench_config import GOALS
+from .config import GOALS
 
 if TYPE_CHECKING:
-    from bench_timing import Bench
+    from .timing import Bench
 
 
 @dataclass

@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_config import LIBS
-from bench_report import make_row, median
-from bench_timing import Bench
-from bench_workloads import inject, train_step_fn
+from .config import LIBS
+from .report import make_row, median
+from .timing import Bench
+from .workloads import inject, train_step_fn
 
 # The workers re-run the entry script (it dispatches --memory-worker to run_worker).
-ENTRY = Path(__file__).with_name("bench.py")
+ENTRY = Path(__file__).resolve().parent.parent / "bench.py"
 
 
 # ----------------------------------------------------------------------------- main process
