@@ -16,12 +16,12 @@ from adapt.core.cli import main  # noqa: E402
 from adapt.lora import LoraConfig  # noqa: E402
 
 
-def _llama() -> torch.nn.Module:
+def _llama(layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=64,
@@ -89,6 +89,36 @@ def test_inspect_lists_method_targets_and_ranks(
         line for line in text.splitlines() if line.startswith("model.layers.1.self_attn.v_proj")
     )
     assert row.split()[1] == "4"
+
+
+def test_inspect_asks_lora_for_keys_modules_and_ranks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Embeddings (lora_embedding_A), per-module ranks, modules_to_save, the 20-module cut."""
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=[*every, "embed_tokens"],
+        modules_to_save=["lm_head"],
+        rank_pattern={"q_proj": 2},
+    )
+    adapt(_llama(layers=3), config).save_pretrained(tmp_path / "big")
+    assert main(["inspect", str(tmp_path / "big")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4:8] == [
+        "r:            4",
+        "lora_alpha:   8",
+        "use_rslora:   False",
+        "modules_to_save: ['lm_head']",
+    ]
+    rows = {line.split()[0]: line.split() for line in lines[12:32]}
+    assert rows["lm_head"][1:] == ["weight", "[64,", "32]"]  # saved whole: no rank
+    assert rows["model.embed_tokens"][1] == "4"
+    assert rows["model.layers.0.self_attn.q_proj"][1:3] == ["2", "lora_A.weight"]
+    assert lines[-1] == "… 3 more modules (use --all to list every one)"
+    assert main(["inspect", str(tmp_path / "big"), "--all"]) == 0
+    assert "model.layers.2.self_attn.v_proj  4 " in capsys.readouterr().out
 
 
 def test_inspect_says_a_dora_folder_uses_a_feature_adapt_lacks(

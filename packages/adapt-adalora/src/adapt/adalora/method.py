@@ -94,6 +94,18 @@ class AdaLoraMethod(Method[AdaLoraConfig]):
     package: ClassVar[str] = "adapt-adalora"
     config_class: ClassVar[type[AdapterConfig]] = AdaLoraConfig
     default_target_modules: ClassVar[Mapping[str, Sequence[str]]] = ADALORA_TARGETS
+    # not r: PEFT writes LoRA's r for AdaLoRA, which ignores it (init_r and target_r rule)
+    summary_keys: ClassVar[tuple[str, ...]] = ("init_r", "target_r", "lora_alpha", "use_rslora")
+    tensor_prefixes: ClassVar[tuple[str, ...]] = ("lora_",)
+
+    def rank_of(self, tensors: Mapping[str, tuple[int, ...]]) -> int | None:
+        """The rows of ``lora_A``: the ranks the budget kept (a saved checkpoint holds only
+        those)."""
+        rank = None
+        for name, shape in tensors.items():
+            if name.split(".")[0] == "lora_A" and shape:
+                rank = shape[0]
+        return rank
 
     def prepare(
         self,

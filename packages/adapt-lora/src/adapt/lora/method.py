@@ -21,6 +21,16 @@ class LoraMethod(Method[LoraConfig]):
     package: ClassVar[str] = "adapt-lora"
     config_class: ClassVar[type[AdapterConfig]] = LoraConfig
     default_target_modules: ClassVar[Mapping[str, Sequence[str]]] = QUERY_VALUE_TARGETS
+    summary_keys: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "use_rslora")
+    tensor_prefixes: ClassVar[tuple[str, ...]] = ("lora_",)
+
+    def rank_of(self, tensors: Mapping[str, tuple[int, ...]]) -> int | None:
+        """The rows of ``lora_A`` (``lora_embedding_A`` for an embedding)."""
+        rank = None
+        for name, shape in tensors.items():
+            if name.split(".")[0] in ("lora_A", "lora_embedding_A") and shape:
+                rank = shape[0]
+        return rank
 
     def prepare(
         self,

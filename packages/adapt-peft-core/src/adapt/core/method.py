@@ -38,6 +38,14 @@ class Method(Generic[ConfigT]):
     #: Target modules used when a config names none, by transformers ``model_type``
     #: (PEFT's defaults; see :data:`adapt.core.targeting.QUERY_VALUE_TARGETS`).
     default_target_modules: ClassVar[Mapping[str, Sequence[str]]] = {}
+    #: The keys of a saved ``adapter_config.json`` that ``adapt inspect`` prints after the
+    #: targets, in this order (a key the file lacks is left out).
+    summary_keys: ClassVar[tuple[str, ...]] = ("r",)
+    #: How the adapter's part of a checkpoint key begins: ``adapt inspect`` cuts each key at
+    #: its first segment that starts with one of these (LoRA: ``("lora_",)`` cuts
+    #: ``model.q_proj.lora_A.weight`` into the module ``model.q_proj`` and its tensor
+    #: ``lora_A.weight``). Empty: the generic rule, ``<peft_type in lower case>_``.
+    tensor_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def config_of(self, model: ModelView, adapter_name: str) -> ConfigT:
         """``adapter_name``'s config, checked to be this method's config class."""
@@ -97,6 +105,12 @@ class Method(Generic[ConfigT]):
         """Called with the wrapped model's output for each active adapter of this method
         (AdaLoRA adds its orthogonal regulariser to ``output.loss``)."""
         return output
+
+    def rank_of(self, tensors: Mapping[str, tuple[int, ...]]) -> int | None:
+        """The rank of one module's adapter, from its saved tensors' shapes (tensor name as
+        :attr:`tensor_prefixes` cuts it, e.g. ``lora_A.weight`` → ``(8, 64)``), for the rank
+        column of ``adapt inspect``; None (the default) leaves it blank."""
+        return None
 
     def update_and_allocate(self, model: ModelView, global_step: int) -> None:
         raise AdapterStateError(

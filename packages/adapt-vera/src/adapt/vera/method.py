@@ -51,6 +51,13 @@ class VeraMethod(Method[VeraConfig]):
         **QUERY_VALUE_TARGETS,
         "phi": ("q_proj", "v_proj"),
     }
+    summary_keys: ClassVar[tuple[str, ...]] = ("r", "projection_prng_key", "save_projection")
+    tensor_prefixes: ClassVar[tuple[str, ...]] = ("vera_",)
+
+    def rank_of(self, tensors: Mapping[str, tuple[int, ...]]) -> int | None:
+        """The length of ``vera_lambda_d`` (the basis has ``r`` rows, shared)."""
+        shape = tensors.get("vera_lambda_d")
+        return shape[0] if shape else None
 
     @staticmethod
     def basis(model: ModelView) -> SharedBasis | None:

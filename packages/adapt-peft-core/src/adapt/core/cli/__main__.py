@@ -1,0 +1,7 @@
+"""``python -m adapt.core.cli``: the ``adapt`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
