@@ -1,4 +1,4 @@
-"""Real clients (transformers Trainer, TRL, sentence-transformers) on tiny models built here.
+"""Real clients (transformers Trainer, TRL, sentence-transformers) on the kit's tiny models.
 
 Models come from configs, tokenizers from a word list (nothing is downloaded); HF offline.
 """
@@ -6,11 +6,14 @@ Models come from configs, tokenizers from a word list (nothing is downloaded); H
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from adapt.core import testing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -40,24 +43,18 @@ def word_tokenizer() -> Any:
     return tok
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 64) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+#: the kit's tiny Llama (:func:`adapt.core.testing.tiny_llama`) at width 32, vocabulary 64,
+#: with the word tokenizer's ids (<pad> 0, <eos> 1, also bos)
+tiny_llama = partial(
+    testing.tiny_llama,
+    hidden_size=32,
+    intermediate_size=64,
+    vocab_size=64,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=1,
+    tie_word_embeddings=False,
+)
 
 
 def sft_rows(n: int = 16) -> list[dict[str, str]]:

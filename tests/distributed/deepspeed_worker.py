@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from adapt.adalora import AdaLoraCallback, AdaLoraConfig
-from adapt.core import AdapterConfig, adapt
+from adapt.core import AdapterConfig, adapt, testing
 from adapt.core.distributed import is_partitioned
 from adapt.lora import LoraConfig
 from adapt.vera import VeraConfig
@@ -51,25 +51,12 @@ TARGETS = {
 
 
 def model_config(model: str) -> Any:
-    import transformers
-
+    """The kit's tiny Llama or GPT-2 config."""
     if model == "llama":
-        return transformers.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-        )
+        return testing.tiny_llama_config(vocab_size=VOCAB)
     # no dropout: a single process draws other dropout masks than two ranks do
-    return transformers.GPT2Config(
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
+    return testing.tiny_gpt2_config(
         vocab_size=VOCAB,
-        n_positions=64,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,

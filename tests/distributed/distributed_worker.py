@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adapt.adalora import AdaLoraConfig
-from adapt.core import AdaptedModel, AdapterConfig, adapt
+from adapt.core import AdaptedModel, AdapterConfig, adapt, testing
 from adapt.lora import LoraConfig
 from adapt.vera import VeraConfig
 
@@ -62,19 +62,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def tiny_llama() -> nn.Module:
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    """The kit's tiny Llama (seed 0), in training mode."""
+    return testing.tiny_llama(training=True, vocab_size=VOCAB)
 
 
 def make_config(method: str) -> AdapterConfig:
@@ -134,8 +123,7 @@ def build(method: str) -> AdaptedModel:
 
 
 def global_batch(step: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ_LEN), generator=gen)
+    return testing.token_ids(GLOBAL_BATCH, SEQ_LEN, vocab_size=VOCAB, seed=1000 + step)
 
 
 def local_batch(step: int, rank: int, world_size: int) -> torch.Tensor:

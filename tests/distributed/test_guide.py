@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 from launching import torchrun
 
 from adapt.core import AdaptedModel
+from adapt.core.testing import tiny_llama
 
 HERE = Path(__file__).resolve().parent
 GUIDE = HERE.parent.parent / "docs" / "guides" / "distributed.md"
@@ -69,13 +70,9 @@ def test_guide_scripts_run_under_torchrun(launch: str, tmp_path: Path) -> None:
         name, _, arg = spec.partition(":")
         folder = tmp_path / f"{Path(name).stem}-{arg or 'default'}" / WRITES[name]
         assert (folder / "adapter_model.safetensors").is_file(), (spec, output[-4000:])
-        import transformers
-
-        cfg = transformers.LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128,
-        )  # fmt: skip
-        AdaptedModel.from_pretrained(transformers.LlamaForCausalLM(cfg), folder)
+        # unseeded: the kit's tiny Llama at transformers' default max_position_embeddings
+        base = tiny_llama(None, training=True, max_position_embeddings=2048)
+        AdaptedModel.from_pretrained(base, folder)
     if launch == "accelerate":
         assert "2 processes" in proc.stdout, output[-4000:]
     if launch == "torch":

@@ -31,25 +31,11 @@ BASE_NAME = "golden/tiny-llama"  # base_model_name_or_path in every config, what
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def llama_config() -> Any:
-    import transformers
-
-    return transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-
-
 def dense_llama() -> torch.nn.Module:
-    import transformers
+    """The kit's tiny Llama (:func:`adapt.core.testing.tiny_llama`), seed 0, as constructed."""
+    from adapt.core.testing import tiny_llama
 
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(llama_config())
+    model = tiny_llama(0, training=True)
     model.config._name_or_path = BASE_NAME
     return model
 

@@ -25,6 +25,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from adapt.adalora import AdaLoraConfig, AdaLoraLayer  # noqa: E402
 from adapt.core import AdaptedModel, adapt  # noqa: E402
+from adapt.core.testing import randomise_adapters, tiny_gpt2, tiny_llama, token_ids  # noqa: E402
 
 pytestmark = [
     pytest.mark.interop,
@@ -51,37 +52,13 @@ SCHEDULE: dict[str, Any] = {
 ALPHA = 12
 
 
-def llama() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        vocab_size=128,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    """The kit's tiny GPT-2 without dropout."""
+    return tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 CASES: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
-    "llama": (llama, LLAMA_TARGETS),
+    "llama": (tiny_llama, LLAMA_TARGETS),
     "gpt2": (gpt2, GPT2_TARGETS),
 }
 
@@ -107,19 +84,18 @@ def _adapt_config(case: str, **kwargs: Any) -> AdaLoraConfig:
 
 def _perturb(model: nn.Module, seed: int, scale: float = 0.2) -> int:
     """Random values for every AdaLoRA tensor (E starts at zero: the adapter is the identity)."""
-    gen = torch.Generator().manual_seed(seed)
-    count = 0
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if any(f"{attr}." in name for attr in ("lora_A", "lora_B", "lora_E")):
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-                count += 1
+    count = randomise_adapters(
+        model,
+        seed,
+        scale,
+        where=lambda name, _: any(f"{attr}." in name for attr in ("lora_A", "lora_B", "lora_E")),
+    )
     assert count > 0, "no adapter parameters found"
     return count
 
 
 def _ids(batch: int = 2, length: int = 10, seed: int = 5) -> torch.Tensor:
-    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return token_ids(batch, length, seed=seed)
 
 
 def _logits(model: nn.Module) -> torch.Tensor:
@@ -544,7 +520,7 @@ def test_orthogonal_regulariser_with_rank_zero_matrices_matches_peft(tmp_path: P
     PEFT's regulariser is sum ‖·‖_F / (number of A and B matrices, empty ones included); adapt
     divides by the number of non-empty ones, so the loss (and every regulariser gradient) is
     larger by n_all / n_nonempty."""
-    base = llama()
+    base = tiny_llama()
     torch.manual_seed(1)
     theirs = peft.get_peft_model(copy.deepcopy(base), _peft_config("llama")).eval()
     _perturb(theirs, seed=15)

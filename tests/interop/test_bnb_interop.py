@@ -22,6 +22,7 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("adapt.bnb")
 
 from adapt.core import AdaptedModel, adapt  # noqa: E402
+from adapt.core.testing import randomise_adapters, tiny_llama, token_ids  # noqa: E402
 from adapt.lora import LoraConfig  # noqa: E402
 from adapt.vera import VeraConfig  # noqa: E402
 
@@ -51,17 +52,7 @@ KINDS: dict[str, dict[str, Any]] = {
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(root)
+    tiny_llama().save_pretrained(root)
     return root
 
 
@@ -96,19 +87,15 @@ def _adapt_config(method: str) -> Any:
 
 def _perturb(model: nn.Module, seed: int, scale: float = 0.1) -> int:
     """Random values for every LoRA matrix and VeRA scaling vector (λ_b starts at 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    count = 0
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "lora_" in name or "vera_lambda" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-                count += 1
+    count = randomise_adapters(
+        model, seed, scale, where=lambda name, _: "lora_" in name or "vera_lambda" in name
+    )
     assert count > 0, "no adapter parameters found"
     return count
 
 
 def _ids() -> torch.Tensor:
-    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    return token_ids(2, 12, seed=5)
 
 
 def _logits(model: nn.Module) -> torch.Tensor:

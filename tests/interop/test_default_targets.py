@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from adapt.adalora import AdaLoraConfig  # noqa: E402
 from adapt.core import adapt  # noqa: E402
+from adapt.core.testing import tiny_gpt2, tiny_llama  # noqa: E402
 from adapt.lora import LoraConfig  # noqa: E402
 from adapt.vera import VeraConfig  # noqa: E402
 
@@ -24,17 +25,15 @@ pytestmark = pytest.mark.interop
 
 
 def llama() -> nn.Module:
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=64,
-        )
+    # unseeded: only the module names matter (transformers' default max_position_embeddings)
+    return tiny_llama(
+        None, training=True, hidden_size=32, intermediate_size=64, vocab_size=64,
+        max_position_embeddings=2048,
     )  # fmt: skip
 
 
 def gpt2() -> nn.Module:
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
-    return transformers.GPT2LMHeadModel(cfg)
+    return tiny_gpt2(None, training=True, n_embd=32, vocab_size=64, n_positions=32)
 
 
 def encoder(kind: str) -> Callable[[], nn.Module]:

@@ -18,6 +18,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from adapt.core import AdaptedModel, adapt  # noqa: E402
+from adapt.core.testing import tiny_bert, tiny_gpt2, tiny_llama, token_ids  # noqa: E402
 from adapt.lora import LoraConfig  # noqa: E402
 
 pytestmark = pytest.mark.interop
@@ -26,32 +27,8 @@ TOL = 1e-5
 
 
 def llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def gpt2() -> nn.Module:
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def bert() -> nn.Module:
-    cfg = transformers.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.BertModel(cfg)
+    # the kit's tiny Llama, at transformers' default max_position_embeddings
+    return tiny_llama(max_position_embeddings=2048)
 
 
 class ConvNet(nn.Module):
@@ -67,8 +44,7 @@ class ConvNet(nn.Module):
 
 
 def _tokens(model: nn.Module) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return {"input_ids": torch.randint(0, 128, (2, 12), generator=g)}
+    return {"input_ids": token_ids(2, 12, seed=1)}
 
 
 def _image(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,9 +59,9 @@ CASES: dict[str, tuple[Callable[[], nn.Module], dict, Callable]] = {
         _tokens,
     ),
     "llama-all-linear": (llama, {"target_modules": "all-linear", "use_rslora": True}, _tokens),
-    "gpt2": (gpt2, {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}, _tokens),
+    "gpt2": (tiny_gpt2, {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}, _tokens),
     "bert": (
-        bert,
+        tiny_bert,
         {"target_modules": ["query", "value"], "modules_to_save": ["pooler"], "bias": "all"},
         _tokens,
     ),

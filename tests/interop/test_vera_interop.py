@@ -14,6 +14,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from adapt.core import AdaptedModel, adapt  # noqa: E402
+from adapt.core.testing import tiny_gpt2, tiny_llama, token_ids  # noqa: E402
 from adapt.vera import VeraConfig  # noqa: E402
 
 pytestmark = pytest.mark.interop
@@ -23,32 +24,18 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def llama() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    # the kit's tiny Llama, at transformers' default max_position_embeddings
+    return tiny_llama(max_position_embeddings=2048)
 
 
 CASES = {
     "llama": (llama, LLAMA_TARGETS),
-    "gpt2": (gpt2, ["c_attn", "c_proj", "c_fc"]),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"]),
 }
 
 
 def _logits(model: nn.Module) -> torch.Tensor:
-    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    ids = token_ids(2, 10, seed=5)
     with torch.no_grad():
         return model(input_ids=ids).logits
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from adalora_testutils import LLAMA_TARGETS, ids, llama, randomise
+from adalora_testutils import LLAMA_TARGETS, ids, llama
 from safetensors.torch import load_file
 
 from adapt.adalora import AdaLoraConfig, capture_deepspeed_gradients
 from adapt.adalora.layer import kept_ranks
 from adapt.core import AdaptedModel, AdapterStateError, adapt
+from adapt.core.testing import randomise_adapters
 
 
 def model(**kwargs: object) -> AdaptedModel:
@@ -21,7 +22,7 @@ def model(**kwargs: object) -> AdaptedModel:
         target_modules=LLAMA_TARGETS, **kwargs,  # type: ignore[arg-type]
     )  # fmt: skip
     adapted = adapt(llama(), config)
-    randomise(adapted)
+    randomise_adapters(adapted)
     return adapted
 
 

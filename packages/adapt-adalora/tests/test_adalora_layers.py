@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from adalora_testutils import LLAMA_TARGETS, gpt2, ids, llama, randomise
+from adalora_testutils import LLAMA_TARGETS, gpt2, ids, llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from adapt.adalora import AdaLoraConfig, AdaLoraLayer, SVDLinear, orthogonal_regulariser
 from adapt.core import AdaptedModel, AdapterStateError, ConfigError, adapt
+from adapt.core.testing import randomise_adapters
 from adapt.lora import LoraConfig
 
 
@@ -51,7 +52,7 @@ def test_starts_as_identity() -> None:
 def test_output_is_the_svd_form_definition(factory: object) -> None:
     targets = LLAMA_TARGETS if factory is llama else ["c_attn", "c_proj", "c_fc"]
     model = adapt(factory(), config(target_modules=targets)).eval()  # type: ignore[operator]
-    randomise(model)
+    randomise_adapters(model)
     for _, layer in model.adapter_layers():
         assert isinstance(layer, AdaLoraLayer)
         a, e, b = (getattr(layer, n)["default"] for n in ("lora_A", "lora_E", "lora_B"))
@@ -68,7 +69,7 @@ def test_output_is_the_svd_form_definition(factory: object) -> None:
 
 def test_merge_equals_unmerged_and_unmerge_restores() -> None:
     model = adapt(llama(), config()).eval()
-    randomise(model)
+    randomise_adapters(model)
     weights = {p: lay.base_layer.weight.detach().clone() for p, lay in model.adapter_layers()}
     unmerged = logits(model)
     model.merge_adapter()
@@ -100,7 +101,7 @@ def test_merge_unmerge_property(
     x = torch.randn(5, n_in)
     with torch.no_grad():
         assert torch.equal(model(x), net[0].base_layer(x))  # identity at init
-    randomise(model, seed=seed)
+    randomise_adapters(model, seed=seed)
     weight = net[0].base_layer.weight.detach().clone()
     with torch.no_grad():
         before = model(x)
@@ -120,7 +121,7 @@ def test_orthogonal_regulariser_value_and_loss() -> None:
             q, _ = torch.linalg.qr(torch.randn(layer.out_features, 6))
             layer.lora_B["default"].copy_(q)
     assert orthogonal_regulariser(model, "default").item() < 1e-5
-    randomise(model)
+    randomise_adapters(model)
     reg = orthogonal_regulariser(model, "default")
     manual = []
     for layer in layers:
@@ -140,7 +141,7 @@ def test_orthogonal_regulariser_value_and_loss() -> None:
 
 def test_no_regulariser_without_labels_or_when_loaded_for_inference(tmp_path: Path) -> None:
     model = adapt(llama(), config())
-    randomise(model)
+    randomise_adapters(model)
     out = model(input_ids=ids())
     assert out.loss is None
     model.save_pretrained(tmp_path)

@@ -28,7 +28,7 @@ def config() -> AdaLoraConfig:
 
 class Data(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __init__(self) -> None:
-        self.ids = ids(64, 12, seed=3)
+        self.ids = ids(batch=64, length=12, seed=3)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -86,7 +86,7 @@ def test_optimizer_hook_runs_allocation() -> None:
     model = adapt(llama(), config())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     handle = allocate_on_step(model, opt)
-    batch = ids(8, 12, seed=1)
+    batch = ids(batch=8, length=12, seed=1)
     for _ in range(STEPS):
         model(input_ids=batch, labels=batch).loss.backward()
         opt.step()
@@ -101,7 +101,7 @@ def test_steps_past_total_step_warn_once() -> None:
     model = adapt(llama(), config())
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     allocate_on_step(model, opt)
-    batch = ids(4, 8)
+    batch = ids(batch=4, length=8)
     with pytest.warns(UserWarning, match=r"past total_step=12") as record:
         for _ in range(STEPS + 3):
             model(input_ids=batch, labels=batch).loss.backward()
@@ -132,7 +132,7 @@ def test_a_trained_config_builds_init_r_ranks_and_loading_applies_the_pattern(
     kept = {p: layer.r["default"] for p, layer in adalora_layers(loaded, "default").items()}
     assert kept == {p: sum(cfg.kept_ranks(p) or []) for p in kept}
     assert sum(kept.values()) == 2 * 2 * len(LLAMA_TARGETS)  # target_r per layer, on average
-    x = ids(2, 12, seed=9)
+    x = ids(batch=2, length=12, seed=9)
     model.eval()
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)

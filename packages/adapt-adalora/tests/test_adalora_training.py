@@ -31,7 +31,7 @@ def train_llama(tmp: Path | None = None) -> tuple[AdaptedModel, list[float]]:
     )
     model = adapt(llama(), config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = ids(8, 16, seed=2)
+    batch = ids(batch=8, length=16, seed=2)
     losses = []
     model.train()
     for step in range(STEPS):

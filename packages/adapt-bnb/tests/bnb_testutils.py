@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapt.core import AdaptedModel, AdapterLayer
+from adapt.core.testing import tiny_llama, token_ids
 
 #: name -> (bitsandbytes layer factory kwargs, transformers BitsAndBytesConfig kwargs)
 KINDS: dict[str, dict[str, Any]] = {
@@ -70,15 +72,6 @@ def quantised_net(kind: str, seed: int = 0) -> Net:
     return Net(quantise(dense.up, kind), quantise(dense.down, kind))
 
 
-def randomise_adapters(model: nn.Module, seed: int = 1, scale: float = 0.1) -> None:
-    """Give every trainable adapter tensor random values (LoRA's B and VeRA's λ_b start at 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-
-
 def adapter_layers(model: AdaptedModel) -> list[AdapterLayer]:
     return [layer for _, layer in model.adapter_layers()]
 
@@ -136,20 +129,8 @@ def raw_storage(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def llama_folder(root: Path, seed: int = 0) -> Path:
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
-    model.save_pretrained(root)
+    """The kit's default tiny Llama (:func:`adapt.core.testing.tiny_llama`), saved to ``root``."""
+    tiny_llama(seed).save_pretrained(root)
     return root
 
 
@@ -173,5 +154,5 @@ def load_llama(folder: Path, kind: str, dtype: torch.dtype = torch.float32) -> n
     )
 
 
-def ids(batch: int = 2, length: int = 12, seed: int = 5) -> torch.Tensor:
-    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+#: 2 sequences of 12 ids in [0, 128), seed 5
+ids = partial(token_ids, batch=2, length=12, seed=5)

@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 import torch
-from bnb_testutils import Net, adapter_layers, dense_net, quantised_net, randomise_adapters
+from bnb_testutils import Net, adapter_layers, dense_net, quantised_net
 
 from adapt.adalora import AdaLoraConfig
 from adapt.core import AdaptedModel, adapt
+from adapt.core.testing import randomise_adapters
 from adapt.lora import LoraConfig
 from adapt.vera import VeraConfig
 

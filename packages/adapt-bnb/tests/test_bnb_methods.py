@@ -18,13 +18,13 @@ from bnb_testutils import (
     dense_reference,
     layer_inputs,
     quantised_net,
-    randomise_adapters,
     raw_storage,
 )
 
 from adapt.adalora import AdaLoraConfig
 from adapt.bnb import FourBitBackend, Int8Backend
 from adapt.core import AdaptedModel, AdapterStateError, adapt
+from adapt.core.testing import randomise_adapters
 from adapt.lora import LoraConfig
 from adapt.vera import VeraConfig
 

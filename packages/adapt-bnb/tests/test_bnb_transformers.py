@@ -42,7 +42,7 @@ def config(method: str) -> object:
 
 
 def train(model: torch.nn.Module, steps: int, lr: float) -> list[float]:
-    batch = ids(4, 16, seed=1)
+    batch = ids(batch=4, length=16, seed=1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     model.train()

@@ -16,12 +16,12 @@ from bnb_testutils import (
     llama_folder,
     load_llama,
     quantised_net,
-    randomise_adapters,
 )
 from torch._dynamo.testing import CompileCounter
 
 from adapt.adalora import AdaLoraConfig
 from adapt.core import adapt
+from adapt.core.testing import randomise_adapters
 from adapt.lora import LoraConfig
 from adapt.vera import VeraConfig
 

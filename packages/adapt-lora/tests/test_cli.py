@@ -13,20 +13,19 @@ transformers = pytest.importorskip("transformers")
 
 from adapt.core import adapt  # noqa: E402
 from adapt.core.cli import main  # noqa: E402
+from adapt.core.testing import tiny_llama  # noqa: E402
 from adapt.lora import LoraConfig  # noqa: E402
 
 
 def _llama(layers: int = 2) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
+    # the kit's tiny Llama at width 32 (transformers' default max_position_embeddings)
+    return tiny_llama(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=64,
+        max_position_embeddings=2048,
+        num_hidden_layers=layers,
     )
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture()

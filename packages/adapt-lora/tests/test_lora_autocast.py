@@ -21,6 +21,7 @@ from lora_testutils import Wrap, ids, tiny_gpt2, tiny_llama
 from torch import nn
 
 from adapt.core import AdaptedModel, adapt
+from adapt.core.testing import randomise_adapters
 from adapt.lora import LoraConfig
 
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
@@ -32,14 +33,6 @@ AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def randomise(model: nn.Module) -> None:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
 LAYERS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
@@ -82,7 +75,7 @@ def test_layer_types_train_under_autocast(kind: str, half_base: bool, amp: str) 
     if half_base:
         net = net.to(torch.bfloat16)
     model = adapt(net, LoraConfig(r=4, lora_alpha=8, target_modules=["layer"]))
-    randomise(model)
+    randomise_adapters(model)
     check(model, inputs(), AMP[amp])
 
 
@@ -102,7 +95,7 @@ def test_transformers_models_train_under_autocast(model_name: str, amp: str) -> 
     floor = rel(got, want)
     # eval(): no dropout (GPT-2 has some), so both runs compute the same function
     model = adapt(base.eval(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    randomise(model)
+    randomise_adapters(model)
     check(model, inputs, AMP[amp], tolerance=max(MODEL_TOLERANCE[AMP[amp]], 4 * floor))
 
 

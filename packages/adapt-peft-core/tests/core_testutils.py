@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
 
 import torch
 from torch import nn
+
+from adapt.core import testing
 
 
 class MLP(nn.Module):
@@ -56,24 +58,21 @@ class Stack(nn.Module):
         self.lm_head = nn.Linear(dim, 10)
 
 
-def tiny_llama(seed: int = 0) -> Any:
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=32,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+#: the kit's tiny Llama (:func:`adapt.core.testing.tiny_llama`) at width 16: 2 heads, 1 KV head,
+#: vocabulary 32, pad/bos/eos ids 0/1/2
+tiny_llama = partial(
+    testing.tiny_llama,
+    hidden_size=16,
+    intermediate_size=32,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=32,
+    max_position_embeddings=32,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def snapshot(model: nn.Module) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

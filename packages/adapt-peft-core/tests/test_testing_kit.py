@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from core_testutils import mlp, tiny_llama
@@ -15,7 +18,12 @@ from adapt.core.testing import (
     assert_mixed_batch_matches,
     isolated_registry,
     output_tensor,
+    randomise_adapters,
     registered_toy,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama_config,
+    token_ids,
 )
 
 
@@ -36,7 +44,7 @@ def test_registered_toy_unregisters_afterwards(registry: Registry) -> None:
 def test_helpers_on_a_transformers_model() -> None:
     model = adapt(tiny_llama(), ToyConfig(target_modules=["q_proj", "v_proj"], init_identity=False))
     model.add_adapter("b", ToyConfig(target_modules=["o_proj"], init_identity=False))
-    batch = {"input_ids": torch.randint(3, 32, (3, 5), generator=torch.Generator().manual_seed(0))}
+    batch = {"input_ids": token_ids(3, 5, low=3, vocab_size=32, seed=0)}
     assert_merge_roundtrip(model, lambda: batch, atol=1e-5)
     assert_mixed_batch_matches(model, batch, ["b", "__base__", "default"], atol=1e-5)
     with torch.no_grad():
@@ -144,3 +152,39 @@ def test_check_layer_says_when_the_registry_picks_another_class() -> None:
 
     with pytest.raises(AssertionError, match="the registry picks the layer class"):
         check_layer(NotForLinear, _linear, ToyConfig(r=3))
+
+
+def test_importing_the_kit_imports_no_transformers_and_no_method() -> None:
+    code = (
+        "import sys, adapt.core.testing; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('transformers', 'bitsandbytes', 'peft') or m.startswith('adapt.') and "
+        "not m.startswith('adapt.core')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_model_builders_are_seeded_and_take_config_overrides() -> None:
+    a, b = tiny_gpt2(), tiny_gpt2()
+    assert not a.training and tiny_gpt2(training=True).training
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    other = tiny_gpt2(seed=1)
+    assert not torch.equal(other.transformer.wte.weight, a.transformer.wte.weight)
+    bert = tiny_bert(hidden_size=32, intermediate_size=48)
+    assert bert.encoder.layer[0].intermediate.dense.weight.shape == (48, 32)
+    cfg = tiny_llama_config(vocab_size=40)
+    assert (cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size) == (64, 2, 40)
+
+
+def test_token_ids_and_randomise_adapters() -> None:
+    ids = token_ids(4, 6, low=3, vocab_size=9, seed=2)
+    assert ids.shape == (4, 6) and int(ids.min()) >= 3 and int(ids.max()) < 9
+    assert torch.equal(ids, token_ids(4, 6, low=3, vocab_size=9, seed=2))
+    net = mlp()
+    net.up.weight.requires_grad_(False)
+    frozen = net.up.weight.detach().clone()
+    assert randomise_adapters(net, seed=3) == 5  # every trainable tensor, not up.weight
+    assert torch.equal(net.up.weight, frozen)
+    assert randomise_adapters(net, where=lambda name, _: name.startswith("head")) == 2

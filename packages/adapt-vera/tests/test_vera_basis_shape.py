@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from adapt.core import AdaptedModel, AdapterStateError, ConfigError, adapt
+from adapt.core.testing import randomise_adapters
 from adapt.vera import VeraConfig
 
 
@@ -32,11 +33,8 @@ class Net(nn.Module):
 
 
 def randomise(model: AdaptedModel, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "vera_lambda" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
+    """Unit-variance noise into every λ (λ_b starts at zero)."""
+    randomise_adapters(model, seed, scale=1.0, where=lambda name, _: "vera_lambda" in name)
 
 
 def assert_definition(model: AdaptedModel, adapter: str) -> None:

@@ -233,14 +233,14 @@ def test_gpt2_fan_in_fan_out_flag_does_not_change_conv1d_results() -> None:
         )
         randomise_lambdas(model, seed=2)
         with torch.no_grad():
-            outs.append(model(input_ids=input_ids(vocab=100)).logits)
+            outs.append(model(input_ids=input_ids(vocab_size=100)).logits)
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 
 def test_gpt2_merge_unmerge_transposed_weights() -> None:
     model = adapt(tiny_gpt2(), VeraConfig(r=8, target_modules=GPT2_TARGETS))
     randomise_lambdas(model, seed=6)
-    ids = input_ids(vocab=100)
+    ids = input_ids(vocab_size=100)
     before = base_weights(model)
     with torch.no_grad():
         unmerged = model(input_ids=ids).logits

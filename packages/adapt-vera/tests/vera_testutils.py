@@ -1,56 +1,39 @@
-"""Tiny models and by-hand VeRA maths shared by the adapt-vera tests (nothing is downloaded)."""
+"""adapt-vera's presets of the kit's tiny models, and by-hand VeRA maths shared by its tests."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
-import transformers
 from torch import nn
 
-from adapt.core import AdaptedModel, AdapterLayer, SharedBasis
+from adapt.core import AdaptedModel, AdapterLayer, SharedBasis, testing
 from adapt.vera import VeraMethod
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
-def tiny_llama(seed: int = 0, **overrides: int) -> transformers.LlamaForCausalLM:
-    """The issue's tiny Llama: q/o 64→64, k/v 64→32 (GQA), gate/up 64→128, down 128→64."""
-    torch.manual_seed(seed)
-    kwargs = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 128,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": False,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
-    kwargs.update(overrides)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> transformers.GPT2LMHeadModel:
-    """GPT-2 with transformers Conv1D: c_attn 32→96, attn c_proj 32→32, c_fc 32→128, mlp c_proj 128→32."""
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        vocab_size=100,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return transformers.GPT2LMHeadModel(cfg).eval()
+#: the kit's tiny Llama (:func:`adapt.core.testing.tiny_llama`): q/o 64→64, k/v 64→32 (GQA),
+#: gate/up 64→128, down 128→64; with pad/bos/eos ids 0/1/2 (a keyword overrides any field)
+tiny_llama = partial(
+    testing.tiny_llama, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2
+)
+#: GPT-2 with transformers Conv1D: c_attn 32→96, attn c_proj 32→32, c_fc 32→128, mlp c_proj
+#: 128→32; no dropout
+tiny_gpt2 = partial(
+    testing.tiny_gpt2,
+    n_embd=32,
+    n_head=2,
+    vocab_size=100,
+    n_positions=32,
+    bos_token_id=0,
+    eos_token_id=0,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
 
 
 class Toy(nn.Module):
@@ -67,9 +50,8 @@ class Toy(nn.Module):
         return [getattr(self, f"l{i}")(x) for i, x in enumerate(xs)]
 
 
-def input_ids(batch: int = 3, length: int = 6, vocab: int = 128, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (batch, length), generator=g)
+#: 3 sequences of 6 ids in [3, 128) (above the special tokens), seed 1
+input_ids = partial(testing.token_ids, batch=3, length=6, low=3, vocab_size=128, seed=1)
 
 
 def basis_of(model: AdaptedModel) -> SharedBasis:

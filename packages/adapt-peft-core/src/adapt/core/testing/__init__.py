@@ -14,6 +14,18 @@ authors can use it to check that their layers honour the layer protocol.
 * :func:`assert_merge_roundtrip` and :func:`assert_mixed_batch_matches` check the merge
   protocol and mixed-batch routing of any :class:`~adapt.core.AdaptedModel`.
 
+Models and data for tests (transformers is imported only when a builder is called):
+
+* :func:`tiny_llama`: a seeded ``LlamaForCausalLM`` (hidden 64, 2 layers, 4 heads, 2 KV heads,
+  vocabulary 128, in eval mode); a keyword overrides any ``LlamaConfig`` field.
+* :func:`tiny_gpt2`: a seeded ``GPT2LMHeadModel`` (Conv1D layers; n_embd 64, 2 layers, 4 heads).
+* :func:`tiny_bert`: a seeded ``BertModel`` (hidden 64, 2 layers, 4 heads, intermediate 128).
+* :func:`tiny_llama_config`, :func:`tiny_gpt2_config`, :func:`tiny_bert_config`: their configs,
+  for ``from_config`` or a saved folder.
+* :func:`token_ids`: a seeded ``batch × length`` batch of token ids in ``[low, vocab_size)``.
+* :func:`randomise_adapters`: seeded noise into a model's trainable (or chosen) parameters, so
+  an identity-initialised adapter changes the output.
+
 Example, as pytest fixtures::
 
     import pytest
@@ -27,7 +39,8 @@ Example, as pytest fixtures::
 
 The kit's modules, by concern: :mod:`.toy` (the toy method), :mod:`.registries` (registry
 isolation), :mod:`.asserts` (assertions over a model), :mod:`.models` (the model under
-test), :mod:`.checks` and :mod:`.conformance` (:func:`check_layer`). Import from
+test, its inputs, seeded adapter weights), :mod:`.transformers_models` (tiny transformers
+models), :mod:`.checks` and :mod:`.conformance` (:func:`check_layer`). Import from
 ``adapt.core.testing`` itself; the modules are its layout, not its API.
 """
 
@@ -35,8 +48,17 @@ from __future__ import annotations
 
 from .asserts import assert_merge_roundtrip, assert_mixed_batch_matches, output_tensor
 from .conformance import ConformanceReport, check_layer
+from .models import randomise_adapters, token_ids
 from .registries import isolated_registry
 from .toy import TOY_LAYER_NAME, TOY_METHOD_NAME, ToyConfig, ToyLayer, ToyMethod, registered_toy
+from .transformers_models import (
+    tiny_bert,
+    tiny_bert_config,
+    tiny_gpt2,
+    tiny_gpt2_config,
+    tiny_llama,
+    tiny_llama_config,
+)
 
 __all__ = [
     "TOY_LAYER_NAME",
@@ -50,5 +72,13 @@ __all__ = [
     "check_layer",
     "isolated_registry",
     "output_tensor",
+    "randomise_adapters",
     "registered_toy",
+    "tiny_bert",
+    "tiny_bert_config",
+    "tiny_gpt2",
+    "tiny_gpt2_config",
+    "tiny_llama",
+    "tiny_llama_config",
+    "token_ids",
 ]

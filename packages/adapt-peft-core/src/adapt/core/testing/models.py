@@ -1,8 +1,9 @@
-"""What the conformance checks run on: a model made of the one base module under test, and
-seeded adapter weights."""
+"""What the conformance checks and the tests run on: a model made of the one base module under
+test, seeded adapter weights, seeded token-id batches."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,3 +32,32 @@ def randomise_adapter(layer: AdapterLayer, adapter_name: str, seed: int) -> None
             if tensor.is_floating_point() and isinstance(tensor, nn.Parameter):
                 noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
                 tensor.copy_((noise * 0.1).to(tensor.dtype))
+
+
+def randomise_adapters(
+    model: nn.Module,
+    seed: int = 1,
+    scale: float = 0.1,
+    *,
+    where: Callable[[str, nn.Parameter], bool] | None = None,
+) -> int:
+    """Overwrite parameters of ``model`` with seeded noise (``randn · scale``, one generator
+    drawn in the order of their sorted names), so that identity-initialised adapters (LoRA's B,
+    VeRA's λ_b, AdaLoRA's E) change the output. ``where(name, param)`` picks the parameters;
+    by default, every trainable one. Returns how many were overwritten."""
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if where(name, param) if where is not None else param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+                count += 1
+    return count
+
+
+def token_ids(
+    batch: int = 2, length: int = 8, *, vocab_size: int = 128, low: int = 0, seed: int = 0
+) -> torch.Tensor:
+    """A seeded ``batch × length`` batch of token ids, uniform in ``[low, vocab_size)``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, vocab_size, (batch, length), generator=gen)
