@@ -63,6 +63,10 @@ class AdapterConfig:
     #: (LoRA's ``"lora_only"``); ``"none"`` and ``"all"`` mean what they say. Core reads the
     #: scope through :meth:`bias_scope`, never a method's spelling.
     adapted_bias_values: ClassVar[tuple[str, ...]] = ()
+    #: Fields of this base class that the method's PEFT config does not have (IA³ has no
+    #: ``layers_to_transform``): they are not saved, not read from a saved config (a stray one
+    #: warns as an unknown key), and setting one to anything but its default is refused.
+    omitted_fields: ClassVar[tuple[str, ...]] = ()
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -97,9 +101,19 @@ class AdapterConfig:
         return "adapted" if bias in self.adapted_bias_values else "none"
 
     # -- validation -------------------------------------------------------------------------
+    @classmethod
+    def saved_fields(cls) -> list[str]:
+        """The keys this config writes (and reads): its fields but :attr:`omitted_fields`."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in cls.omitted_fields]
+
     def validate(self) -> None:
         """Check field values; raise :class:`ConfigError` saying what is wrong and how to fix it."""
         cls = type(self).__name__
+        for f in dataclasses.fields(self):
+            if f.name in self.omitted_fields and getattr(self, f.name) != f.default:
+                raise ConfigError(
+                    f"{cls} has no {f.name} (the method does not support it); leave it unset"
+                )
         for name in ("target_modules", "exclude_modules", "layers_pattern"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):
@@ -168,7 +182,7 @@ class AdapterConfig:
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The config as PEFT writes it (JSON types, ``peft_type`` included)."""
-        data = {f.name: _to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data = {name: _to_jsonable(getattr(self, name)) for name in self.saved_fields()}
         data["peft_type"] = self.peft_type
         return data
 
@@ -208,7 +222,11 @@ class AdapterConfig:
                 f"{source}: peft_type is {peft_type!r} but {cls.__name__} reads "
                 f"{cls.peft_type!r} configs"
             )
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        fields = {
+            f.name: f
+            for f in dataclasses.fields(cls)
+            if f.init and f.name not in cls.omitted_fields
+        }
         hints = get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         ignored = {**_COMMON_IGNORED, **cls.peft_ignored_keys}

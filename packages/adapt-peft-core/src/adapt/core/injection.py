@@ -26,6 +26,7 @@ from .modules_to_save import ModulesToSave
 from .registry import get_registry
 from .routing import BASE
 from .saving import record_shapes
+from .signature import required_inputs
 from .targeting import (
     ALL_LINEAR,
     find_targets,
@@ -109,6 +110,20 @@ def _no_layer_message(method: Method[Any], path: str, module: nn.Module) -> str:
     )
 
 
+def _check_inputs(cls: type[AdapterLayer], path: str, module: nn.Module) -> None:
+    """Refuse a base module whose forward takes several inputs unless the layer class says it
+    handles them all (it would otherwise see only the first, and mixed batches would slice
+    only that one)."""
+    inputs = required_inputs(module)
+    if len(inputs) > 1 and not cls.takes_all_inputs:
+        raise TargetError(
+            f"{path} is a {describe(module)} whose forward takes {len(inputs)} inputs "
+            f"({', '.join(inputs)}), but {cls.__name__} adapts modules of one input (it would "
+            "see only the first). Remove it from target_modules, or use a layer class that "
+            "sets takes_all_inputs = True"
+        )
+
+
 def _layer_plan(
     method: Method[Any], modules: dict[str, nn.Module]
 ) -> dict[str, type[AdapterLayer] | None]:
@@ -126,6 +141,7 @@ def _layer_plan(
             cls = get_registry().resolve_layer(method.name, module)
             if cls is None:
                 raise TargetError(_no_layer_message(method, path, module))
+            _check_inputs(cls, path, module)
             plan[path] = cls
     return plan
 

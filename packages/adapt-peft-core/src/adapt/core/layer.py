@@ -1,15 +1,21 @@
 """The adapter-layer base class every method's layers derive from.
 
 An :class:`AdapterLayer` wraps one ``base_layer`` and holds any number of named adapters. A
-method implements three things:
+method implements:
 
-* :meth:`AdapterLayer.update_layer` creates and initialises an adapter's tensors;
-* :meth:`AdapterLayer.adapter_output` returns that adapter's contribution to the output;
-* :meth:`AdapterLayer.delta_weight` returns the dense ΔW in the weight backend's canonical layout.
+* :meth:`AdapterLayer.update_layer`: create and initialise an adapter's tensors;
+* :meth:`AdapterLayer.adapter_output`: that adapter's effect on the output. With
+  ``composition = "sum"`` (the default) a contribution added to the base output; with
+  ``"product"`` a factor the base output is multiplied by (IA³). Declaring a ``base_output``
+  parameter gives it the base layer's output, computed once for all adapters; returning None
+  means no output-side effect;
+* optionally :meth:`AdapterLayer.adapter_input`: a change to the input before the base layer
+  runs (IA³ on feed-forward layers scales the input);
+* :meth:`AdapterLayer.delta_weight` (dense ΔW in the backend's canonical layout), or, when the
+  merged weight depends on ``W``, the merge hooks of :class:`~adapt.core.layer_merging.LayerMerging`.
 
-Everything else lives here, once: the forward (base output plus the active contributions),
-disabling, mixed-batch routing (``adapter_names``), and merging through the weight backend
-(``W ← W + ΔW``), unmerging, and deleting adapters.
+Everything else lives here, once: the forward, disabling, mixed-batch routing
+(``adapter_names``), merging through the weight backend, unmerging, and deleting adapters.
 
 Per-adapter tensors live in containers named by :attr:`AdapterLayer.adapter_layer_names`
 (``nn.ModuleDict`` or ``nn.ParameterDict`` keyed by adapter name). That one declaration says
@@ -18,7 +24,8 @@ both which parameters train and what goes into the checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import inspect
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, cast
 
 import torch
@@ -26,13 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fastpath
-from . import merge as merge_math
 from .backends import WeightBackend, require_backend
 from .deprecation import moved_names
-from .errors import AdapterStateError, warn_user
+from .errors import AdapterStateError, PluginError
 from .kernels import add_scaled_product, factor_grad, matmul_factor, transposed_factor_is_faster
-from .merge import MergeReport, add_deltas, unsafe_merge_error
-from .routing import current_adapter_names, sample_groups
+from .layer_merging import LayerMerging
+from .routing import current_adapter_names, put_rows, rows_of, sample_groups
 from .typenames import describe
 
 __all__ = [
@@ -45,7 +51,7 @@ __all__ = [
 ]
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(LayerMerging, nn.Module):
     """Base of every adapter layer: a ``base_layer`` plus named adapters."""
 
     #: The method this layer belongs to (``"lora"``).
@@ -62,6 +68,26 @@ class AdapterLayer(nn.Module):
     #: outputs`` equals ``x (W + Σ ΔW)ᵀ + bias`` for a plain ``nn.Linear`` base: no-grad
     #: forwards over many rows then run as one GEMM with the weight merged on the fly.
     delta_weight_forward: ClassVar[bool] = False
+    #: How several active adapters combine: ``"sum"`` (``base + Σ adapter_output``) or
+    #: ``"product"`` (``base · Π adapter_output``).
+    composition: ClassVar[str] = "sum"
+    #: Whether this layer serves base modules whose forward takes several inputs
+    #: (``nn.Bilinear``): the hooks then get ``x`` as the tuple of every positional input, and
+    #: mixed batches slice each of them. Without it such modules are refused at injection.
+    takes_all_inputs: ClassVar[bool] = False
+    # set per class by __init_subclass__: what the hooks a class defines need from the forward
+    _output_sees_base: ClassVar[bool] = False
+    _transforms_input: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.composition not in ("sum", "product"):
+            raise PluginError(
+                f"{cls.__module__}.{cls.__qualname__}.composition is {cls.composition!r}; "
+                "it must be 'sum' (adapter outputs are added) or 'product' (they multiply)"
+            )
+        cls._output_sees_base = "base_output" in inspect.signature(cls.adapter_output).parameters
+        cls._transforms_input = cls.adapter_input is not AdapterLayer.adapter_input
 
     def __init__(self, base_layer: nn.Module, backend: WeightBackend | None = None) -> None:
         super().__init__()
@@ -100,9 +126,16 @@ class AdapterLayer(nn.Module):
         """Create adapter ``adapter_name``'s tensors from ``config`` and initialise them."""
         raise NotImplementedError
 
-    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The contribution of ``adapter_name`` to the output for input ``x``."""
+    def adapter_output(self, x: Any, adapter_name: str) -> torch.Tensor | None:
+        """``adapter_name``'s effect on the output for input ``x``: a contribution to add
+        (``composition = "sum"``) or a factor to multiply by (``"product"``); None for none.
+        Declare a keyword parameter ``base_output`` to receive the base layer's output."""
         raise NotImplementedError
+
+    def adapter_input(self, x: Any, adapter_name: str) -> Any:
+        """The input the base layer sees with ``adapter_name`` active (default: ``x``
+        unchanged, and core skips the call). Several active adapters apply in order."""
+        return x
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ΔW of ``adapter_name`` in the backend's canonical layout."""
@@ -187,17 +220,19 @@ class AdapterLayer(nn.Module):
         output), not a view, and no forward hook could have kept a reference to it."""
         return self.fuse_adapter_output and fastpath.may_add_in_place(self.base_layer, result)
 
-    def _contribution(self, x: torch.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
-        return self.adapter_output(x, name).to(like.dtype)
+    def _contribution(self, x: Any, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        out = self.adapter_output(x, name)
+        return None if out is None else out.to(like.dtype)
 
-    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    def add_adapter_output(self, result: torch.Tensor, x: Any, name: str) -> torch.Tensor:
         """``result`` plus adapter ``name``'s contribution for input ``x`` (out of place).
 
         The default adds :meth:`adapter_output`. Methods override it to fuse the last product,
         the scale and the addition into one kernel (:func:`add_scaled_product`); the result must
         equal ``result + adapter_output(x, name)`` up to float round-off.
         """
-        return result + self._contribution(x, name, result)
+        contribution = self._contribution(x, name, result)
+        return result if contribution is None else result + contribution
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         batch_names = kwargs.pop("adapter_names", None)
@@ -217,10 +252,42 @@ class AdapterLayer(nn.Module):
                 fused = self.fused_forward(x, pending[0])
                 if fused is not None:
                     return fused
-        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        inputs = (x, *args) if self.takes_all_inputs else x
+        seen = inputs
+        if self._transforms_input:
+            for name in pending:
+                seen = self.adapter_input(seen, name)
+        result = self._base_forward(seen, args, kwargs)
+        if self.composition == "product":
+            factor = None
+            for name in pending:
+                f = self._effect(inputs, name, result)
+                if f is not None:
+                    factor = f if factor is None else factor * f
+            return result if factor is None else (result * factor).to(result.dtype)
+        if self._output_sees_base:
+            base_out = result
+            for name in pending:
+                effect = self._effect(inputs, name, base_out)
+                if effect is not None:
+                    result = result + effect.to(result.dtype)
+            return result
         for name in pending:
-            result = self.add_adapter_output(result, x, name)
+            result = self.add_adapter_output(result, inputs, name)
         return result
+
+    def _base_forward(self, seen: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The base layer on the (possibly adapted) inputs: ``seen`` is every positional input
+        for a :attr:`takes_all_inputs` class, else the first one (``args`` are the rest)."""
+        if self.takes_all_inputs:
+            return self.base_layer(*seen, **kwargs)
+        return self.base_layer(seen, *args, **kwargs)
+
+    def _effect(self, inputs: Any, name: str, base_output: torch.Tensor) -> torch.Tensor | None:
+        if self._output_sees_base:
+            out: torch.Tensor | None = self.adapter_output(inputs, name, base_output=base_output)  # type: ignore[call-arg]
+            return out
+        return self.adapter_output(inputs, name)
 
     def plain_linear_base(self, x: torch.Tensor) -> bool:
         """Whether the base is a plain ``nn.Linear`` (no hooks, dense weight in ``x``'s dtype,
@@ -269,70 +336,24 @@ class AdapterLayer(nn.Module):
                 f"adapter_names has {len(batch_names)} entries but the batch has {x.shape[0]} "
                 "samples; give one adapter name (or '__base__') per sample"
             )
-        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
-        for name, index in sample_groups(batch_names, self.adapter_names, x.device):
-            contribution = self._contribution(x.index_select(0, index), name, result)
-            result = result.index_add(0, index, contribution)
+        groups = list(sample_groups(batch_names, self.adapter_names, x.device))
+        inputs = (x, *args) if self.takes_all_inputs else x
+        seen = inputs
+        if self._transforms_input:
+            for name, index in groups:
+                seen = put_rows(seen, index, self.adapter_input(rows_of(inputs, index), name))
+        result: torch.Tensor = self._base_forward(seen, args, kwargs)
+        base_out = result
+        for name, index in groups:
+            effect = self._effect(rows_of(inputs, index), name, base_out.index_select(0, index))
+            if effect is None:
+                continue
+            if self.composition == "product":
+                rows = (result.index_select(0, index) * effect).to(result.dtype)
+                result = result.index_copy(0, index, rows)
+            else:
+                result = result.index_add(0, index, effect.to(result.dtype))
         return result
-
-    # -- merging ----------------------------------------------------------------------------------
-    def _check_names(self, names: Iterable[str]) -> list[str]:
-        out = []
-        for name in names:
-            if name not in self.adapter_names:
-                raise AdapterStateError(
-                    f"{describe(self)} has no adapter {name!r}; it has {self.adapter_names}"
-                )
-            out.append(name)
-        return out
-
-    def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
-        """W + Σ ΔW for ``adapter_names``, without writing it (used by safe merges)."""
-        weight = self.backend.get_weight(self.base_layer)
-        # summed in (at least) float32: a float16/bfloat16 weight is rounded once, at the end
-        return add_deltas(weight, (self.delta_weight(name) for name in adapter_names))
-
-    def merge(
-        self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False
-    ) -> MergeReport | None:
-        """Fold adapters into the base weight: ``W ← W + ΔW``.
-
-        ``safe_merge`` computes the result first and refuses it (layer unchanged) when it holds
-        NaN or Inf.
-        """
-        names = self._check_names(
-            adapter_names if adapter_names is not None else self.active_adapters
-        )
-        names = [n for n in names if n not in self.merged_adapters]
-        if not names:
-            return None
-        new = self.merged_weight(names)
-        if safe_merge and not merge_math.fits_dtype(
-            new, self.backend.get_weight(self.base_layer).dtype
-        ):
-            raise unsafe_merge_error(
-                names, describe(self.get_base_layer()), "the layer was left unchanged"
-            )
-        report = self.backend.set_weight(self.base_layer, new)
-        self.merged_adapters.extend(names)
-        return report
-
-    def unmerge(self) -> MergeReport | None:
-        """Take every merged adapter back out of the base weight: ``W ← W − ΔW``."""
-        if not self.merged_adapters:
-            return None
-        if self.backend.lossy:
-            warn_user(
-                f"unmerging from {describe(self.get_base_layer())} is lossy: its weight is "
-                "quantised, so the restored weight differs from the original by the "
-                "requantisation error"
-            )
-        current = self.backend.get_weight(self.base_layer)
-        deltas = (self.delta_weight(name) for name in reversed(self.merged_adapters))
-        weight = add_deltas(current, deltas, sign=-1.0)
-        report = self.backend.set_weight(self.base_layer, weight)
-        self.merged_adapters = []
-        return report
 
     def iter_adapter_parameters(self, adapter_name: str) -> Iterator[torch.Tensor]:
         yield from self.adapter_tensors(adapter_name).values()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .adapters import AdapterSet
-from .merge import MergeReport, fits_dtype, unsafe_merge_error, worst
+from .merge import MergeReport, unsafe_merge_error, worst
 from .progress import progress
 from .typenames import describe
 from .wrapped import remove_guard
@@ -25,9 +25,7 @@ def _check_safe(adapters: AdapterSet, names: Sequence[str]) -> None:
     """Refuse (nothing written) when any layer's merged weight would hold NaN/Inf."""
     for _, layer in adapters.layers():
         todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
-        if todo and not fits_dtype(
-            layer.merged_weight(todo), layer.backend.get_weight(layer.base_layer).dtype
-        ):
+        if todo and not layer.merge_is_safe(todo):
             raise unsafe_merge_error(todo, describe(layer.get_base_layer()), "nothing was merged")
 
 

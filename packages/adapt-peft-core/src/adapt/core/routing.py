@@ -16,6 +16,7 @@ import contextlib
 import threading
 from collections.abc import Container, Iterator, Sequence
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 
@@ -59,3 +60,19 @@ def sample_groups(
         if name == BASE or name not in known:
             continue
         yield name, torch.tensor([i for i, n in enumerate(batch_names) if n == name], device=device)
+
+
+def rows_of(inputs: Any, index: torch.Tensor) -> Any:
+    """The samples ``index`` of an input, or of each tensor of a tuple of inputs."""
+    if isinstance(inputs, tuple):
+        return tuple(rows_of(t, index) for t in inputs)
+    return inputs.index_select(0, index) if isinstance(inputs, torch.Tensor) else inputs
+
+
+def put_rows(inputs: Any, index: torch.Tensor, rows: Any) -> Any:
+    """``inputs`` with the samples ``index`` replaced by ``rows`` (out of place)."""
+    if isinstance(inputs, tuple):
+        return tuple(put_rows(t, index, r) for t, r in zip(inputs, rows, strict=True))
+    if not isinstance(inputs, torch.Tensor):
+        return inputs
+    return inputs.index_copy(0, index, rows.to(inputs.dtype))

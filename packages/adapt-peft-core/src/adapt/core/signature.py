@@ -44,3 +44,19 @@ def expose_forward_signature(obj: Any, wrapped_forward: Callable[..., Any], impl
     func.__doc__ = impl.__doc__
     func.__signature__ = new_sig  # type: ignore[attr-defined]
     object.__setattr__(obj, "forward", types.MethodType(func, obj))
+
+
+def required_inputs(module: Any) -> list[str]:
+    """The positional inputs ``module``'s forward requires (``nn.Bilinear``: ``input1``,
+    ``input2``); empty when its signature cannot be read."""
+    try:
+        sig = inspect.signature(type(module).forward)
+    except (TypeError, ValueError):
+        return []
+    kind = inspect.Parameter
+    names = [
+        p.name
+        for p in sig.parameters.values()
+        if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return names[1:]  # drop self
