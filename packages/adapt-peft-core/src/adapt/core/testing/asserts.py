@@ -27,10 +27,13 @@ def output_tensor(output: Any) -> torch.Tensor:
 
 def forward_no_grad(model: nn.Module, batch: Any, **kwargs: Any) -> torch.Tensor:
     """A detached copy of the main output tensor of ``model`` on ``batch`` (a tensor passed
-    positionally, or a mapping passed as keyword arguments), computed without gradients."""
+    positionally, a tuple passed as several positional inputs, or a mapping passed as keyword
+    arguments), computed without gradients."""
     with torch.no_grad():
         if isinstance(batch, Mapping):
             return output_tensor(model(**batch, **kwargs)).detach().clone()
+        if isinstance(batch, tuple):
+            return output_tensor(model(*batch, **kwargs)).detach().clone()
         return output_tensor(model(batch, **kwargs)).detach().clone()
 
 
@@ -92,6 +95,8 @@ def assert_merge_roundtrip(
 def _select(batch: Any, index: int) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch[index : index + 1]
+    if isinstance(batch, tuple):
+        return tuple(_select(item, index) for item in batch)
     if isinstance(batch, Mapping):
         return {
             k: v[index : index + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()

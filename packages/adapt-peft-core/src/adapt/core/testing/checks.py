@@ -24,11 +24,17 @@ from .asserts import (
 )
 from .models import SingleTargetModel, randomise_adapter
 
+
+def batch_size(x: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
+    """The number of samples of an input (a tuple of inputs: its first one's)."""
+    return int((x[0] if isinstance(x, tuple) else x).shape[0])
+
+
 BUILD = "the registry picks the layer class for the base module"
 IDENTITY = "a new adapter starts as the identity"
 TRAINABLE = "only the adapter's tensors are trainable, and they get gradients"
 NAMES = "state-dict names follow the checkpoint convention"
-DELTA_SHAPE = "delta_weight has the base weight's shape"
+DELTA_SHAPE = "the merged weight has the base weight's shape"
 FORWARD_ONE = "forward with one adapter changes the output"
 MERGE = "merged output equals unmerged, merge→unmerge restores the weight"
 SEVERAL = "forward with several adapters (and their merge)"
@@ -49,7 +55,7 @@ class Subject:
 
     model: AdaptedModel
     layer: AdapterLayer
-    x: torch.Tensor
+    x: torch.Tensor | tuple[torch.Tensor, ...]
     base_out: torch.Tensor
     other_cfg: AdapterConfig  # the second adapter's config (for inference)
     make_base: Callable[[], nn.Module]
@@ -87,7 +93,7 @@ def trainable(s: Subject) -> None:
     if strangers:
         raise AssertionError(f"trainable parameters outside the adapter: {strangers}")
     s.model.zero_grad()
-    out = s.model(s.x)
+    out = s.model(*s.x) if isinstance(s.x, tuple) else s.model(s.x)
     loss = output_tensor(out).float().pow(2).mean()
     torch.autograd.backward(loss)
     missing = [n for n, p in params if p.grad is None]
@@ -115,11 +121,11 @@ def names(s: Subject) -> None:
 
 def delta_shape(s: Subject) -> None:
     weight = s.layer.backend.get_weight(s.layer.base_layer)
-    delta = s.layer.delta_weight("default")
-    if tuple(delta.shape) != tuple(weight.shape):
+    merged = s.layer.merged_weight(["default"])  # W + ΔW, or the layer's own merge_weight
+    if tuple(merged.shape) != tuple(weight.shape):
         raise AssertionError(
-            f"delta_weight has shape {tuple(delta.shape)}, the base weight (canonical "
-            f"layout) {tuple(weight.shape)}"
+            f"merging gives a weight of shape {tuple(merged.shape)}, the base weight (canonical "
+            f"layout) is {tuple(weight.shape)} (check delta_weight or merge_weight)"
         )
 
 
@@ -159,7 +165,7 @@ def disabled(s: Subject) -> None:
 
 def mixed(s: Subject) -> None:
     """``"default"``, ``"other"`` and the base model in turn over the samples of the input."""
-    n = s.x.shape[0]
+    n = batch_size(s.x)
     routing = ["default", "other", BASE] * (n // 3 + 1)
     assert_mixed_batch_matches(s.model, s.x, routing[:n], s.atol)
 

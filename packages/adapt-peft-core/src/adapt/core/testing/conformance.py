@@ -80,7 +80,7 @@ def check_layer(
     make_base: Callable[[], nn.Module],
     config: AdapterConfig,
     *,
-    make_input: Callable[[], torch.Tensor] | None = None,
+    make_input: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]] | None = None,
     identity_at_init: bool = True,
     atol: float = 1e-5,
     raise_on_failure: bool = True,
@@ -91,12 +91,13 @@ def check_layer(
     ``make_base()`` returns a fresh base module of the type the class serves, the same weights
     every call (seed inside it); ``config`` is a config of the layer's method (its
     ``target_modules`` is replaced by the module under test); ``make_input()`` returns a batch
-    of at least three samples for the base module (default: ``torch.randn(4, in_features)``).
+    of at least three samples for the base module (default: ``torch.randn(4, in_features)``;
+    a tuple for a layer class with ``takes_all_inputs``, each item batched along dim 0).
     ``identity_at_init=False`` documents a method whose new adapter changes the output.
 
     Checks, each reported in words: the registry picks the class; a new adapter is the
     identity; only the adapter's tensors are trainable and they get gradients; state-dict
-    names follow the checkpoint convention; ``delta_weight`` has the weight's shape; forward
+    names follow the checkpoint convention; the merged weight has the weight's shape; forward
     with one and with several adapters; ``disable_adapter``; a mixed batch; merged output equals
     unmerged and merge→unmerge restores the weight; save/load round trip; ``delete_adapter``.
 
@@ -164,7 +165,7 @@ def _run_checks(runner: _Runner, s: Subject, identity_at_init: bool) -> None:
     runner.check(checks.MERGE, checks.merge, s)
     has_other = runner.check(checks.SEVERAL, checks.several, s)
     runner.check(checks.DISABLED, checks.disabled, s)
-    if has_other and s.x.shape[0] >= 3:
+    if has_other and checks.batch_size(s.x) >= 3:
         runner.check(checks.MIXED, checks.mixed, s)
     elif not has_other:
         runner.skip(checks.MIXED_SKIPPED, "the second adapter failed (see above)")

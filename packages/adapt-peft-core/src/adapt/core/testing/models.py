@@ -19,19 +19,24 @@ class SingleTargetModel(nn.Module):
         super().__init__()
         self.target = target
 
-    def forward(self, x: Any) -> Any:
-        return self.target(x)
+    def forward(self, *inputs: Any) -> Any:
+        return self.target(*inputs)
 
 
 def randomise_adapter(layer: AdapterLayer, adapter_name: str, seed: int) -> None:
     """Overwrite the floating-point parameters of ``adapter_name`` in ``layer`` with seeded
-    noise (standard deviation 0.1), so that the adapter changes the output."""
+    noise (standard deviation 0.1), so that the adapter changes the output. For a layer whose
+    adapters multiply (``composition = "product"``) the noise is added to the current values
+    instead (IA³'s ones), so the factors stay near 1 and merging stays invertible."""
     gen = torch.Generator().manual_seed(seed)
+    around = type(layer).composition == "product"
     with torch.no_grad():
         for _, tensor in sorted(layer.adapter_tensors(adapter_name).items()):
             if tensor.is_floating_point() and isinstance(tensor, nn.Parameter):
-                noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
-                tensor.copy_((noise * 0.1).to(tensor.dtype))
+                noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32) * 0.1
+                if around:
+                    noise += tensor.detach().float()
+                tensor.copy_(noise.to(tensor.dtype))
 
 
 def randomise_adapters(
