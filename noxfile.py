@@ -442,73 +442,89 @@ def demo(session: nox.Session) -> None:
     session.run("python", str(ROOT / "docs" / "examples" / "demo.py"), *args)
 
 
-# The example third-party plugin: a package of its own, outside packages/ (the worked example of
-# docs/guides/writing-a-plugin.md).
-PLUGIN_EXAMPLE = ROOT / "docs" / "examples" / "adapt-gated-linear"
+# The example third-party plugins: packages of their own, outside packages/ (the worked examples of
+# docs/guides/writing-a-plugin.md): a LoRA layer for a new module type, and a whole new method.
+PLUGIN_EXAMPLES = [
+    ROOT / "docs" / "examples" / "adapt-gated-linear",
+    ROOT / "docs" / "examples" / "adapt-example-ia3",
+]
 
 
-def _plugin_pyproject() -> dict:
-    with open(PLUGIN_EXAMPLE / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)
+def _example_project(folder: Path) -> dict:
+    with open(folder / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]
 
 
 @nox.session
 def plugin(session: nox.Session) -> None:
     """The third-party plugin story, from wheels: build every package's wheel and the example
-    plugin's (docs/examples/adapt-gated-linear), `pip install adapt-gated-linear` from them into a
-    fresh venv (nothing editable), run the plugin's tests and the plugin guide's test there, and
-    check that `adapt plugins` lists the plugin's layer and backend as ok."""
+    plugins' (docs/examples/adapt-gated-linear, docs/examples/adapt-example-ia3), `pip install`
+    them by name from those wheels into a fresh venv (nothing editable; their test extras bring
+    PEFT for the IA³ interop tests), run each plugin's tests and the plugin guide's test there,
+    and check that `adapt plugins` lists every entry point of theirs as ok."""
     setup(session)
     # hatchling in this venv: the wheels build without an isolated build env each (faster)
     session.install("build", "hatchling>=1.21")
     tmp = Path(session.create_tmp()).resolve()
     dist = tmp / "dist"
-    build_wheels(session, dist, [*(PACKAGES_DIR / pkg for pkg in PACKAGES), PLUGIN_EXAMPLE])
+    build_wheels(session, dist, [*(PACKAGES_DIR / pkg for pkg in PACKAGES), *PLUGIN_EXAMPLES])
 
-    project = _plugin_pyproject()["project"]
-    plugin_dist = _dist_name(project["name"])
-    # what the plugin needs from packages/ (adapt-lora, and adapt-peft-core through it)
+    projects = [_example_project(folder) for folder in PLUGIN_EXAMPLES]
+    plugin_dists = [_dist_name(project["name"]) for project in projects]
+    # what the plugins need from packages/ (adapt-lora, and adapt-peft-core through it)
     needed: set[str] = set()
-    for req in project.get("dependencies", []):
-        if _dist_name(req) in PACKAGES:
-            needed.update(local_deps(_dist_name(req)))
-    test_requirements = project.get("optional-dependencies", {}).get("test", [])
+    test_requirements: list[str] = []
+    for project in projects:
+        for req in project.get("dependencies", []):
+            if _dist_name(req) in PACKAGES:
+                needed.update(local_deps(_dist_name(req)))
+        test_requirements += project.get("optional-dependencies", {}).get("test", [])
 
     venv = tmp / "plugin-venv"
-    # the user's line, as for our own packages: the plugin by name, our wheels in a folder
-    py = user_venv(session, venv, dist, [plugin_dist, *test_requirements], {*needed, plugin_dist})
+    # the user's line, as for our own packages: the plugins by name, our wheels in a folder
+    requirements = [*plugin_dists, *sorted(set(test_requirements))]
+    py = user_venv(session, venv, dist, requirements, {*needed, *plugin_dists})
 
-    # Run from a scratch folder so neither the repo nor the plugin's src/ is on sys.path.
+    # Run from a scratch folder so neither the repo nor the plugins' src/ is on sys.path.
     run_dir = tmp / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir()
-    module = plugin_dist.replace("-", "_")
     with session.chdir(run_dir):
-        where = session.run(
-            py, "-c", f"import {module}; print({module}.__file__)", external=True, silent=True
-        )
-        if not str(where).strip().startswith(str(venv)):
-            session.error(f"{module} was imported from {str(where).strip()}, not from {venv}")
+        for plugin_dist in plugin_dists:
+            module = plugin_dist.replace("-", "_")
+            where = session.run(
+                py, "-c", f"import {module}; print({module}.__file__)", external=True, silent=True
+            )
+            if not str(where).strip().startswith(str(venv)):
+                session.error(f"{module} was imported from {str(where).strip()}, not {venv}")
         session.run(
             py, "-m", "pytest", "-p", "no:cacheprovider", "-rA",
-            str(PLUGIN_EXAMPLE / "tests"), str(ROOT / "docs" / "tests" / "test_plugin_guide.py"),
+            *(str(folder / "tests") for folder in PLUGIN_EXAMPLES),
+            str(ROOT / "docs" / "tests" / "test_plugin_guide.py"),
             *pytest_args(session), *session.posargs, external=True,
         )  # fmt: skip
         listing = str(
             session.run(str(venv / "bin" / "adapt"), "plugins", external=True, silent=True)
         )
     print(listing, flush=True)
+    _check_listing(session, listing, projects)
+
+
+def _check_listing(session: nox.Session, listing: str, projects: list[dict]) -> None:
+    """Every entry point of the example plugins is `ok` in `adapt plugins`."""
     statuses: dict[tuple[str, str, str], str] = {}
     for line in listing.splitlines()[2:]:
         cells = line.split(None, 4)
         if len(cells) == 5:
             kind, name, distribution, _, status = cells
             statuses[(kind, name, distribution)] = status
-    for group, entry_points in project.get("entry-points", {}).items():
-        for name in entry_points:
-            status = statuses.get((group.split(".")[-1], name, plugin_dist), "missing")
-            if status != "ok":
-                session.error(f"`adapt plugins`: {group} entry point {name!r} is {status!r}")
+    for project in projects:
+        plugin_dist = _dist_name(project["name"])
+        for group, entry_points in project.get("entry-points", {}).items():
+            for name in entry_points:
+                status = statuses.get((group.split(".")[-1], name, plugin_dist), "missing")
+                if status != "ok":
+                    session.error(f"`adapt plugins`: {group} entry point {name!r} is {status!r}")
 
 
 @nox.session

@@ -18,7 +18,7 @@ from adapt.core import AdaptedModel, AdapterStateError, MergeReport, PluginError
 from adapt.core.config import AdapterConfig
 from adapt.core.errors import ConfigError
 from adapt.core.layer import AdapterLayer, adapter_dtype_device
-from adapt.core.testing import ToyConfig, ToyLayer, check_layer, registered_toy
+from adapt.core.testing import ToyConfig, ToyLayer, ToyMethod, check_layer, registered_toy
 
 
 class Net(nn.Module):
@@ -430,3 +430,21 @@ def test_omitted_fields_are_not_saved_read_or_settable() -> None:
     assert any("layers_pattern" in str(w.message) for w in caught)
     assert json.loads(cfg.to_json()) == data
     assert isinstance(cfg, AdapterConfig)
+
+
+# -- defaults a method fills in are written back ------------------------------------------------
+class DefaultRank(ToyMethod):
+    def resolve_config(self, model: Any, config: ToyConfig) -> ToyConfig:
+        return dataclasses.replace(config, r=3) if config.r == 2 else config
+
+
+def test_resolved_defaults_are_written_back_only_when_the_adapter_is_in() -> None:
+    with registered_toy(method=DefaultRank()):
+        config = ToyConfig(target_modules=["a", "b"])
+        model = AdaptedModel(Net(), config)
+        assert config.r == 3 and model.peft_config["default"] is config
+        assert model.model.a.toy_A["default"].shape[0] == 3
+        failing = ToyConfig(target_modules=["nothing_like_this"])
+        with pytest.raises(TargetError):
+            model.add_adapter("other", failing)
+        assert failing.r == 2  # nothing half-applied

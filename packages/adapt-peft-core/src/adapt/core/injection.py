@@ -180,6 +180,7 @@ def plan(adapters: AdapterSet, adapter_name: str, config: AdapterConfig) -> Plan
     given = config
     if config.target_modules is None:
         config = _with_default_targets(adapters.model, config, method)
+    config = method.resolve_config(adapters.view, config)
     for other, other_cfg in adapters.configs.items():
         if other_cfg.peft_type != config.peft_type:
             raise ConfigError(
@@ -258,7 +259,8 @@ def commit(adapters: AdapterSet, p: Plan) -> None:
         adapters.replace(path, new)
     config = p.config
     if config is not p.given:  # defaults resolved: now the user's config says which (as PEFT)
-        p.given.target_modules = config.target_modules
+        for key in config.saved_fields():
+            setattr(p.given, key, getattr(config, key))
         config = p.given
     adapters.configs[p.name] = config
     if not adapters.active:

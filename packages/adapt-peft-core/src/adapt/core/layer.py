@@ -257,7 +257,7 @@ class AdapterLayer(LayerMerging, nn.Module):
         if self._transforms_input:
             for name in pending:
                 seen = self.adapter_input(seen, name)
-        result = self._base_forward(seen, args, kwargs)
+        result: torch.Tensor = self._base_forward(seen, args, kwargs)
         if self.composition == "product":
             factor = None
             for name in pending:

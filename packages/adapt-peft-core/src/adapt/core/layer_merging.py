@@ -20,7 +20,7 @@ it cost), warns that unmerging a quantised weight is lossy, and keeps ``merged_a
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -87,6 +87,9 @@ class LayerMerging:
             out.append(name)
         return out
 
+    def _bias(self) -> torch.Tensor:
+        return cast(torch.Tensor, self.get_base_layer().bias)
+
     def _changes_bias(self) -> bool:
         cls = type(self)
         return (
@@ -106,7 +109,7 @@ class LayerMerging:
         """The base bias with ``adapter_names`` merged, or None when merging leaves it alone."""
         if not self._changes_bias():
             return None
-        bias = _working_copy(self.get_base_layer().bias)
+        bias = _working_copy(self._bias())
         for name in adapter_names:
             bias = self.merge_bias(bias, name)
         return bias
@@ -117,12 +120,12 @@ class LayerMerging:
         if not fits_dtype(weight, self.backend.get_weight(self.base_layer).dtype):
             return False
         bias = self.merged_bias(adapter_names)
-        return bias is None or fits_dtype(bias, self.get_base_layer().bias.dtype)
+        return bias is None or fits_dtype(bias, self._bias().dtype)
 
     def _write(self, weight: torch.Tensor, bias: torch.Tensor | None) -> MergeReport:
         report: MergeReport = self.backend.set_weight(self.base_layer, weight)
         if bias is not None:
-            target = self.get_base_layer().bias
+            target = self._bias()
             with torch.no_grad():
                 target.copy_(bias.to(target.dtype))
         return report
@@ -162,7 +165,7 @@ class LayerMerging:
             weight = self.unmerge_weight(weight, name)
         bias = None
         if self._changes_bias():
-            bias = _working_copy(self.get_base_layer().bias)
+            bias = _working_copy(self._bias())
             for name in names:
                 bias = self.unmerge_bias(bias, name)
         if not torch.isfinite(weight).all() or (

@@ -57,6 +57,13 @@ class Method(Generic[ConfigT]):
             )
         return cast(ConfigT, config)
 
+    def resolve_config(self, model: ModelView, config: ConfigT) -> ConfigT:
+        """The config with the method's defaults for this model filled in (IA³: its
+        feed-forward modules by ``model_type``), as a copy (``dataclasses.replace``); called
+        once ``target_modules`` is resolved, before anything changes. What it fills is written
+        back into the user's config when the adapter is added (and so saved). Default: as is."""
+        return config
+
     def layer_kwargs(
         self, model: ModelView, config: ConfigT, adapter_name: str, path: str
     ) -> dict[str, Any]:
