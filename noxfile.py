@@ -74,8 +74,7 @@ nox.options.sessions = [
     "tests",
     "tests-min",
     "typecheck",
-    "interop",
-    "clients",
+    "interop",  # also the clients (tests/clients): one venv for both
     "wheels",
     "plugin",
     "distributed",
@@ -281,29 +280,14 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", *args, *session.posargs)
 
 
-@nox.session
-def interop(session: nox.Session) -> None:
-    """tests/interop against HF PEFT (a test-only dependency) and the latest transformers; the
-    golden checkpoints (tests/golden)."""
-    setup(session)
-    constraints = install_torch(session)
-    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}")
-    install(session, constraints, *editable(PACKAGES), *TEST_DEPS)
-    session.run("pytest", "-m", "interop", "tests/interop", *pytest_args(session), *session.posargs)
+def _interop_tests(session: nox.Session) -> None:
+    session.run("pytest", "-m", "interop", "tests/interop", *pytest_args(session, "interop"))
     # golden checkpoints (tests/golden): adapt's saves byte for byte, PEFT's file resaved
-    session.run("pytest", "tests/golden", *pytest_args(session, "golden"), *session.posargs)
+    session.run("pytest", "tests/golden", *pytest_args(session, "golden"))
 
 
-@nox.session
-def clients(session: nox.Session) -> None:
-    """tests/clients: the real clients an adapted model is trained with (transformers Trainer,
-    TRL SFT and DPO, sentence-transformers, accelerate) through adapt.core.integrations, and the
-    guide docs/guides/training-stacks.md executed (test_docs.py, ADAPT_DOCS=clients)."""
-    setup(session)
-    constraints = install_torch(session)
-    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}")
-    install(session, constraints, *CLIENTS, *editable(PACKAGES), *TEST_DEPS)
-    session.run("pytest", "tests/clients", *pytest_args(session), *session.posargs)
+def _client_tests(session: nox.Session) -> None:
+    session.run("pytest", "tests/clients", *pytest_args(session, "clients"))
     session.run(
         "pytest",
         "docs/tests/test_docs.py",
@@ -312,6 +296,37 @@ def clients(session: nox.Session) -> None:
         *pytest_args(session, "docs"),
         env={"ADAPT_DOCS": "clients"},
     )
+
+
+def _peft_and_clients_venv(session: nox.Session) -> None:
+    setup(session)
+    constraints = install_torch(session)
+    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}")
+    install(session, constraints, *CLIENTS, *editable(PACKAGES), *TEST_DEPS)
+
+
+@nox.session
+def interop(session: nox.Session) -> None:
+    """Against HF PEFT (a test-only dependency) and the latest transformers: tests/interop and
+    the golden checkpoints (tests/golden); then, in the same venv (one torch, transformers and
+    PEFT install for both), the real clients an adapted model is trained with: tests/clients
+    (transformers Trainer, TRL SFT and DPO, sentence-transformers, accelerate) and the guide
+    docs/guides/training-stacks.md executed (test_docs.py, ADAPT_DOCS=clients). Positional
+    arguments run only the given pytest arguments, in this venv."""
+    _peft_and_clients_venv(session)
+    if session.posargs:
+        session.run("pytest", *session.posargs)
+        return
+    _interop_tests(session)
+    _client_tests(session)
+
+
+@nox.session
+def clients(session: nox.Session) -> None:
+    """The client half of `interop` alone (tests/clients and the training-stacks guide); not in
+    the default run, where `interop` runs it."""
+    _peft_and_clients_venv(session)
+    _client_tests(session)
 
 
 @nox.session
