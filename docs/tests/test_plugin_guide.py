@@ -1,7 +1,8 @@
 """docs/guides/writing-a-plugin.md: every ```python block runs, in order, in one namespace.
 
-Needs the example plugin (docs/examples/adapt-gated-linear) installed; ``nox -s plugin``
-installs it from its wheel into a fresh venv and runs this file there.
+Needs the example plugins (docs/examples/adapt-gated-linear, docs/examples/adapt-example-ia3)
+installed, and PEFT; ``nox -s plugin`` installs them from their wheels into a fresh venv and
+runs this file there.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ import pytest
 
 GUIDE = Path(__file__).resolve().parents[1] / "guides" / "writing-a-plugin.md"
 FENCE = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
-#: The package modules whose classes and functions the guide shows verbatim.
-PACKAGE_MODULES = ("modules", "backend", "layer")
+#: The example packages' modules whose classes and functions the guide shows verbatim.
+PACKAGE_MODULES = (
+    "adapt_gated_linear.modules",
+    "adapt_gated_linear.backend",
+    "adapt_gated_linear.layer",
+    "adapt_example_ia3.config",
+    "adapt_example_ia3.layer",
+    "adapt_example_ia3.method",
+)
 
 
 def python_blocks() -> list[tuple[int, str]]:
@@ -46,6 +54,7 @@ def test_guide_blocks_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("adapt_gated_linear")
+    pytest.importorskip("adapt_example_ia3")
     monkeypatch.chdir(tmp_path)  # anything a block writes lands here
     before = in_process_entries()
     # "__main__": class paths in the guide's printed output read as in a notebook
@@ -65,14 +74,26 @@ def test_guide_blocks_run(
     assert "GatedLoraLinear: 12 passed, 0 failed, 0 skipped" in out
     assert "adapt conformance of __main__.UngatedLora" in out
     assert "  FAIL  merged output equals unmerged" in out
+    # part II, the IA³ method
+    for line in text_blocks_after("# Part II: a new method"):
+        assert line in out, f"the guide shows {line!r}, the code printed:\n{out}"
+
+
+def text_blocks_after(heading: str) -> list[str]:
+    """The lines of every ```text block after ``heading``."""
+    text = GUIDE.read_text(encoding="utf-8")
+    part = text[text.index(heading) :]
+    blocks = re.findall(r"^```text\n(.*?)^```", part, re.DOTALL | re.MULTILINE)
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
 
 
 def test_guide_code_matches_the_package() -> None:
-    """The classes and functions the guide shows are the example package's, verbatim."""
+    """The classes and functions the guide shows are the example packages', verbatim."""
     pytest.importorskip("adapt_gated_linear")
+    pytest.importorskip("adapt_example_ia3")
     package: dict[str, str] = {}
-    for name in PACKAGE_MODULES:
-        module = importlib.import_module(f"adapt_gated_linear.{name}")
+    for dotted in PACKAGE_MODULES:
+        module = importlib.import_module(dotted)
         for node in ast.parse(inspect.getsource(module)).body:
             if isinstance(node, ast.ClassDef | ast.FunctionDef):
                 package[node.name] = ast.dump(node)
@@ -82,5 +103,6 @@ def test_guide_code_matches_the_package() -> None:
             if isinstance(node, ast.ClassDef | ast.FunctionDef) and node.name in package:
                 shown[node.name] = ast.dump(node)
     assert {"GatedLinear", "GatedLinearBackend", "GatedLoraLinear"} <= set(shown)
+    assert {"IA3Config", "IA3Linear", "IA3Method"} <= set(shown)
     differ = sorted(name for name, dump in shown.items() if dump != package[name])
-    assert not differ, f"the guide's copy of {differ} differs from adapt_gated_linear's"
+    assert not differ, f"the guide's copy of {differ} differs from the example package's"
