@@ -448,3 +448,16 @@ def test_resolved_defaults_are_written_back_only_when_the_adapter_is_in() -> Non
         with pytest.raises(TargetError):
             model.add_adapter("other", failing)
         assert failing.r == 2  # nothing half-applied
+
+
+def test_a_refused_unmerge_leaves_the_whole_model_merged() -> None:
+    with registered_toy(layer=ScaleLayer), torch.no_grad():
+        model = _scaled_model(ScaleLayer)
+        model.model.b.toy_s["one"][0] = 0.0  # "b" comes after "a": "a" would unmerge first
+        model.merge_adapter(["one"])
+        weights = {p: layer.base_layer.weight.clone() for p, layer in model.adapter_layers()}
+        with pytest.raises(AdapterStateError, match=r"b: .*nothing was unmerged"):
+            model.unmerge_adapter()
+        for path, layer in model.adapter_layers():
+            assert layer.merged_adapters == ["one"], path
+            assert torch.equal(layer.base_layer.weight, weights[path]), path

@@ -181,6 +181,8 @@ def plan(adapters: AdapterSet, adapter_name: str, config: AdapterConfig) -> Plan
     if config.target_modules is None:
         config = _with_default_targets(adapters.model, config, method)
     config = method.resolve_config(adapters.view, config)
+    if config is not given:
+        config.validate()  # the defaults filled in must hold too
     for other, other_cfg in adapters.configs.items():
         if other_cfg.peft_type != config.peft_type:
             raise ConfigError(

@@ -154,11 +154,10 @@ class LayerMerging:
         self.merged_adapters.extend(names)
         return report
 
-    def unmerge(self) -> MergeReport | None:
-        """Take every merged adapter back out of the base weight, the last merged first."""
-        if not self.merged_adapters:
-            return None
-        where = describe(self.get_base_layer())
+    def unmerged_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias (None: unchanged) with every merged adapter taken out, last
+        merged first, without writing them; raises :class:`~adapt.core.AdapterStateError`
+        when they cannot be computed or are not finite."""
         names = list(reversed(self.merged_adapters))
         weight = _working_copy(self.backend.get_weight(self.base_layer))
         for name in names:
@@ -172,14 +171,27 @@ class LayerMerging:
             bias is not None and not torch.isfinite(bias).all()
         ):
             raise AdapterStateError(
-                f"unmerging {names} from {where} gives NaN or Inf weights, so the original "
-                "weight cannot be restored; the layer was left merged (to get the base model "
-                "back, reload it)"
+                f"unmerging {names} from {describe(self.get_base_layer())} gives NaN or Inf "
+                "weights, so the original weight cannot be restored; the layer was left merged "
+                "(to get the base model back, reload it)"
             )
+        return weight, bias
+
+    def unmerge_depends_on_weight(self) -> bool:
+        """Whether unmerging runs a method's own hooks (which may refuse), not ``W − ΔW``."""
+        cls = type(self)
+        return self._changes_bias() or cls.unmerge_weight is not LayerMerging.unmerge_weight
+
+    def unmerge(self) -> MergeReport | None:
+        """Take every merged adapter back out of the base weight, the last merged first."""
+        if not self.merged_adapters:
+            return None
+        weight, bias = self.unmerged_tensors()
         if self.backend.lossy:
             warn_user(
-                f"unmerging from {where} is lossy: its weight is quantised, so the restored "
-                "weight differs from the original by the requantisation error"
+                f"unmerging from {describe(self.get_base_layer())} is lossy: its weight is "
+                "quantised, so the restored weight differs from the original by the "
+                "requantisation error"
             )
         report = self._write(weight, bias)
         self.merged_adapters = []

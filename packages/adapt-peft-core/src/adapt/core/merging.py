@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .adapters import AdapterSet
+from .errors import AdapterStateError
 from .merge import MergeReport, unsafe_merge_error, worst
 from .progress import progress
 from .typenames import describe
@@ -57,7 +58,19 @@ def merge_adapters(
 
 
 def unmerge_all(adapters: AdapterSet) -> None:
-    for _, layer in adapters.layers():
+    """Unmerge every layer, or none: layers whose unmerge runs a method's own hooks (which may
+    refuse, e.g. IA³ dividing by a zero factor) are checked first, so a refusal leaves the whole
+    model merged rather than half."""
+    layers = [(path, layer) for path, layer in adapters.layers() if layer.merged]
+    for path, layer in layers:
+        if layer.unmerge_depends_on_weight():
+            try:
+                layer.unmerged_tensors()
+            except AdapterStateError as exc:
+                raise AdapterStateError(
+                    f"{path}: {exc}; nothing was unmerged (every layer is still merged)"
+                ) from exc
+    for _, layer in layers:
         layer.unmerge()
 
 

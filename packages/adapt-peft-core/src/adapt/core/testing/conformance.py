@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..layer import AdapterLayer
+from ..layer_merging import LayerMerging
 from ..model import AdaptedModel
 from . import checks
 from .asserts import forward_no_grad
@@ -97,7 +98,8 @@ def check_layer(
 
     Checks, each reported in words: the registry picks the class; a new adapter is the
     identity; only the adapter's tensors are trainable and they get gradients; state-dict
-    names follow the checkpoint convention; the merged weight has the weight's shape; forward
+    names follow the checkpoint convention; ``delta_weight`` (or, with merge hooks, the merged
+    weight) has the weight's shape; forward
     with one and with several adapters; ``disable_adapter``; a mixed batch; merged output equals
     unmerged and merge→unmerge restores the weight; save/load round trip; ``delete_adapter``.
 
@@ -160,7 +162,9 @@ def _run_checks(runner: _Runner, s: Subject, identity_at_init: bool) -> None:
     randomise_adapter(s.layer, "default", seed=1)
     runner.check(checks.TRAINABLE, checks.trainable, s)
     runner.check(checks.NAMES, checks.names, s)
-    runner.check(checks.DELTA_SHAPE, checks.delta_shape, s)
+    own_merge = type(s.layer).merge_weight is not LayerMerging.merge_weight
+    shape_check = checks.MERGED_SHAPE if own_merge else checks.DELTA_SHAPE
+    runner.check(shape_check, checks.delta_shape, s)
     runner.check(checks.FORWARD_ONE, checks.forward_one, s)
     runner.check(checks.MERGE, checks.merge, s)
     has_other = runner.check(checks.SEVERAL, checks.several, s)
