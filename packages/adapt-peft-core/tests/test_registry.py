@@ -13,7 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from adapt.core import AdapterLayer, DenseBackend, MissingMethodError, PluginError, TargetError
+from adapt.core import (
+    AdapterLayer,
+    DenseBackend,
+    Method,
+    MissingMethodError,
+    PluginError,
+    TargetError,
+)
 from adapt.core import plugins as plugins_mod
 from adapt.core.backends import MergeReport, mro_distance
 from adapt.core.registry import (
@@ -59,6 +66,12 @@ class FakeEntryPoint:
         if self.error is not None:
             raise self.error
         return self.obj
+
+
+def fake_method(name: str, peft_type: str) -> Method[Any]:
+    """A method object named ``name`` (the toy config class)."""
+    cls = type(f"{name.title()}Method", (ToyMethod,), {"name": name, "peft_type": peft_type})
+    return cls()  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -126,8 +139,8 @@ def test_scanning_is_lazy_and_cached(fake_eps: dict[str, Any]) -> None:
 
 
 def test_get_method_imports_only_the_method_asked_for(fake_eps: dict[str, Any]) -> None:
-    alpha = FakeEntryPoint("alpha", obj=types.SimpleNamespace(name="alpha", peft_type="ALPHA"))
-    beta = FakeEntryPoint("beta", obj=types.SimpleNamespace(name="beta", peft_type="BETA"))
+    alpha = FakeEntryPoint("alpha", obj=fake_method("alpha", "ALPHA"))
+    beta = FakeEntryPoint("beta", obj=fake_method("beta", "BETA"))
     fake_eps[GROUP_METHODS] += [alpha, beta]
     reg = Registry()
     assert reg.get_method("beta") is beta.obj
@@ -180,12 +193,12 @@ def test_register_layer_without_method_or_base_types_is_refused() -> None:
     class NoTypes(AdapterLayer):
         method: ClassVar[str] = "toy"
 
-    for bad in (NoMethod, NoTypes):
+    for bad, why in ((NoMethod, ".method is empty"), (NoTypes, ".base_types must be")):
         with pytest.raises(PluginError) as info:
             Registry().register_layer(bad)
         msg = str(info.value)
-        assert bad.__qualname__ in msg
-        assert "`method`" in msg and "`base_types`" in msg
+        assert bad.__qualname__ in msg and "cannot be registered" in msg
+        assert why in msg
 
 
 # -- layer resolution --------------------------------------------------------------------------
@@ -328,7 +341,7 @@ def test_broken_plugin_is_skipped_with_one_warning(fake_eps: dict[str, Any]) -> 
 
 
 def test_broken_method_plugin_does_not_hide_others(fake_eps: dict[str, Any]) -> None:
-    good = types.SimpleNamespace(name="good", peft_type="GOOD")
+    good = fake_method("good", "GOOD")
     bad = FakeEntryPoint("vera", dist_name="adapt-vera", error=RuntimeError("boom"))
     fake_eps[GROUP_METHODS] += [bad, FakeEntryPoint("good", obj=good)]
     reg = Registry()

@@ -249,10 +249,11 @@ def resolve_backend(module: nn.Module, store: PluginStore | None = None) -> Weig
 
 
 def require_backend(module: nn.Module) -> WeightBackend:
-    """The weight backend for ``module``; :class:`TargetError` saying what to install if none."""
+    """The weight backend for ``module``; :class:`TargetError` saying what to install if none
+    (and which installed backend plugins were skipped as broken)."""
     backend = resolve_backend(module)
     if backend is None:
-        raise TargetError(no_backend_message(module))
+        raise TargetError(no_backend_message(module) + current_store().broken_note(GROUP_BACKENDS))
     return backend
 
 

@@ -107,6 +107,7 @@ def _no_layer_message(method: Method[Any], path: str, module: nn.Module) -> str:
         f"{path} is a {describe(module)}, which no installed {method.name} layer can adapt "
         f"({method.name} layers serve: {', '.join(served) or 'nothing'}). Remove it from "
         "target_modules, or install a plugin that provides a layer for this type"
+        + get_registry().broken_note("adapt.layers")
     )
 
 

@@ -38,12 +38,25 @@ class PluginEntry:
     error: str | None = None
     priority: int = 0
     loaded: bool = False
+    #: Why the loaded object breaks its group's contract (then it is not used), or None.
+    invalid: str | None = None
 
     @property
     def status(self) -> str:
         if self.error:
             return f"failed: {self.error}"
+        if self.invalid:
+            return f"invalid: {self.invalid}"
         return "ok" if self.loaded else "not loaded"
+
+    @property
+    def broken(self) -> bool:
+        """Whether it failed to import or is invalid (either way, it is skipped)."""
+        return bool(self.error or self.invalid)
+
+    def label(self) -> str:
+        """``'name' (distribution version)``, for messages."""
+        return f"{self.name!r} ({self.distribution} {self.version})".replace(" )", ")")
 
 
 @dataclass
@@ -86,6 +99,13 @@ class PluginStore:
             grp.scanned = True
         return grp
 
+    def adopt(self, group: str, obj: Any) -> Any:
+        """The object a plugin of ``group`` provides, checked against the group's contract:
+        return it (or what to use instead, e.g. an instance of a class), or raise
+        ``ValueError`` saying what is wrong. The generic store accepts anything; the typed
+        registry (:class:`adapt.core.registry.Registry`) knows the contracts."""
+        return obj
+
     def _load(self, entry: PluginEntry) -> Any:
         if entry.loaded or entry.error:
             return entry.obj if entry.loaded else None
@@ -101,10 +121,34 @@ class PluginStore:
                 RuntimeWarning,
             )
             return None
-        entry.obj = obj
         entry.loaded = True
+        try:
+            obj = self.adopt(entry.group, obj)
+        except ValueError as exc:
+            entry.invalid = str(exc)
+            entry.obj = None
+            warn_user(
+                f"adapt: skipping plugin {entry.name!r} ({entry.group}) from distribution "
+                f"{entry.distribution} {entry.version}: it is invalid: {entry.invalid}",
+                RuntimeWarning,
+            )
+            return None
+        entry.obj = obj
         entry.priority = int(getattr(obj, "priority", 0) or 0)
         return obj
+
+    def broken_entries(self, group: str) -> list[PluginEntry]:
+        """The plugins of ``group`` that failed to import or are invalid."""
+        return [e for e in self.entries(group) if e.broken]
+
+    def broken_note(self, group: str) -> str:
+        """``" Skipped …"`` naming every broken plugin of ``group`` and why, or ``""``: for the
+        message of an error that such a plugin may be the cause of."""
+        broken = self.broken_entries(group)
+        if not broken:
+            return ""
+        listed = "; ".join(f"{e.label()}: {e.status}" for e in broken)
+        return f". Skipped {group} plugins that are broken: {listed}"
 
     def entries(self, group: str, *, load: bool = True) -> list[PluginEntry]:
         grp = self._scan(group)
@@ -119,7 +163,7 @@ class PluginStore:
     def status_of(self, entry: PluginEntry) -> str:
         """What ``adapt plugins`` shows for ``entry``: ok, failed (with the error), shadowed by
         another plugin for some base type, or in conflict with one."""
-        if entry.error or not entry.loaded or entry.group == GROUP_METHODS:
+        if entry.broken or not entry.loaded or entry.group == GROUP_METHODS:
             return entry.status
         method = getattr(entry.obj, "method", None)
         rivals = [

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from .backends import WeightBackend, resolve_backend
+from .config import AdapterConfig
 from .deprecation import moved_names
 from .errors import MissingMethodError, PluginError
 from .layer import AdapterLayer
@@ -53,29 +54,118 @@ KNOWN_METHOD_PACKAGES = {
 }
 
 
+# -- what a plugin of each group must be (checked when it loads, as pluggy does) ------------
+#: The members of the WeightBackend protocol (``logical_numel`` is optional).
+BACKEND_MEMBERS = ("base_types", "lossy", "shape", "get_weight", "set_weight", "compute_dtype")
+
+
+def _types_tuple(obj: Any, what: str) -> None:
+    types = getattr(obj, "base_types", None)
+    if (
+        not isinstance(types, tuple)
+        or not types
+        or not all(isinstance(t, (type, str)) and t for t in types)
+    ):
+        raise ValueError(
+            f"{describe(obj)}.base_types must be a non-empty tuple of the module types {what} "
+            f"(classes or dotted names), got {types!r}"
+        )
+
+
+def method_contract(obj: Any) -> Any:
+    if isinstance(obj, type) and issubclass(obj, Method):
+        obj = obj()  # the entry point names the class: one instance
+    if not isinstance(obj, Method):
+        raise ValueError(
+            f"{describe(obj)} is not an adapt.core.Method (a method plugin names a Method "
+            "instance or subclass)"
+        )
+    for attr in ("name", "peft_type"):
+        value = getattr(obj, attr, "")
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{describe(obj)}.{attr} is empty; set it (e.g. 'ia3' / 'IA3')")
+    config = getattr(obj, "config_class", None)
+    if not (isinstance(config, type) and issubclass(config, AdapterConfig)) or (
+        config is AdapterConfig
+    ):
+        raise ValueError(
+            f"{describe(obj)}.config_class must be the method's own AdapterConfig subclass, "
+            f"got {config!r}"
+        )
+    return obj
+
+
+def layer_contract(obj: Any) -> Any:
+    if not (isinstance(obj, type) and issubclass(obj, AdapterLayer)):
+        raise ValueError(
+            f"{describe(obj)} is not a subclass of adapt.core.AdapterLayer (a layer plugin names "
+            "the class; subclass the method's layer base, e.g. adapt.lora.LoraLayer)"
+        )
+    method = getattr(obj, "method", "")
+    if not isinstance(method, str) or not method:
+        raise ValueError(
+            f"{describe(obj)}.method is empty; set the method it belongs to (e.g. 'lora')"
+        )
+    _types_tuple(obj, "it wraps")
+    return obj
+
+
+def backend_contract(obj: Any) -> Any:
+    missing = [m for m in BACKEND_MEMBERS if not hasattr(obj, m)]
+    if missing:
+        raise ValueError(
+            f"{describe(obj)} is not a weight backend: it lacks {', '.join(missing)} (the "
+            "members of adapt.core.WeightBackend)"
+        )
+    _types_tuple(obj, "it serves")
+    not_callable = [m for m in BACKEND_MEMBERS[2:] if not callable(getattr(obj, m))]
+    if not_callable:
+        raise ValueError(f"{describe(obj)}: {', '.join(not_callable)} must be methods")
+    return obj
+
+
+CONTRACTS = {
+    GROUP_METHODS: method_contract,
+    GROUP_LAYERS: layer_contract,
+    GROUP_BACKENDS: backend_contract,
+}
+
+
 class Registry(PluginStore):
     """The plugin store with typed resolvers: methods by name, layer classes by module."""
+
+    def adopt(self, group: str, obj: Any) -> Any:
+        """``obj`` checked against its group's contract (:data:`CONTRACTS`)."""
+        contract = CONTRACTS.get(group)
+        return contract(obj) if contract is not None else obj
 
     # -- in-process registration -------------------------------------------------------------
     def register_layer(
         self, layer_cls: type[AdapterLayer], *, name: str | None = None, priority: int | None = None
     ) -> None:
         """Register an adapter-layer class without an entry point (notebooks, tests)."""
-        method = getattr(layer_cls, "method", None)
-        if not method or not getattr(layer_cls, "base_types", None):
-            raise PluginError(
-                f"{describe(layer_cls)} cannot be registered: an adapter layer class needs class "
-                "attributes `method` (e.g. 'lora') and `base_types` (the module types it wraps)"
-            )
-        self._register(GROUP_LAYERS, name or describe(layer_cls), layer_cls, priority)
+        self._register(
+            GROUP_LAYERS,
+            name or describe(layer_cls),
+            self._adopted(GROUP_LAYERS, layer_cls),
+            priority,
+        )
 
     def register_method(self, method: Method[Any], *, name: str | None = None) -> None:
+        method = self._adopted(GROUP_METHODS, method)
         self._register(GROUP_METHODS, name or method.name, method, None)
 
     def register_backend(
         self, backend: WeightBackend, *, name: str | None = None, priority: int | None = None
     ) -> None:
+        backend = self._adopted(GROUP_BACKENDS, backend)
         self._register(GROUP_BACKENDS, name or describe(backend), backend, priority)
+
+    def _adopted(self, group: str, obj: Any) -> Any:
+        try:
+            return self.adopt(group, obj)
+        except ValueError as exc:
+            raise PluginError(f"{describe(obj)} cannot be registered: {exc}") from exc
 
     # -- methods -----------------------------------------------------------------------------
     def get_method(self, name: str) -> Method[Any]:
@@ -92,12 +182,16 @@ class Registry(PluginStore):
             ):
                 return obj  # type: ignore[no-any-return]
         available = sorted(e.name for e in grp.entries if e.loaded)
-        broken = [e for e in grp.entries if e.error and e.name.lower() == key]
+        broken = [e for e in grp.entries if e.broken and e.name.lower() == key]
         if broken:
+            what = (
+                f"failed to import: {broken[0].error}"
+                if broken[0].error
+                else f"is invalid: {broken[0].invalid}"
+            )
             raise MissingMethodError(
                 f"the adapter method {name!r} is installed (distribution {broken[0].distribution} "
-                f"{broken[0].version}) but its plugin failed to import: {broken[0].error}. "
-                "Fix or reinstall that package"
+                f"{broken[0].version}) but its plugin {what}. Fix or reinstall that package"
             )
         package = KNOWN_METHOD_PACKAGES.get(key)
         hint = (

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"adapt-peft-core {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plugins", help="list installed methods, layers and backends")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit with status 1 if any plugin failed to load or is invalid",
+    )
     p.set_defaults(func=cmd_plugins)
     _add_inspect(sub)
     _add_merge(sub)

@@ -32,6 +32,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         return 0
     print(table(rows, ["kind", "name", "distribution", "version", "status"]))
     failed = [r for r in rows if r[4].startswith("failed")]
+    invalid = [r for r in rows if r[4].startswith("invalid")]
     if failed:
         print(f"\n{len(failed)} plugin(s) failed to load; they are skipped.")
+    if invalid:
+        print(f"\n{len(invalid)} plugin(s) are invalid (see their status); they are skipped.")
+    if getattr(args, "check", False) and (failed or invalid):
+        print("adapt plugins --check: FAILED (fix or uninstall the plugins above)")
+        return 1
     return 0
