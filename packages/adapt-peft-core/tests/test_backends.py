@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,3 +107,110 @@ def test_layer_reads_sizes_through_the_backend() -> None:
     # the layer exposes the base weight and bias so code reading module.weight keeps working
     assert layer.weight is layer.base_layer.weight
     assert layer.bias is layer.base_layer.bias
+
+
+# -- supports(), install hints as data ---------------------------------------------------------
+class _Stamped(torch.Tensor):
+    """A tensor subclass standing in for a quantisation library's weight type."""
+
+
+def test_a_backend_claims_modules_case_by_case_with_supports() -> None:
+    from typing import ClassVar
+
+    from adapt.core import get_registry
+    from adapt.core.backends import resolve_backend
+
+    class StampedBackend(DenseBackend):
+        base_types: ClassVar[tuple[type | str, ...]] = (nn.Linear,)
+        priority = 1
+
+        def supports(self, module: nn.Module) -> bool:
+            return getattr(module, "stamped", False)
+
+    registry = get_registry()
+    registry.register_backend(StampedBackend(), name="stamped")
+    try:
+        plain, stamped = nn.Linear(3, 2), nn.Linear(3, 2)
+        stamped.stamped = True  # type: ignore[assignment]
+        assert isinstance(resolve_backend(stamped), StampedBackend)
+        assert type(resolve_backend(plain)) is DenseBackend  # left to the dense backend
+    finally:
+        registry.unregister("adapt.backends", "stamped")
+
+
+def test_installed_distributions_extend_the_install_hints(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+    import types
+
+    from adapt.core import backends as backends_mod
+
+    hint = importlib.metadata.EntryPoint(
+        name=f"{__name__}._Stamped", value="adapt-stamped", group=backends_mod.GROUP_INSTALL_HINTS
+    )
+
+    def entry_points(*, group: str) -> list[importlib.metadata.EntryPoint]:
+        return [hint] if group == backends_mod.GROUP_INSTALL_HINTS else []
+
+    monkeypatch.setattr(backends_mod, "metadata", types.SimpleNamespace(entry_points=entry_points))
+    backends_mod._declared_hints.cache_clear()
+    try:
+        module = nn.Linear(3, 2)
+        module.weight = nn.Parameter(torch.randn(2, 3).as_subclass(_Stamped))
+        assert backends_mod.install_hints()[f"{__name__}._Stamped"] == "adapt-stamped"
+        assert backends_mod.install_hints()["bitsandbytes.nn.modules.Linear4bit"] == "adapt-bnb"
+        with pytest.raises(TargetError, match="install it with `pip install adapt-stamped`"):
+            backends_mod.require_backend(module)
+    finally:
+        backends_mod._declared_hints.cache_clear()
+
+
+# -- the backend kit ---------------------------------------------------------------------------
+def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return build()
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: nn.Linear(6, 4),
+        lambda: Conv1D(4, 6),
+        lambda: nn.Conv2d(3, 5, 3),
+        lambda: nn.Embedding(10, 4),
+        lambda: nn.Linear(6, 4).to(torch.bfloat16),
+    ],
+    ids=["linear", "conv1d", "conv2d", "embedding", "linear-bf16"],
+)
+def test_the_dense_backend_passes_the_backend_kit(build: Callable[[], nn.Module]) -> None:
+    from adapt.core.testing import check_backend
+
+    report = check_backend(DenseBackend(), _seeded(build))
+    assert report.ok and len(report.passed) == 7, str(report)  # not lossy: no declaration check
+
+
+def test_the_backend_kit_catches_a_backend_that_loses_precision_silently() -> None:
+    from typing import ClassVar
+
+    from adapt.core import get_registry
+    from adapt.core.testing import check_backend
+
+    class Rounding(DenseBackend):
+        """Stores weights rounded to 1/8 but says it is exact."""
+
+        base_types: ClassVar[tuple[type | str, ...]] = (nn.Linear,)
+        priority = 5
+
+        def set_weight(self, base: nn.Module, weight: torch.Tensor) -> MergeReport:
+            return super().set_weight(base, (weight * 8).round() / 8)
+
+    get_registry().register_backend(Rounding(), name="rounding")
+    try:
+        report = check_backend(Rounding(), _seeded(lambda: nn.Linear(6, 4)), raise_on_failure=False)
+    finally:
+        get_registry().unregister("adapt.backends", "rounding")
+    failed = dict(report.failed)
+    assert "writing back the weight it read stays within max_rel_error" in failed
+    assert "declares max_rel_error=0.0" in failed["a changed weight is stored within max_rel_error"]

@@ -15,6 +15,8 @@ dense backend ships with core.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata as metadata
 from typing import ClassVar, Protocol, cast, runtime_checkable
 
 import torch
@@ -92,9 +94,31 @@ class WeightBackend(Protocol):
         """The dtype adapters on this module compute in."""
         ...
 
-    # Optional (not part of the protocol's required members): ``logical_numel(param) -> int``,
-    # how many values a packed or quantised parameter of a served module holds, for parameter
-    # counts (``print_trainable_parameters``); without it the storage size counts.
+    # Optional (not part of the protocol's required members):
+    # * ``supports(module) -> bool``: whether this backend claims ``module`` (default: every
+    #   module of its ``base_types``); a backend for a library that keeps ``nn.Linear`` and
+    #   swaps the weight tensor says yes only for its own weights;
+    # * ``max_rel_error: float``: the relative (Frobenius) error writing a weight may introduce
+    #   (default 0.0 when not ``lossy``; a lossy backend declares it, and
+    #   ``adapt.core.testing.check_backend`` holds it to it);
+    # * ``logical_numel(param) -> int``: how many values a packed or quantised parameter of a
+    #   served module holds, for parameter counts (``print_trainable_parameters``); without it
+    #   the storage size counts.
+
+
+def backend_supports(backend: WeightBackend, module: nn.Module) -> bool:
+    """The backend's optional ``supports(module)`` (True when it has none)."""
+    supports = getattr(backend, "supports", None)
+    return True if supports is None else bool(supports(module))
+
+
+def declared_error(backend: WeightBackend) -> float | None:
+    """The backend's declared ``max_rel_error``: 0.0 for an exact one that declares nothing,
+    None for a lossy one that declares nothing."""
+    value = getattr(backend, "max_rel_error", None)
+    if value is None:
+        return None if backend.lossy else 0.0
+    return float(value)
 
 
 class DenseBackend:
@@ -109,6 +133,7 @@ class DenseBackend:
         CONV1D_TRANSFORMERS,
     )
     lossy: ClassVar[bool] = False
+    max_rel_error: ClassVar[float] = 0.0
 
     @staticmethod
     def accepts(base: nn.Module) -> bool:
@@ -189,11 +214,41 @@ KNOWN_BACKEND_PACKAGES = {
 }
 
 
+#: The entry-point group through which installed distributions add install hints: the entry
+#: point's name is a dotted type name (of a module, or of its weight tensor), its value the
+#: distribution that serves it (``"torchao.quantization.Int8Tensor" = "adapt-torchao"``).
+GROUP_INSTALL_HINTS = "adapt.install_hints"
+
+
+def install_hints() -> dict[str, str]:
+    """Type name → the distribution to install: core's table of well-known quantisers
+    (:data:`KNOWN_BACKEND_PACKAGES`), extended by installed distributions' entry points in
+    :data:`GROUP_INSTALL_HINTS` (read as metadata: nothing is imported)."""
+    hints = dict(KNOWN_BACKEND_PACKAGES)
+    for name, value in _declared_hints():
+        hints.setdefault(name, value)
+    return hints
+
+
+@functools.lru_cache(maxsize=1)
+def _declared_hints() -> tuple[tuple[str, str], ...]:
+    """The installed distributions' hints, read once per process (``cache_clear()`` rereads)."""
+    return tuple(
+        (ep.name, ep.value.strip()) for ep in metadata.entry_points(group=GROUP_INSTALL_HINTS)
+    )
+
+
 def backend_hint(module: nn.Module) -> tuple[str, str] | None:
-    """``(type name, package)`` when ``module`` is a quantised type a known package supports."""
-    for name in type_names(type(module)):
-        if name in KNOWN_BACKEND_PACKAGES:
-            return name, KNOWN_BACKEND_PACKAGES[name]
+    """``(type name, package)`` when ``module`` (or its weight tensor) is a type a known
+    package supports."""
+    hints = install_hints()
+    weight = getattr(module, "weight", None)
+    names = [*type_names(type(module))]
+    if isinstance(weight, torch.Tensor):
+        names += type_names(type(weight))
+    for name in names:
+        if name in hints:
+            return name, hints[name]
     return None
 
 
@@ -208,7 +263,7 @@ def _candidates(module: nn.Module, store: PluginStore) -> list[tuple[int, int, s
             backend = backend()
             entry.obj = backend
         dist = mro_distance(type(module), tuple(backend.base_types))
-        if dist is not None:
+        if dist is not None and backend_supports(backend, module):
             candidates.append((dist, -entry.priority, entry.name, backend))
     dist = mro_distance(type(module), DenseBackend.base_types)
     if dist is not None and DenseBackend.accepts(module):
@@ -241,7 +296,8 @@ def resolve_backend(module: nn.Module, store: PluginStore | None = None) -> Weig
                 f"priority {a.priority}; give one of them a higher `priority`, or uninstall one"
             )
     hint = backend_hint(module)
-    if hint is not None and best_dist > type_names(type(module)).index(hint[0]):
+    names = type_names(type(module))
+    if hint is not None and hint[0] in names and best_dist > names.index(hint[0]):
         # Only a parent type (nn.Linear) is served: its reading of the packed weight
         # would be wrong, so there is no backend for this module.
         return None

@@ -47,6 +47,7 @@ models), :mod:`.checks` and :mod:`.conformance` (:func:`check_layer`). Import fr
 from __future__ import annotations
 
 from .asserts import assert_merge_roundtrip, assert_mixed_batch_matches, output_tensor
+from .backend_kit import check_backend
 from .conformance import ConformanceReport, check_layer
 from .models import randomise_adapters, token_ids
 from .registries import isolated_registry
@@ -69,6 +70,7 @@ __all__ = [
     "ToyMethod",
     "assert_merge_roundtrip",
     "assert_mixed_batch_matches",
+    "check_backend",
     "check_layer",
     "isolated_registry",
     "output_tensor",

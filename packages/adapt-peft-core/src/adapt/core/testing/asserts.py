@@ -37,14 +37,26 @@ def forward_no_grad(model: nn.Module, batch: Any, **kwargs: Any) -> torch.Tensor
         return output_tensor(model(batch, **kwargs)).detach().clone()
 
 
-def check_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
+def check_close(
+    actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str, rtol: float = 0.0
+) -> None:
     """Raise ``AssertionError`` (its message starting with ``what``) unless both tensors have
-    the same shape and differ by at most ``atol`` everywhere."""
+    the same shape and differ by at most ``atol`` everywhere, or (``rtol > 0``, for lossy
+    weights) by at most ``rtol`` relative to ``expected`` in the Frobenius norm."""
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
-    diff = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
-    if not diff <= atol:
-        raise AssertionError(f"{what}: max abs difference {diff:.3g} exceeds atol={atol:g}")
+    delta = actual.double() - expected.double()
+    diff = delta.abs().max().item() if actual.numel() else 0.0
+    if diff <= atol:
+        return
+    if rtol > 0:
+        rel = (delta.norm() / expected.double().norm().clamp_min(1e-30)).item()
+        if rel <= rtol:
+            return
+        raise AssertionError(
+            f"{what}: relative difference {rel:.3g} exceeds rtol={rtol:g} (max abs {diff:.3g})"
+        )
+    raise AssertionError(f"{what}: max abs difference {diff:.3g} exceeds atol={atol:g}")
 
 
 def assert_merge_roundtrip(
@@ -53,6 +65,7 @@ def assert_merge_roundtrip(
     atol: float = 1e-5,
     *,
     adapter_names: Sequence[str] | None = None,
+    rtol: float = 0.0,
 ) -> None:
     """Check the merge protocol on ``model``, whose adapters must all be unmerged.
 
@@ -62,19 +75,22 @@ def assert_merge_roundtrip(
       output with it.
 
     Adapters ``adapter_names`` (default: the active ones) are merged. The model is left
-    unmerged.
+    unmerged. ``rtol`` > 0 (lossy, quantised bases) bounds outputs and restored weights by a
+    relative error instead: a quantised weight is compared as its backend reads it.
     """
     for path, layer in model.adapter_layers():
         if layer.merged:
             raise AssertionError(f"{path} is already merged; unmerge it before the round trip")
     batch = batch_fn()
     before = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    dense = {p: layer.backend.get_weight(layer.base_layer).detach().clone()
+             for p, layer in model.adapter_layers() if layer.backend.lossy}  # fmt: skip
     unmerged = forward_no_grad(model, batch)
     model.merge_adapter(adapter_names)
     if not any(layer.merged for _, layer in model.adapter_layers()):
         raise AssertionError("merge_adapter() merged no layer")
     merged = forward_no_grad(model, batch)
-    check_close(merged, unmerged, atol, "merged output vs unmerged output")
+    check_close(merged, unmerged, atol, "merged output vs unmerged output", rtol)
     model.unmerge_adapter()
     for path, layer in model.adapter_layers():
         if layer.merged:
@@ -84,12 +100,19 @@ def assert_merge_roundtrip(
         raise AssertionError(
             f"unmerge changed the state-dict keys: {sorted(set(after) ^ set(before))[:5]}"
         )
+    lossy_prefixes = tuple(f"{p}.base_layer." for p in dense)
     for key, value in before.items():
+        if key.startswith(lossy_prefixes):
+            continue  # quantised storage: compared below, as its backend reads it
         if value.is_floating_point():
             check_close(after[key], value, atol, f"{key} after merge→unmerge")
         elif not torch.equal(after[key], value):
             raise AssertionError(f"{key} changed after merge→unmerge")
-    check_close(forward_no_grad(model, batch), unmerged, atol, "output after merge→unmerge")
+    layers = dict(model.adapter_layers())
+    for path, weight in dense.items():
+        restored = layers[path].backend.get_weight(layers[path].base_layer)
+        check_close(restored, weight, atol, f"{path} weight after merge→unmerge", rtol)
+    check_close(forward_no_grad(model, batch), unmerged, atol, "output after merge→unmerge", rtol)
 
 
 def _select(batch: Any, index: int) -> Any:
@@ -109,6 +132,7 @@ def assert_mixed_batch_matches(
     batch: Any,
     adapter_names: Sequence[str],
     atol: float = 1e-5,
+    rtol: float = 0.0,
 ) -> None:
     """Check that ``model(batch, adapter_names=...)`` equals, sample by sample, the output of
     the model with only that sample's adapter active (``"__base__"``: adapters disabled).
@@ -126,7 +150,7 @@ def assert_mixed_batch_matches(
             else:
                 model.set_adapter(name)
                 expected = forward_no_grad(model, sample)
-            check_close(mixed[i : i + 1], expected, atol, f"sample {i} (adapter {name!r})")
+            check_close(mixed[i : i + 1], expected, atol, f"sample {i} (adapter {name!r})", rtol)
     finally:
         if previous:
             model.set_adapter(previous)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..backends import declared_error
 from ..config import AdapterConfig
 from ..layer import AdapterLayer
 from ..layer_merging import LayerMerging
@@ -84,6 +85,7 @@ def check_layer(
     make_input: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]] | None = None,
     identity_at_init: bool = True,
     atol: float = 1e-5,
+    rtol: float | None = None,
     raise_on_failure: bool = True,
     tmp_dir: str | None = None,
 ) -> ConformanceReport:
@@ -96,12 +98,11 @@ def check_layer(
     a tuple for a layer class with ``takes_all_inputs``, each item batched along dim 0).
     ``identity_at_init=False`` documents a method whose new adapter changes the output.
 
-    Checks, each reported in words: the registry picks the class; a new adapter is the
-    identity; only the adapter's tensors are trainable and they get gradients; state-dict
-    names follow the checkpoint convention; ``delta_weight`` (or, with merge hooks, the merged
-    weight) has the weight's shape; forward
-    with one and with several adapters; ``disable_adapter``; a mixed batch; merged output equals
-    unmerged and merge→unmerge restores the weight; save/load round trip; ``delete_adapter``.
+    Checks, each reported in words (see :mod:`.checks`): building, identity, trainability,
+    key names, the weight's shape, one and several adapters, merge round trip, disabling,
+    mixed batches, save/load, deletion. On a lossy (quantised) backend, outputs after a merge
+    and restored weights are held to a relative (Frobenius) error ``rtol`` instead: by default
+    twice the backend's declared ``max_rel_error`` (a merge and an unmerge each requantise).
 
     Raises ``AssertionError`` with the report when a check fails (unless
     ``raise_on_failure=False``); returns the :class:`ConformanceReport`.
@@ -131,6 +132,7 @@ def check_layer(
             make_base=make_base,
             atol=atol,
             tmp_dir=tmp_dir,
+            rtol=_lossy_rtol(layer, rtol),
         )
         _run_checks(runner, subject, identity_at_init)
     return _finish(report, raise_on_failure)
@@ -147,6 +149,20 @@ def layer_name(layer_cls: type[AdapterLayer]) -> str:
     ):
         return f"{package}.{layer_cls.__qualname__}"
     return f"{layer_cls.__module__}.{layer_cls.__qualname__}"
+
+
+def _lossy_rtol(layer: AdapterLayer, rtol: float | None) -> float:
+    if rtol is not None:
+        return rtol
+    if not layer.backend.lossy:
+        return 0.0
+    declared = declared_error(layer.backend)
+    if declared is None:
+        raise AssertionError(
+            f"{type(layer.backend).__name__} is lossy but declares no max_rel_error; declare it "
+            "(see check_backend) or pass rtol= to check_layer"
+        )
+    return 2 * declared
 
 
 def _default_input(in_features: int) -> torch.Tensor:
