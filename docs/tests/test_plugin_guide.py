@@ -74,6 +74,7 @@ def test_guide_blocks_run(
     assert "GatedLoraLinear: 12 passed, 0 failed, 0 skipped" in out
     assert "adapt conformance of __main__.UngatedLora" in out
     assert "  FAIL  merged output equals unmerged" in out
+    assert "GatedLinearBackend: 7 passed, 0 failed, 0 skipped" in out
     # part II, the IA³ method
     for line in text_blocks_after("# Part II: a new method"):
         assert line in out, f"the guide shows {line!r}, the code printed:\n{out}"
