@@ -5,6 +5,7 @@ swapped). Before this, merge "succeeded" with a zero error and the adapter was g
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
@@ -40,6 +41,22 @@ def state(model: nn.Module) -> list[tuple[str, str]]:
     return [(n, type(m).__name__) for n, m in model.named_modules()]
 
 
+@pytest.fixture
+def only_lora(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """adapt-lora alone: installed backend plugins (adapt-torchao, say) and the install hints
+    of installed distributions hidden, so the refusal of an unserved weight is what is tested."""
+    from adapt.core import backends
+    from adapt.core.testing import isolated_registry
+    from adapt.lora import METHOD, LoraLinear
+
+    monkeypatch.setattr(backends, "_declared_hints", lambda: ())
+    with isolated_registry() as registry:
+        registry.register_method(METHOD)
+        registry.register_layer(LoraLinear, name="lora-linear")
+        yield
+
+
+@pytest.mark.usefixtures("only_lora")
 @pytest.mark.parametrize("make", [quanto_net, torchao_net], ids=["optimum-quanto", "torchao"])
 def test_unknown_quantised_weight_is_refused_and_the_model_is_untouched(make) -> None:  # type: ignore[no-untyped-def]
     model = make()
