@@ -211,6 +211,9 @@ _DENSE = DenseBackend()
 KNOWN_BACKEND_PACKAGES = {
     "bitsandbytes.nn.modules.Linear8bitLt": "adapt-bnb",
     "bitsandbytes.nn.modules.Linear4bit": "adapt-bnb",
+    # torchao keeps nn.Linear and swaps the weight tensor: keyed by the weight's type
+    "torchao.quantization.Int8Tensor": "adapt-torchao",
+    "torchao.quantization.IntxUnpackedToInt8Tensor": "adapt-torchao",
 }
 
 
@@ -309,8 +312,29 @@ def require_backend(module: nn.Module) -> WeightBackend:
     (and which installed backend plugins were skipped as broken)."""
     backend = resolve_backend(module)
     if backend is None:
-        raise TargetError(no_backend_message(module) + current_store().broken_note(GROUP_BACKENDS))
+        refused = _refusals(module, current_store())
+        message = refused or no_backend_message(module)
+        raise TargetError(message + current_store().broken_note(GROUP_BACKENDS))
     return backend
+
+
+def _refusals(module: nn.Module, store: PluginStore) -> str:
+    """Why the installed backends serving ``module``'s type said no (``supports()`` False),
+    from their optional ``refusal(module)``, or ``""`` when none did."""
+    reasons = []
+    for entry in store.entries(GROUP_BACKENDS):
+        backend = entry.obj
+        if backend is None or mro_distance(type(module), tuple(backend.base_types)) is None:
+            continue
+        if backend_supports(backend, module):
+            continue
+        why = getattr(backend, "refusal", None)
+        detail = why(module) if callable(why) else None
+        reasons.append(f"{entry.name!r} ({entry.distribution}) does not serve it" + (
+            f": {detail}" if detail else ""))  # fmt: skip
+    if not reasons:
+        return ""
+    return f"no weight backend can adapt {describe(module)}: " + "; ".join(reasons)
 
 
 def no_backend_message(module: nn.Module) -> str:

@@ -173,6 +173,12 @@ class PluginStore:
             and e.obj is not None
             and e.obj is not entry.obj
             and getattr(e.obj, "method", None) == method
+            # backends that claim modules case by case (supports()) share types by design
+            and not (
+                entry.group == GROUP_BACKENDS
+                and hasattr(e.obj, "supports")
+                and hasattr(entry.obj, "supports")
+            )
         ]
         notes: list[str] = []
         for want in getattr(entry.obj, "base_types", ()):
