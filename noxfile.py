@@ -416,7 +416,8 @@ def user_venv(
 def wheels(session: nox.Session) -> None:
     """Build every package's wheel and install them as a user would (`--find-links` to the wheel
     folder, the public index enabled) into fresh venvs: all packages (smoke test, entry points,
-    `adapt plugins`), then the user line `pip install adapt-vera adapt-bnb`, which must install
+    `adapt plugins --check`, and the tests of packages marked `wheel-tests`, adapt-torchao's,
+    against the installed wheels), then the user line `pip install adapt-vera adapt-bnb`, which must install
     our three distributions from our wheels and train VeRA on a 4-bit model; then another
     project's `adapt` package from the index shadowing ours gets our explanation."""
     setup(session)
@@ -430,7 +431,25 @@ def wheels(session: nox.Session) -> None:
     with session.chdir(tmp):
         session.run(py, str(ROOT / "tools" / "smoke.py"), external=True)
         session.run(py, str(ROOT / "tools" / "check_entry_points.py"), external=True)
-        session.run(str(Path(py).parent / "adapt"), "plugins", external=True)
+        session.run(str(Path(py).parent / "adapt"), "plugins", "--check", external=True)
+    # Packages whose own tests must pass against the installed wheels (`[tool.adapt]
+    # wheel-tests = true`: a backend package, whose entry points only exist when installed).
+    wheel_tested = [p for p in PACKAGES if _pyproject(p).get("tool", {}).get("adapt", {}).get(
+        "wheel-tests")]  # fmt: skip
+    if wheel_tested:
+        session.run(
+            py, "-m", "pip", "install", "--quiet", NO_COMPILE, "-c", constraints_file(session),
+            *find_links(), f"transformers=={TRANSFORMERS_LATEST}", "pytest", external=True,
+        )  # fmt: skip
+        run_dir = tmp / "wheel-tests"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir()
+        with session.chdir(run_dir):
+            session.run(
+                py, "-m", "pytest", "-p", "no:cacheprovider",
+                *(str(PACKAGES_DIR / p / "tests") for p in wheel_tested),
+                *pytest_args(session, "from-wheels"), external=True,
+            )  # fmt: skip
 
     # The user story of adapt-bnb: `pip install adapt-vera adapt-bnb` (nothing else of ours)
     # into another fresh venv, then VeRA on a 4-bit model trains, saves, loads and merges.
