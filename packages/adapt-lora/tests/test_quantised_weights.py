@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapt.core import MergeReport, TargetError, adapt, register_backend
+from adapt.core import MergeReport, TargetError, adapt, backends, register_backend
 from adapt.core.registry import GROUP_BACKENDS, get_registry
 from adapt.lora import LoraConfig
 
@@ -70,9 +70,14 @@ def test_unknown_quantised_weight_is_refused_and_the_model_is_untouched(make) ->
     message = str(info.value)
     assert "cannot adapt '0'" in message  # the layer
     assert f"{type(model[0]).__module__}.{type(model[0]).__qualname__}" in message  # its type
-    assert f"{weight_type.__module__}.{weight_type.__qualname__}" in message  # the weight's type
-    assert "not a plain tensor" in message
-    assert "'adapt.backends' entry point" in message  # what to write
+    weight_name = f"{weight_type.__module__}.{weight_type.__qualname__}"
+    assert weight_name in message  # the weight's type
+    package = backends.install_hints().get(weight_name)
+    if package is not None:  # a known quantiser (torchao): what to install
+        assert f"install it with `pip install {package}`" in message
+    else:  # an unknown one (optimum-quanto): why, and what to write
+        assert "not a plain tensor" in message
+        assert "'adapt.backends' entry point" in message
     assert state(model) == before  # nothing half-applied
     with torch.no_grad():
         assert torch.equal(model(x), out)
