@@ -461,3 +461,20 @@ def test_a_refused_unmerge_leaves_the_whole_model_merged() -> None:
         for path, layer in model.adapter_layers():
             assert layer.merged_adapters == ["one"], path
             assert torch.equal(layer.base_layer.weight, weights[path]), path
+
+
+def test_a_refused_merge_merges_no_layer() -> None:
+    class RefusesOnB(ScaleLayer):
+        def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+            if self.out_features == 4:  # layer "b"
+                raise AdapterStateError("b cannot merge")
+            return super().merge_weight(weight, adapter_name)
+
+    with registered_toy(layer=RefusesOnB), torch.no_grad():
+        model = _scaled_model(RefusesOnB)
+        state = {k: v.clone() for k, v in model.model.state_dict().items()}
+        with pytest.raises(AdapterStateError, match=r"b: b cannot merge; nothing was merged"):
+            model.merge_adapter(["one"])
+        assert not any(layer.merged for _, layer in model.adapter_layers())
+        for key, value in model.model.state_dict().items():
+            assert torch.equal(value, state[key]), key

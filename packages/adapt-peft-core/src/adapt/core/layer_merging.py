@@ -177,6 +177,10 @@ class LayerMerging:
             )
         return weight, bias
 
+    def merge_depends_on_weight(self) -> bool:
+        """Whether merging runs a method's own hooks (which may refuse), not ``W + ΔW``."""
+        return self._changes_bias() or type(self).merge_weight is not LayerMerging.merge_weight
+
     def unmerge_depends_on_weight(self) -> bool:
         """Whether unmerging runs a method's own hooks (which may refuse), not ``W − ΔW``."""
         cls = type(self)

@@ -30,6 +30,21 @@ def _check_safe(adapters: AdapterSet, names: Sequence[str]) -> None:
             raise unsafe_merge_error(todo, describe(layer.get_base_layer()), "nothing was merged")
 
 
+def _check_own_hooks(adapters: AdapterSet, names: Sequence[str]) -> None:
+    """Layers whose merge runs a method's own hooks (which may refuse) compute their result
+    first, so a refusal merges nothing rather than half the model."""
+    for path, layer in adapters.layers():
+        if not layer.merge_depends_on_weight():
+            continue
+        todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
+        if todo:
+            try:
+                layer.merged_weight(todo)
+                layer.merged_bias(todo)
+            except AdapterStateError as exc:
+                raise AdapterStateError(f"{path}: {exc}; nothing was merged") from exc
+
+
 def merge_adapters(
     adapters: AdapterSet,
     adapter_names: Sequence[str] | None,
@@ -43,6 +58,7 @@ def merge_adapters(
         adapters.require(name)
     if safe_merge:
         _check_safe(adapters, names)
+    _check_own_hooks(adapters, names)
     layers = [layer for _, layer in adapters.layers()]
     bar = progress(layers, desc="merging", unit="layer", enable=progress_bar)
     report = worst(layer.merge([n for n in names if n in layer.adapter_names]) for layer in bar)
