@@ -116,10 +116,11 @@ class LayerMerging:
 
     def merge_is_safe(self, adapter_names: Sequence[str]) -> bool:
         """Whether merging ``adapter_names`` gives finite tensors that fit their dtypes."""
-        weight = self.merged_weight(adapter_names)
+        return self._fits(self.merged_weight(adapter_names), self.merged_bias(adapter_names))
+
+    def _fits(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
         if not fits_dtype(weight, self.backend.get_weight(self.base_layer).dtype):
             return False
-        bias = self.merged_bias(adapter_names)
         return bias is None or fits_dtype(bias, self._bias().dtype)
 
     def _write(self, weight: torch.Tensor, bias: torch.Tensor | None) -> MergeReport:
@@ -146,7 +147,7 @@ class LayerMerging:
             return None
         weight = self.merged_weight(names)
         bias = self.merged_bias(names)
-        if safe_merge and not self.merge_is_safe(names):
+        if safe_merge and not self._fits(weight, bias):
             raise unsafe_merge_error(
                 names, describe(self.get_base_layer()), "the layer was left unchanged"
             )

@@ -22,27 +22,22 @@ from .wrapped import remove_guard
 logger = logging.getLogger("adapt")
 
 
-def _check_safe(adapters: AdapterSet, names: Sequence[str]) -> None:
-    """Refuse (nothing written) when any layer's merged weight would hold NaN/Inf."""
-    for _, layer in adapters.layers():
-        todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
-        if todo and not layer.merge_is_safe(todo):
-            raise unsafe_merge_error(todo, describe(layer.get_base_layer()), "nothing was merged")
-
-
-def _check_own_hooks(adapters: AdapterSet, names: Sequence[str]) -> None:
-    """Layers whose merge runs a method's own hooks (which may refuse) compute their result
-    first, so a refusal merges nothing rather than half the model."""
+def _check_first(adapters: AdapterSet, names: Sequence[str], *, safe_merge: bool) -> None:
+    """Compute, before anything is written, the merge of every layer that could refuse: all
+    of them with ``safe_merge`` (NaN/Inf), else the layers whose merge runs a method's own
+    hooks (which may raise). A refusal merges nothing rather than half the model."""
     for path, layer in adapters.layers():
-        if not layer.merge_depends_on_weight():
+        if not (safe_merge or layer.merge_depends_on_weight()):
             continue
         todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
-        if todo:
-            try:
-                layer.merged_weight(todo)
-                layer.merged_bias(todo)
-            except AdapterStateError as exc:
-                raise AdapterStateError(f"{path}: {exc}; nothing was merged") from exc
+        if not todo:
+            continue
+        try:
+            safe = layer.merge_is_safe(todo)
+        except AdapterStateError as exc:
+            raise AdapterStateError(f"{path}: {exc}; nothing was merged") from exc
+        if safe_merge and not safe:
+            raise unsafe_merge_error(todo, describe(layer.get_base_layer()), "nothing was merged")
 
 
 def merge_adapters(
@@ -56,9 +51,7 @@ def merge_adapters(
     names = list(adapter_names) if adapter_names is not None else list(adapters.active)
     for name in names:
         adapters.require(name)
-    if safe_merge:
-        _check_safe(adapters, names)
-    _check_own_hooks(adapters, names)
+    _check_first(adapters, names, safe_merge=safe_merge)
     layers = [layer for _, layer in adapters.layers()]
     bar = progress(layers, desc="merging", unit="layer", enable=progress_bar)
     report = worst(layer.merge([n for n in names if n in layer.adapter_names]) for layer in bar)
