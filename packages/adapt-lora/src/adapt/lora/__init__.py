@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from .__about__ import __version__
 from .config import LoraConfig
+from .dora import DoraVariant
 from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from .method import METHOD, LoraMethod
+from .variants import VARIANT_GROUP, LoraVariant, get_variant, register_variant, unregister_variant
 
 __all__ = [
     "METHOD",
+    "VARIANT_GROUP",
+    "DoraVariant",
+    "LoraVariant",
+    "get_variant",
+    "register_variant",
+    "unregister_variant",
     "LoraConfig",
     "LoraConv",
     "LoraEmbedding",

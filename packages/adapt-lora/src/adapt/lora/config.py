@@ -30,7 +30,6 @@ PEFT_LORA_KEYS: dict[str, Any] = {
     "target_parameters": (None, []),
     "trainable_token_indices": None,
     "use_bdlora": (None, False),
-    "use_dora": False,
     "use_qalora": False,
     "velora_config": None,
 }
@@ -58,6 +57,10 @@ class LoraConfig(AdapterConfig):
       as ``(.*\\.)?(key)$``.
     * ``fan_in_fan_out``: kept for PEFT compatibility; adapt reads each layer's weight layout
       itself (transformers ``Conv1D`` stores (in, out)).
+    * ``use_dora``: DoRA (Liu et al., 2024): the adapted weight's rows are rescaled to a
+      trained magnitude ``m`` (``lora_magnitude_vector``): ``W' = m · (W + s·BA) / ‖W + s·BA‖``.
+    * ``variant`` / ``variant_options`` (adapt only, not written when unset): a LoRA variant
+      installed as a plugin (entry-point group ``adapt.lora_variants``) and its options.
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -73,6 +76,11 @@ class LoraConfig(AdapterConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
+    variant: str | None = None
+    variant_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    extension_fields: ClassVar[tuple[str, ...]] = ("variant", "variant_options")
 
     def validate(self) -> None:
         super().validate()
@@ -80,6 +88,7 @@ class LoraConfig(AdapterConfig):
         self._check_number(name, "r", self.r, kind=int, low=0, low_open=True)
         self._check_number(name, "lora_alpha", self.lora_alpha)
         self._check_number(name, "lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
+        self._check_variant(name)
         if self.bias not in _BIAS:
             raise ConfigError(f"{name}.bias must be one of {_BIAS}, got {self.bias!r}")
         if not isinstance(self.fan_in_fan_out, bool) or not isinstance(self.use_rslora, bool):
@@ -114,6 +123,33 @@ class LoraConfig(AdapterConfig):
                     )
                 else:
                     self._check_number(name, f"{field}[{key!r}]", value)
+
+    def _check_variant(self, name: str) -> None:
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"{name}.use_dora must be true or false, got {self.use_dora!r}")
+        if self.variant is not None and (not isinstance(self.variant, str) or not self.variant):
+            raise ConfigError(
+                f"{name}.variant must be the name of an installed LoRA variant, got "
+                f"{self.variant!r}"
+            )
+        if self.use_dora and self.variant not in (None, "dora"):
+            raise ConfigError(
+                f"{name} sets use_dora=True and variant={self.variant!r}; an adapter has one "
+                "variant: drop one of them"
+            )
+        if self.variant == "dora":  # one spelling on disk, PEFT's
+            self.use_dora, self.variant = True, None
+        if self.variant_options is None:
+            self.variant_options = {}
+        if not isinstance(self.variant_options, dict):
+            raise ConfigError(
+                f"{name}.variant_options must be a dict of the variant's options, got "
+                f"{self.variant_options!r}"
+            )
+        if self.variant_options and not (self.use_dora or self.variant):
+            raise ConfigError(
+                f"{name}.variant_options is set but no variant is; set variant='...' too"
+            )
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """``(r, lora_alpha)`` for the module at ``path``, patterns applied."""

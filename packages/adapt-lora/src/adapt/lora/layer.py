@@ -2,7 +2,10 @@
 
 One :class:`LoraLayer` base holds the per-adapter state (``lora_A``, ``lora_B``,
 ``lora_embedding_A/B``, dropout, rank, scaling); subclasses only say how A and B are shaped
-and applied for their module type. Third-party layers subclass :class:`LoraLayer` the same way.
+and applied for their module type (:meth:`LoraLayer.create_adapter`,
+:meth:`LoraLayer.lora_output`, :meth:`LoraLayer.delta_weight`). Third-party layers subclass
+:class:`LoraLayer` the same way. An adapter may run a LoRA variant (DoRA,
+:mod:`adapt.lora.variants`): the layer then hands that adapter's forward and merge to it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
 from adapt.core.typenames import CONV1D_TRANSFORMERS, describe
 
 from .config import LoraConfig
+from .layer_variants import VariantHost
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -93,10 +97,12 @@ def bare_linear(
     return layer
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(VariantHost):
     """Base of LoRA layers. Subclasses implement :meth:`create_adapter`,
-    :meth:`adapter_output` and :meth:`delta_weight`; this class handles rank, scaling,
-    dropout, initialisation bookkeeping and deletion."""
+    :meth:`lora_output` and :meth:`delta_weight` (and :meth:`per_output`,
+    :meth:`base_without_bias` where their output or weight is not laid out like a linear's);
+    this class handles rank, scaling, dropout, initialisation bookkeeping, variants and
+    deletion."""
 
     method: ClassVar[str] = "lora"
     adapter_layer_names: ClassVar[tuple[str, ...]] = (
@@ -138,6 +144,7 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.create_adapter(adapter_name, r, dtype=dtype, device=device)
         self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+        self.attach_variant(adapter_name, config)
 
     def create_adapter(
         self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device
@@ -173,14 +180,18 @@ class LoraLayer(AdapterLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        self.detach_variant(adapter_name)
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(adapter_name, None)
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return self.lora_output(self.lora_dropout[adapter_name](x), adapter_name)
 
     def _ab(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         lora_a = self.lora_A[adapter_name]
         lora_b = self.lora_B[adapter_name]
         x = x.to(_weight(lora_a).dtype)
-        out: torch.Tensor = lora_b(lora_a(self.lora_dropout[adapter_name](x)))
+        out: torch.Tensor = lora_b(lora_a(x))
         return out * self.scaling[adapter_name]
 
 
@@ -197,10 +208,17 @@ class LoraLinear(LoraLayer):
         self.lora_A[adapter_name] = bare_linear(self.in_features, r, dtype=dtype, device=device)
         self.lora_B[adapter_name] = bare_linear(r, self.out_features, dtype=dtype, device=device)
 
-    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return self._ab(x, adapter_name)
 
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.original_weight()
+        return F.linear(x, weight.to(x.dtype))
+
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        variant = self.lora_variant.get(adapter_name)
+        if variant is not None:
+            return variant.fused_forward(self, x, adapter_name)
         dropout = self.lora_dropout[adapter_name]
         if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
             return None
@@ -227,10 +245,18 @@ class LoraLinear(LoraLayer):
         )
         return out
 
-    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        if not self.fuse_adapter_output:
-            return super().add_adapter_output(result, x, name)
-        # result + s·(x Aᵀ) Bᵀ with the B product, the scale and the sum in one addmm
+    def add_adapter_output(
+        self,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        name: str,
+        *,
+        base_output: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not self.fuse_adapter_output or name in self.lora_variant:
+            return super().add_adapter_output(result, x, name, base_output=base_output)
+        # result + s·(x Aᵀ) Bᵀ with the B product, the scale and the sum in one addmm; never
+        # in place on the base output while other adapters still need it
         weight_a = _weight(self.lora_A[name])
         h = F.linear(self.lora_dropout[name](x.to(weight_a.dtype)), weight_a)
         return add_scaled_product(
@@ -238,7 +264,7 @@ class LoraLinear(LoraLayer):
             h,
             _weight(self.lora_B[name]),
             self.scaling[name],
-            in_place=self.may_add_in_place(result),
+            in_place=self.may_add_in_place(result) and result is not base_output,
         )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -248,6 +274,8 @@ class LoraLinear(LoraLayer):
         return out
 
     def add_delta_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if adapter_name in self.lora_variant:
+            return super().add_delta_weight(weight, adapter_name)
         weight_b = _weight(self.lora_B[adapter_name])
         weight_a = _weight(self.lora_A[adapter_name])
         if not weight.dtype == weight_a.dtype == weight_b.dtype:
@@ -259,6 +287,8 @@ class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding``: A (r × vocab) is looked up like an embedding table, then B."""
 
     base_types: ClassVar[tuple[type | str, ...]] = (nn.Embedding,)
+    #: the canonical weight is (vocab, dim): output features index its columns
+    output_axis: ClassVar[int] = 1
 
     def create_adapter(
         self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device
@@ -272,6 +302,22 @@ class LoraEmbedding(LoraLayer):
         )
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return self.lora_output(x, adapter_name)  # PEFT applies no dropout to embeddings
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        assert isinstance(base, nn.Embedding)
+        return F.embedding(
+            x,
+            self.original_weight(),
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+
+    def lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         base = self.get_base_layer()
         assert isinstance(base, nn.Embedding)
         weight_a = self.lora_embedding_A[adapter_name]
@@ -352,8 +398,18 @@ class LoraConv(LoraLayer):
             device=device,
         )
 
-    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return self._ab(x, adapter_name)
+
+    def per_output(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return values.view(1, -1, *([1] * (like.dim() - 2)))  # channels are dim 1
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        assert isinstance(base, nn.modules.conv._ConvNd)
+        weight = self.original_weight().to(x.dtype)
+        out: torch.Tensor = base._conv_forward(x, weight, None)  # type: ignore[operator]
+        return out
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_a = _weight(self.lora_A[adapter_name])  # (r, in, *k)

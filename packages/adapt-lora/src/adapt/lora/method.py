@@ -13,6 +13,7 @@ from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .config import LoraConfig
 from .layer import LoraConv, grouped_conv_message
+from .variants import get_variant, variant_name
 
 
 class LoraMethod(Method[LoraConfig]):
@@ -21,7 +22,7 @@ class LoraMethod(Method[LoraConfig]):
     package: ClassVar[str] = "adapt-lora"
     config_class: ClassVar[type[AdapterConfig]] = LoraConfig
     default_target_modules: ClassVar[Mapping[str, Sequence[str]]] = QUERY_VALUE_TARGETS
-    summary_keys: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "use_rslora")
+    summary_keys: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "use_rslora", "use_dora")
     tensor_prefixes: ClassVar[tuple[str, ...]] = ("lora_",)
 
     def rank_of(self, tensors: Mapping[str, tuple[int, ...]]) -> int | None:
@@ -39,6 +40,10 @@ class LoraMethod(Method[LoraConfig]):
         adapter_name: str,
         targets: dict[str, nn.Module],
     ) -> None:
+        # the variant must be installed and its options right before any layer is created
+        name = variant_name(config)
+        if name is not None:
+            get_variant(name).check_options(dict(config.variant_options))
         # refuse grouped convolutions up front, by path, before any layer is created
         for path, module in targets.items():
             if (

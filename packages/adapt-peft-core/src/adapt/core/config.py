@@ -39,6 +39,15 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
+def _at_default(config: Any, f: dataclasses.Field[Any]) -> bool:
+    value = getattr(config, f.name)
+    if f.default is not dataclasses.MISSING:
+        return bool(value == f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return bool(value == f.default_factory())
+    return False
+
+
 @dataclasses.dataclass
 class AdapterConfig:
     """Fields shared by every method: which modules to adapt and bookkeeping PEFT writes.
@@ -67,6 +76,10 @@ class AdapterConfig:
     #: ``layers_to_transform``): they are not saved, not read from a saved config (a stray one
     #: warns as an unknown key), and setting one to anything but its default is refused.
     omitted_fields: ClassVar[tuple[str, ...]] = ()
+    #: Fields adapt has beyond the method's PEFT config (LoRA's ``variant``): written only when
+    #: set to something other than their default, so a config that does not use them stays
+    #: exactly PEFT's.
+    extension_fields: ClassVar[tuple[str, ...]] = ()
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -182,7 +195,12 @@ class AdapterConfig:
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The config as PEFT writes it (JSON types, ``peft_type`` included)."""
-        data = {name: _to_jsonable(getattr(self, name)) for name in self.saved_fields()}
+        defaults = {f.name: f for f in dataclasses.fields(self)}
+        data = {
+            name: _to_jsonable(getattr(self, name))
+            for name in self.saved_fields()
+            if not (name in self.extension_fields and _at_default(self, defaults[name]))
+        }
         data["peft_type"] = self.peft_type
         return data
 

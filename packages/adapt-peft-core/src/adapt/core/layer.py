@@ -77,6 +77,7 @@ class AdapterLayer(LayerMerging, nn.Module):
     takes_all_inputs: ClassVar[bool] = False
     # set per class by __init_subclass__: what the hooks a class defines need from the forward
     _output_sees_base: ClassVar[bool] = False
+    _add_sees_base: ClassVar[bool] = False
     _transforms_input: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -87,6 +88,7 @@ class AdapterLayer(LayerMerging, nn.Module):
                 "it must be 'sum' (adapter outputs are added) or 'product' (they multiply)"
             )
         cls._output_sees_base = "base_output" in inspect.signature(cls.adapter_output).parameters
+        cls._add_sees_base = "base_output" in inspect.signature(cls.add_adapter_output).parameters
         cls._transforms_input = cls.adapter_input is not AdapterLayer.adapter_input
 
     def __init__(self, base_layer: nn.Module, backend: WeightBackend | None = None) -> None:
@@ -220,19 +222,33 @@ class AdapterLayer(LayerMerging, nn.Module):
         output), not a view, and no forward hook could have kept a reference to it."""
         return self.fuse_adapter_output and fastpath.may_add_in_place(self.base_layer, result)
 
-    def _contribution(self, x: Any, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        out = self.adapter_output(x, name)
-        return None if out is None else out.to(like.dtype)
+    def adapter_effect(
+        self, x: Any, adapter_name: str, base_output: torch.Tensor
+    ) -> torch.Tensor | None:
+        """What core adds to the output (``composition = "sum"``) or multiplies it by
+        (``"product"``) for ``adapter_name``, given the base layer's output for the same rows
+        (``base_output``, never changed in place). Default: :meth:`adapter_output`, passed
+        ``base_output`` when the class declares it. A method whose adapters on one layer
+        compute in different ways (LoRA variants such as DoRA) overrides this to choose per
+        adapter; mixed batches call it once per adapter with that adapter's rows."""
+        if self._output_sees_base:
+            out: torch.Tensor | None = self.adapter_output(x, adapter_name, base_output=base_output)  # type: ignore[call-arg]
+            return out
+        return self.adapter_output(x, adapter_name)
 
-    def add_adapter_output(self, result: torch.Tensor, x: Any, name: str) -> torch.Tensor:
+    def add_adapter_output(
+        self, result: torch.Tensor, x: Any, name: str, *, base_output: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``result`` plus adapter ``name``'s contribution for input ``x`` (out of place).
 
-        The default adds :meth:`adapter_output`. Methods override it to fuse the last product,
-        the scale and the addition into one kernel (:func:`add_scaled_product`); the result must
-        equal ``result + adapter_output(x, name)`` up to float round-off.
+        ``base_output`` is the base layer's output (``result`` before any adapter was added;
+        core passes it when the override declares the parameter). The default adds
+        :meth:`adapter_effect`. Methods override this to fuse the last product, the scale and
+        the addition into one kernel (:func:`add_scaled_product`); the result must equal
+        ``result + adapter_effect(x, name, base_output)`` up to float round-off.
         """
-        contribution = self._contribution(x, name, result)
-        return result if contribution is None else result + contribution
+        effect = self.adapter_effect(x, name, result if base_output is None else base_output)
+        return result if effect is None else result + effect.to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         batch_names = kwargs.pop("adapter_names", None)
@@ -261,16 +277,14 @@ class AdapterLayer(LayerMerging, nn.Module):
         if self.composition == "product":
             factor = None
             for name in pending:
-                f = self._effect(inputs, name, result)
+                f = self.adapter_effect(inputs, name, result)
                 if f is not None:
                     factor = f if factor is None else factor * f
             return result if factor is None else (result * factor).to(result.dtype)
-        if self._output_sees_base:
-            base_out = result
+        if len(pending) > 1 and self._add_sees_base:
+            base_out = result  # each adapter sees the base output, not the sum so far
             for name in pending:
-                effect = self._effect(inputs, name, base_out)
-                if effect is not None:
-                    result = result + effect.to(result.dtype)
+                result = self.add_adapter_output(result, inputs, name, base_output=base_out)
             return result
         for name in pending:
             result = self.add_adapter_output(result, inputs, name)
@@ -282,12 +296,6 @@ class AdapterLayer(LayerMerging, nn.Module):
         if self.takes_all_inputs:
             return self.base_layer(*seen, **kwargs)
         return self.base_layer(seen, *args, **kwargs)
-
-    def _effect(self, inputs: Any, name: str, base_output: torch.Tensor) -> torch.Tensor | None:
-        if self._output_sees_base:
-            out: torch.Tensor | None = self.adapter_output(inputs, name, base_output=base_output)  # type: ignore[call-arg]
-            return out
-        return self.adapter_output(inputs, name)
 
     def plain_linear_base(self, x: torch.Tensor) -> bool:
         """Whether the base is a plain ``nn.Linear`` (no hooks, dense weight in ``x``'s dtype,
@@ -345,7 +353,9 @@ class AdapterLayer(LayerMerging, nn.Module):
         result: torch.Tensor = self._base_forward(seen, args, kwargs)
         base_out = result
         for name, index in groups:
-            effect = self._effect(rows_of(inputs, index), name, base_out.index_select(0, index))
+            effect = self.adapter_effect(
+                rows_of(inputs, index), name, base_out.index_select(0, index)
+            )
             if effect is None:
                 continue
             if self.composition == "product":

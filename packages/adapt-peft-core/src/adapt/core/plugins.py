@@ -1,4 +1,6 @@
-"""The generic entry-point store under ``adapt.methods``, ``adapt.layers`` and ``adapt.backends``.
+"""The generic entry-point store under ``adapt.methods``, ``adapt.layers`` and ``adapt.backends``,
+and under the groups other packages declare in ``adapt.plugin_groups`` (adapt-lora's
+``adapt.lora_variants``).
 
 Discovery is lazy: a group is read the first time it is needed and cached. A plugin that fails
 to import is skipped with one warning naming its distribution and the error. In-process
@@ -11,16 +13,20 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import warn_user
+from .errors import PluginError, warn_user
 from .typenames import describe, type_label
 
 GROUP_METHODS = "adapt.methods"
 GROUP_LAYERS = "adapt.layers"
 GROUP_BACKENDS = "adapt.backends"
 GROUPS = (GROUP_METHODS, GROUP_LAYERS, GROUP_BACKENDS)
+#: Entry points naming a :class:`PluginGroup`: a group of plugins a package owns (adapt-lora's
+#: LoRA variants), listed by ``adapt plugins`` and checked when they load like core's own.
+GROUP_PLUGIN_GROUPS = "adapt.plugin_groups"
 
 IN_PROCESS = "<in-process>"
 
@@ -59,6 +65,16 @@ class PluginEntry:
         return f"{self.name!r} ({self.distribution} {self.version})".replace(" )", ")")
 
 
+@dataclass(frozen=True)
+class PluginGroup:
+    """A group of plugins a package owns: its entry-point ``group`` and the ``contract`` a
+    loaded plugin must meet (returns what to use, or raises ``ValueError`` saying what is
+    wrong), published under :data:`GROUP_PLUGIN_GROUPS`."""
+
+    group: str
+    contract: Callable[[Any], Any] | None = None
+
+
 @dataclass
 class _Group:
     entries: list[PluginEntry] = field(default_factory=list)
@@ -69,20 +85,37 @@ class PluginStore:
     """Every plugin found through entry points or registered in-process, by group; knows
     nothing of what the plugins are (:class:`adapt.core.registry.Registry` does)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, read_entry_points: bool = True) -> None:
         self._groups: dict[str, _Group] = {g: _Group() for g in GROUPS}
         self._lock = threading.RLock()
+        #: False for an isolated store (tests): only in-process registrations count.
+        self.read_entry_points = read_entry_points
+
+    def _group(self, group: str) -> _Group:
+        with self._lock:
+            return self._groups.setdefault(group, _Group())
+
+    def plugin_groups(self) -> list[PluginGroup]:
+        """The groups packages declared under :data:`GROUP_PLUGIN_GROUPS` (loaded ones)."""
+        return [
+            e.obj for e in self.entries(GROUP_PLUGIN_GROUPS) if isinstance(e.obj, PluginGroup)
+        ]
+
+    def all_groups(self) -> list[str]:
+        """Core's groups, then every declared one: what ``adapt plugins`` lists."""
+        return [*GROUPS, *(g.group for g in self.plugin_groups() if g.group not in GROUPS)]
 
     # -- discovery ---------------------------------------------------------------------------
     def _scan(self, group: str) -> _Group:
-        grp = self._groups[group]
+        grp = self._group(group)
         if grp.scanned:
             return grp
         with self._lock:
             if grp.scanned:
                 return grp
             found: list[PluginEntry] = []
-            for ep in metadata.entry_points(group=group):
+            eps = metadata.entry_points(group=group) if self.read_entry_points else ()
+            for ep in eps:
                 dist = getattr(ep, "dist", None)
                 found.append(
                     PluginEntry(
@@ -102,8 +135,19 @@ class PluginStore:
     def adopt(self, group: str, obj: Any) -> Any:
         """The object a plugin of ``group`` provides, checked against the group's contract:
         return it (or what to use instead, e.g. an instance of a class), or raise
-        ``ValueError`` saying what is wrong. The generic store accepts anything; the typed
-        registry (:class:`adapt.core.registry.Registry`) knows the contracts."""
+        ``ValueError`` saying what is wrong. The generic store knows the contracts of declared
+        groups (:class:`PluginGroup`); the typed registry (:class:`adapt.core.registry.Registry`)
+        adds core's own."""
+        if group == GROUP_PLUGIN_GROUPS:
+            if not isinstance(obj, PluginGroup) or not obj.group.startswith("adapt."):
+                raise ValueError(
+                    f"{describe(obj)} is not an adapt.core.plugins.PluginGroup whose group "
+                    "starts with 'adapt.'"
+                )
+            return obj
+        for declared in self.plugin_groups() if group not in GROUPS else ():
+            if declared.group == group and declared.contract is not None:
+                return declared.contract(obj)
         return obj
 
     def _load(self, entry: PluginEntry) -> Any:
@@ -199,6 +243,16 @@ class PluginStore:
         return "; ".join(dict.fromkeys(notes)) or "ok"
 
     # -- in-process registration -------------------------------------------------------------
+    def register(self, group: str, name: str, obj: Any, *, priority: int | None = None) -> Any:
+        """Register ``obj`` as plugin ``name`` of ``group`` in this process (notebooks, tests),
+        checked against the group's contract first; returns what was registered."""
+        try:
+            obj = self.adopt(group, obj)
+        except ValueError as exc:
+            raise PluginError(f"cannot register {name!r} in {group}: {exc}") from exc
+        self._register(group, name, obj, priority)
+        return obj
+
     def _register(self, group: str, name: str, obj: Any, priority: int | None) -> PluginEntry:
         entry = PluginEntry(
             group=group,
@@ -211,7 +265,7 @@ class PluginStore:
             priority=int(priority if priority is not None else getattr(obj, "priority", 0) or 0),
         )
         with self._lock:
-            grp = self._groups[group]
+            grp = self._group(group)
             grp.entries = [
                 e for e in grp.entries if not (e.distribution == IN_PROCESS and e.name == name)
             ]
@@ -220,7 +274,7 @@ class PluginStore:
 
     def unregister(self, group: str, name: str) -> None:
         with self._lock:
-            grp = self._groups[group]
+            grp = self._group(group)
             grp.entries = [
                 e for e in grp.entries if not (e.distribution == IN_PROCESS and e.name == name)
             ]

@@ -137,7 +137,7 @@ class Registry(PluginStore):
     def adopt(self, group: str, obj: Any) -> Any:
         """``obj`` checked against its group's contract (:data:`CONTRACTS`)."""
         contract = CONTRACTS.get(group)
-        return contract(obj) if contract is not None else obj
+        return contract(obj) if contract is not None else super().adopt(group, obj)
 
     # -- in-process registration -------------------------------------------------------------
     def register_layer(

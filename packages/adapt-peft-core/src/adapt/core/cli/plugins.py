@@ -10,13 +10,13 @@ from ._format import table
 def cmd_plugins(args: argparse.Namespace) -> int:
     import warnings
 
-    from ..registry import GROUPS, get_registry
+    from ..registry import get_registry
 
     registry = get_registry()
     rows: list[list[str]] = []
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        for group in GROUPS:
+        for group in registry.all_groups():
             for entry in registry.entries(group):
                 rows.append(
                     [

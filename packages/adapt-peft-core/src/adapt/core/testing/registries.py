@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from .. import registry as _registry_module
 from ..layer import AdapterLayer
-from ..registry import GROUP_LAYERS, GROUPS, Registry, get_registry
+from ..registry import GROUP_LAYERS, Registry, get_registry
 
 
 @contextlib.contextmanager
@@ -18,9 +18,7 @@ def isolated_registry() -> Iterator[Registry]:
     The replacement never reads entry points, so installed plugins (working or broken) are
     invisible; only in-process registrations count. The previous registry is restored after.
     """
-    fresh = Registry()
-    for group in GROUPS:
-        fresh._groups[group].scanned = True
+    fresh = Registry(read_entry_points=False)
     previous = _registry_module.swap_registry(fresh)
     try:
         yield fresh

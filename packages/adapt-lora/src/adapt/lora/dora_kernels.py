@@ -1,0 +1,91 @@
+"""DoRA on a plain ``nn.Linear`` base in one pass: ``out = c ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``.
+
+That is the definition rearranged (``base + (c − 1)·xWᵀ + c·s·BAx`` with ``base = xWᵀ + b``):
+one GEMM with ``W`` and the two thin LoRA products, then one elementwise pass, instead of the
+base output, a second copy of it scaled, and the LoRA output scaled again. The backward saves
+one activation-sized tensor (``y = x Wᵀ + s·h Bᵀ``, for the magnitude's gradient) and writes
+the input gradient once. ``c − 1`` is passed (not ``c``) so that in half precision the small
+difference keeps its digits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from adapt.core import factor_grad, matmul_factor
+
+
+def _scaled(y: torch.Tensor, c_minus_1: torch.Tensor) -> torch.Tensor:
+    """``c ⊙ y`` as ``y + y ⊙ (c − 1)`` (out of place)."""
+    return torch.addcmul(y, y, c_minus_1.to(y.dtype))
+
+
+def dora_linear_no_grad(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c_minus_1: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The forward without autograd state, in place on one output buffer."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ weight.t()
+    y.addmm_(x2 @ a.t(), b.t(), alpha=scale)
+    y.addcmul_(y, c_minus_1.to(y.dtype))
+    if bias is not None:
+        y.add_(bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """The fused DoRA linear with its backward (gradients to x, b, A, B and ``c − 1``)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        c_minus_1: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ a.t()
+        y = x2 @ weight.t()
+        y.addmm_(h, b.t(), alpha=scale)
+        out = _scaled(y, c_minus_1)
+        if bias is not None:
+            out.add_(bias)
+        ctx.save_for_backward(x2, weight, a, b, h, y, c_minus_1)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, weight, a, b, h, y, c_minus_1 = ctx.saved_tensors
+        scale: float = ctx.scale
+        needs = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gc = _scaled(g2, c_minus_1)  # the gradient at y = x Wᵀ + s·h Bᵀ
+        g_b = matmul_factor(gc, b)  # (rows, r)
+        grad_x = grad_bias = grad_a = grad_b = grad_c = None
+        if needs[0]:
+            grad_x = (gc @ weight).addmm_(g_b, a, alpha=scale).view(ctx.x_shape)
+        if ctx.has_bias and needs[2]:
+            grad_bias = g2.sum(0)
+        if needs[3]:
+            grad_a = torch.mm(g_b.t(), x2).mul_(scale)
+        if needs[4]:
+            grad_b = factor_grad(gc, h).mul_(scale)
+        if needs[5]:
+            acc = torch.promote_types(g2.dtype, torch.float32)
+            grad_c = (g2 * y).sum(0, dtype=acc).to(c_minus_1.dtype)
+        return grad_x, None, grad_bias, grad_a, grad_b, grad_c, None
