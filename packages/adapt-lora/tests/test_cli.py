@@ -105,13 +105,14 @@ def test_inspect_asks_lora_for_keys_modules_and_ranks(
     adapt(_llama(layers=3), config).save_pretrained(tmp_path / "big")
     assert main(["inspect", str(tmp_path / "big")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[4:8] == [
+    assert lines[4:9] == [
         "r:            4",
         "lora_alpha:   8",
         "use_rslora:   False",
+        "use_dora:     False",
         "modules_to_save: ['lm_head']",
     ]
-    rows = {line.split()[0]: line.split() for line in lines[12:32]}
+    rows = {line.split()[0]: line.split() for line in lines[13:33]}
     assert rows["lm_head"][1:] == ["weight", "[64,", "32]"]  # saved whole: no rank
     assert rows["model.embed_tokens"][1] == "4"
     assert rows["model.layers.0.self_attn.q_proj"][1:3] == ["2", "lora_A.weight"]
@@ -120,7 +121,7 @@ def test_inspect_asks_lora_for_keys_modules_and_ranks(
     assert "model.layers.2.self_attn.v_proj  4 " in capsys.readouterr().out
 
 
-def test_inspect_says_a_dora_folder_uses_a_feature_adapt_lacks(
+def test_inspect_says_a_qalora_folder_uses_a_feature_adapt_lacks(
     saved: tuple[Path, Path, torch.Tensor], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     import json
@@ -130,13 +131,13 @@ def test_inspect_says_a_dora_folder_uses_a_feature_adapt_lacks(
     dora = tmp_path / "dora"
     shutil.copytree(adapter_dir, dora)
     config = json.loads((dora / "adapter_config.json").read_text())
-    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_qalora": True}))
     assert main(["inspect", str(dora)]) == 0
     method = next(
         line for line in capsys.readouterr().out.splitlines() if line.startswith("method:")
     )
     assert method == (
-        "method:       LORA — uses use_dora=True, a PEFT feature adapt does not implement: "
+        "method:       LORA — uses use_qalora=True, a PEFT feature adapt does not implement: "
         "adapt cannot load it"
     )
     # and a plain LoRA folder has no such note

@@ -97,7 +97,8 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "lora_alpha is a list": (edit_config(lora_alpha=[8]), "lora_alpha"),
     "target_modules is a number": (edit_config(target_modules=3), "target_modules"),
     "unknown method": (edit_config(peft_type="FANCY_NEW"), "FANCY_NEW"),
-    "PEFT feature adapt lacks (DoRA)": (edit_config(use_dora=True), "use_dora"),
+    "PEFT feature adapt lacks (QALoRA)": (edit_config(use_qalora=True), "use_qalora"),
+    "DoRA config, no magnitude tensors": (edit_config(use_dora=True), "lora_magnitude_vector"),
     "NaN in a tensor": (edit_tensors(set_value(float("nan"))), "NaN or Inf"),
     "Inf in a tensor": (edit_tensors(set_value(float("inf"))), "NaN or Inf"),
     "tensor of the wrong shape": (

@@ -167,9 +167,25 @@ def test_peft_written_config_loads_silently() -> None:
     assert cfg.scaling(4, 16) == 4.0
 
 
-def test_peft_config_with_use_dora_is_refused_by_name() -> None:
-    data = {**PEFT_0_21_2_LORA_CONFIG, "use_dora": True}
-    with pytest.raises(ConfigError, match="use_dora") as info:
+def test_peft_config_with_use_dora_reads_as_dora_and_writes_peft_keys_only() -> None:
+    cfg = LoraConfig.from_dict({**PEFT_0_21_2_LORA_CONFIG, "use_dora": True})
+    assert cfg.use_dora is True and cfg.variant is None
+    saved = cfg.to_dict()
+    assert saved["use_dora"] is True
+    assert "variant" not in saved and "variant_options" not in saved  # adapt-only, unset
+    assert LoraConfig(variant="dora").use_dora is True  # one spelling on disk: PEFT's
+    with pytest.raises(ConfigError, match="one variant"):
+        LoraConfig(use_dora=True, variant="gated")
+    with pytest.raises(ConfigError, match="no variant is"):
+        LoraConfig(variant_options={"x": 1})
+    with pytest.raises(ConfigError, match="use_dora must be true or false"):
+        LoraConfig(use_dora="yes")  # type: ignore[arg-type]
+    assert LoraConfig(variant="gated", variant_options={"g": 1}).to_dict()["variant"] == "gated"
+
+
+def test_peft_config_with_use_qalora_is_refused_by_name() -> None:
+    data = {**PEFT_0_21_2_LORA_CONFIG, "use_qalora": True}
+    with pytest.raises(ConfigError, match="use_qalora") as info:
         LoraConfig.from_dict(data)
     message = str(info.value)
     assert "a PEFT feature adapt does not implement yet" in message

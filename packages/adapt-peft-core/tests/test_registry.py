@@ -82,7 +82,7 @@ def fake_eps(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[FakeEnt
 
     def entry_points(*, group: str) -> list[FakeEntryPoint]:
         calls[group] = calls.get(group, 0) + 1
-        return list(eps[group])
+        return list(eps.get(group, []))
 
     monkeypatch.setattr(plugins_mod, "metadata", types.SimpleNamespace(entry_points=entry_points))
     eps["calls"] = calls  # type: ignore[assignment]
