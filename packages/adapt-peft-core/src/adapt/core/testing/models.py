@@ -26,10 +26,11 @@ class SingleTargetModel(nn.Module):
 def randomise_adapter(layer: AdapterLayer, adapter_name: str, seed: int) -> None:
     """Overwrite the floating-point parameters of ``adapter_name`` in ``layer`` with seeded
     noise (standard deviation 0.1), so that the adapter changes the output. For a layer whose
-    adapters multiply (``composition = "product"``) the noise is added to the current values
-    instead (IA³'s ones), so the factors stay near 1 and merging stays invertible."""
+    adapters multiply (``composition = "product"``) or whose merge depends on the weight
+    (DoRA's magnitudes) the noise is added to the current values instead (IA³'s ones, DoRA's
+    row norms), so the factors stay near their initial scale and merging stays invertible."""
     gen = torch.Generator().manual_seed(seed)
-    around = type(layer).composition == "product"
+    around = type(layer).composition == "product" or layer.merge_depends_on_weight()
     with torch.no_grad():
         for _, tensor in sorted(layer.adapter_tensors(adapter_name).items()):
             if tensor.is_floating_point() and isinstance(tensor, nn.Parameter):
