@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import LIBS
+from .config import IMPORTED, LIBS
 from .report import make_row, median
 from .timing import Bench, alternate
 from .workloads import empty_llama, floor_fn, inject, same_work, train_step_fn, trainable
@@ -24,7 +24,8 @@ from .workloads import empty_llama, floor_fn, inject, same_work, train_step_fn, 
 
 def case_import(b: Bench, methods: Sequence[str]) -> None:
     """Wall time of a fresh ``python -c "import X"``; also minus ``import torch``."""
-    mods = {"torch": "torch", "peft": "peft", **{m: f"adapt.{m}" for m in methods}}
+    methods = [m for m in methods if m in IMPORTED]
+    mods = {"torch": "torch", "peft": "peft", **{m: IMPORTED[m] for m in methods}}
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # both sides import from compiled .pyc files
     # Warm-up (untimed): writes any missing .pyc and fills the OS page cache for both sides.
@@ -176,6 +177,14 @@ def case_infer(b: Bench, methods: Sequence[str]) -> None:
             make_row(
                 "infer merged", m, "s", median(merged["adapt"]), median(merged["peft"]),
                 samples=merged,
+            )
+        )  # fmt: skip
+        oa = [x - f for x, f in zip(unmerged["adapt"], unmerged["base"], strict=True)]
+        op = [x - f for x, f in zip(unmerged["peft"], unmerged["base"], strict=True)]
+        b.add(
+            make_row(
+                "infer overhead", m, "s", median(oa), median(op),
+                note="unmerged − base", samples={"adapt": oa, "peft": op},
             )
         )  # fmt: skip
         base_t = median(merged["base"])

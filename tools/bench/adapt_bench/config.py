@@ -7,7 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CASES = ("import", "inject", "train", "infer", "merge", "load", "allocate", "memory")
-METHODS = ("lora", "vera", "adalora")
+METHODS = ("lora", "vera", "adalora", "dora")
+#: The module a method is imported from (DoRA is a LoRA variant: no import row of its own).
+IMPORTED = {"lora": "adapt.lora", "vera": "adapt.vera", "adalora": "adapt.adalora"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LIBS = ("adapt", "peft")
 
@@ -67,6 +69,8 @@ GOALS: dict[tuple[str, str], Goal] = {
     ("train step", "lora"): Goal(0.90),
     ("train step", "vera"): Goal(0.85),
     ("train overhead", "lora"): Goal(0.6),
+    ("train overhead", "dora"): Goal(0.5),
+    ("infer overhead", "dora"): Goal(0.5),
     **{("infer unmerged", m): Goal(0.9) for m in METHODS},
     **{("infer merged÷base", m): Goal(1.02, on="adapt") for m in METHODS},
     **{("peak mem", m): Goal(1.0) for m in METHODS},

@@ -28,6 +28,11 @@ def configs(method: str) -> tuple[Any, Any]:
             LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)),
             peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS), **task),
         )
+    if method == "dora":  # the DoRA issue's bench case: LoRA r16 on all linear layers
+        from adapt.lora import LoraConfig
+
+        kw = dict(r=16, lora_alpha=32, use_dora=True, target_modules=list(TARGETS))
+        return LoraConfig(**kw), peft.LoraConfig(**kw, **task)  # type: ignore[arg-type]
     if method == "vera":
         from adapt.vera import VeraConfig
 
@@ -61,13 +66,25 @@ def trainable(model: Any) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _peft_name(name: str) -> str:
+    """One spelling for both: PEFT's DoRA magnitude is a module (``...default.weight``),
+    adapt's a ParameterDict entry (``...default``)."""
+    head, sep, _ = name.partition(".lora_magnitude_vector.")
+    if not sep:
+        return name
+    return f"{head}.lora_magnitude_vector.{name.split('.lora_magnitude_vector.')[1].split('.')[0]}"
+
+
 def same_work(models: dict[str, Any], ids: Any) -> str:
     """Copy adapt's trainable tensors into the PEFT model (same names: both use PEFT's key
     layout) and compare the two training losses; returns a note for the table."""
     import torch
 
     params = {
-        lib: {n: p for n, p in models[lib].named_parameters() if p.requires_grad} for lib in LIBS
+        lib: {
+            _peft_name(n): p for n, p in models[lib].named_parameters() if p.requires_grad
+        }
+        for lib in LIBS
     }
     if set(params["adapt"]) != set(params["peft"]):
         return "trainable tensors differ by name"
