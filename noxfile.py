@@ -477,10 +477,12 @@ def demo(session: nox.Session) -> None:
 
 
 # The example third-party plugins: packages of their own, outside packages/ (the worked examples of
-# docs/guides/writing-a-plugin.md): a LoRA layer for a new module type, and a whole new method.
+# docs/guides/writing-a-plugin.md): a LoRA layer for a new module type, a whole new method, and a
+# LoRA variant (entry-point group adapt.lora_variants, declared by adapt-lora).
 PLUGIN_EXAMPLES = [
     ROOT / "docs" / "examples" / "adapt-gated-linear",
     ROOT / "docs" / "examples" / "adapt-example-ia3",
+    ROOT / "docs" / "examples" / "adapt-example-scaled-lora",
 ]
 
 
@@ -492,10 +494,12 @@ def _example_project(folder: Path) -> dict:
 @nox.session
 def plugin(session: nox.Session) -> None:
     """The third-party plugin story, from wheels: build every package's wheel and the example
-    plugins' (docs/examples/adapt-gated-linear, docs/examples/adapt-example-ia3), `pip install`
-    them by name from those wheels into a fresh venv (nothing editable; their test extras bring
-    PEFT for the IA³ interop tests), run each plugin's tests and the plugin guide's test there,
-    and check that `adapt plugins` lists every entry point of theirs as ok."""
+    plugins' (docs/examples/adapt-gated-linear: a LoRA layer, docs/examples/adapt-example-ia3: a
+    method, docs/examples/adapt-example-scaled-lora: a LoRA variant), `pip install` them by name
+    from those wheels into a fresh venv (nothing editable; their test extras bring PEFT for the
+    IA³ interop tests), run each plugin's tests and the plugin guide's test there, and check
+    that `adapt plugins` lists every entry point of theirs as ok (in every group, core's and
+    the declared ones such as adapt-lora's `lora_variants`)."""
     setup(session)
     # hatchling in this venv: the wheels build without an isolated build env each (faster)
     session.install("build", "hatchling>=1.21")
@@ -545,7 +549,8 @@ def plugin(session: nox.Session) -> None:
 
 
 def _check_listing(session: nox.Session, listing: str, projects: list[dict]) -> None:
-    """Every entry point of the example plugins is `ok` in `adapt plugins`."""
+    """Every entry point of the example plugins is `ok` in `adapt plugins`, whose kind column
+    is the group's last dotted part (`adapt.lora_variants` → `lora_variants`)."""
     statuses: dict[tuple[str, str, str], str] = {}
     for line in listing.splitlines()[2:]:
         cells = line.split(None, 4)

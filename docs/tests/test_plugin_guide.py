@@ -1,8 +1,8 @@
 """docs/guides/writing-a-plugin.md: every ```python block runs, in order, in one namespace.
 
-Needs the example plugins (docs/examples/adapt-gated-linear, docs/examples/adapt-example-ia3)
-installed, and PEFT; ``nox -s plugin`` installs them from their wheels into a fresh venv and
-runs this file there.
+Needs the example plugins (docs/examples/adapt-gated-linear, docs/examples/adapt-example-ia3,
+docs/examples/adapt-example-scaled-lora) installed, and PEFT; ``nox -s plugin`` installs them
+from their wheels into a fresh venv and runs this file there.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ PACKAGE_MODULES = (
     "adapt_example_ia3.config",
     "adapt_example_ia3.layer",
     "adapt_example_ia3.method",
+    "adapt_example_scaled_lora.variant",
 )
+#: The example packages the guide runs against.
+EXAMPLES = ("adapt_gated_linear", "adapt_example_ia3", "adapt_example_scaled_lora")
 
 
 def python_blocks() -> list[tuple[int, str]]:
@@ -40,7 +43,7 @@ def in_process_entries() -> list[tuple[str, str]]:
     registry = get_registry()
     return [
         (group, e.name)
-        for group in ("adapt.methods", "adapt.layers", "adapt.backends")
+        for group in ("adapt.methods", "adapt.layers", "adapt.backends", "adapt.lora_variants")
         for e in registry.entries(group)
         if e.distribution == "<in-process>"
     ]
@@ -53,8 +56,8 @@ def test_the_guide_has_python_blocks() -> None:
 def test_guide_blocks_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("adapt_gated_linear")
-    pytest.importorskip("adapt_example_ia3")
+    for example in EXAMPLES:
+        pytest.importorskip(example)
     monkeypatch.chdir(tmp_path)  # anything a block writes lands here
     before = in_process_entries()
     # "__main__": class paths in the guide's printed output read as in a notebook
@@ -75,7 +78,8 @@ def test_guide_blocks_run(
     assert "adapt conformance of __main__.UngatedLora" in out
     assert "  FAIL  merged output equals unmerged" in out
     assert "GatedLinearBackend: 7 passed, 0 failed, 0 skipped" in out
-    # part II, the IA³ method
+    # part II, the IA³ method, and part III, the LoRA variant "scaled"
+    assert text_blocks_after("# Part III: a LoRA variant")
     for line in text_blocks_after("# Part II: a new method"):
         assert line in out, f"the guide shows {line!r}, the code printed:\n{out}"
 
@@ -90,8 +94,8 @@ def text_blocks_after(heading: str) -> list[str]:
 
 def test_guide_code_matches_the_package() -> None:
     """The classes and functions the guide shows are the example packages', verbatim."""
-    pytest.importorskip("adapt_gated_linear")
-    pytest.importorskip("adapt_example_ia3")
+    for example in EXAMPLES:
+        pytest.importorskip(example)
     package: dict[str, str] = {}
     for dotted in PACKAGE_MODULES:
         module = importlib.import_module(dotted)
@@ -105,5 +109,6 @@ def test_guide_code_matches_the_package() -> None:
                 shown[node.name] = ast.dump(node)
     assert {"GatedLinear", "GatedLinearBackend", "GatedLoraLinear"} <= set(shown)
     assert {"IA3Config", "IA3Linear", "IA3Method"} <= set(shown)
+    assert {"ScaledLora"} <= set(shown)
     differ = sorted(name for name, dump in shown.items() if dump != package[name])
     assert not differ, f"the guide's copy of {differ} differs from the example package's"

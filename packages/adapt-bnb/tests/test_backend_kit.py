@@ -57,6 +57,7 @@ def test_the_declared_error_holds_on_real_weights(kind: str) -> None:
 
 CONFIGS = {
     "lora": (LoraLinear, lambda: LoraConfig(r=4)),
+    "dora": (LoraLinear, lambda: LoraConfig(r=4, use_dora=True)),
     "vera": (VeraLinear, lambda: VeraConfig(r=8)),
     "adalora": (SVDLinear, lambda: AdaLoraConfig(init_r=4, target_r=2, total_step=10)),
 }

@@ -25,7 +25,9 @@ TOL = 1e-5
 
 
 def _layer(model: nn.Module, suffix: str = "layer") -> LoraLayer:
-    return next(m for n, m in model.named_modules() if n.endswith(suffix) and isinstance(m, LoraLayer))
+    return next(
+        m for n, m in model.named_modules() if n.endswith(suffix) and isinstance(m, LoraLayer)
+    )
 
 
 def _randomise(layer: LoraLayer, name: str = "default", seed: int = 0) -> None:
@@ -151,8 +153,14 @@ def test_dropout_recomputes_the_base_term_on_the_dropped_input() -> None:
     torch.manual_seed(7)
     dropped = F.dropout(x, 0.5, training=True)
     base = layer.get_base_layer()
-    c = layer.lora_magnitude_vector["default"] / (base.weight + layer.delta_weight("default")).norm(dim=1)
-    want = base(x) + (c - 1) * (dropped @ base.weight.t()) + c * (dropped @ layer.delta_weight("default").t())
+    c = layer.lora_magnitude_vector["default"] / (base.weight + layer.delta_weight("default")).norm(
+        dim=1
+    )
+    want = (
+        base(x)
+        + (c - 1) * (dropped @ base.weight.t())
+        + c * (dropped @ layer.delta_weight("default").t())
+    )
     assert max_diff(got, want) <= TOL
     model.eval()
     assert max_diff(model(x), _reference(layer, "default", x)) <= TOL
@@ -213,7 +221,7 @@ def test_merging_several_dora_adapters_is_exact_at_once_and_one_by_one(case: str
 
 
 def test_merge_and_unload_gives_a_plain_module_with_the_same_outputs() -> None:
-    model, layer, x = _dora("conv2d")
+    model, _, x = _dora("conv2d")
     with torch.no_grad():
         expected = model(x)
         plain = model.merge_and_unload(safe_merge=True)
@@ -229,14 +237,14 @@ def test_a_magnitude_of_zero_merges_but_refuses_to_unmerge_and_keeps_the_layer()
         model.merge_adapter()
         assert max_diff(model(x), expected) <= TOL
         merged = layer.get_base_layer().weight.clone()
-        with pytest.raises(AdapterStateError, match="cannot be recovered|cannot be restored"):
+        with pytest.raises(AdapterStateError, match=r"cannot be recovered|cannot be restored"):
             model.unmerge_adapter()
         assert torch.equal(layer.get_base_layer().weight, merged)
         assert layer.merged_adapters == ["default"]
 
 
 def test_safe_merge_refuses_non_finite_results_and_leaves_the_weight() -> None:
-    model, layer, x = _dora("linear")
+    model, layer, _x = _dora("linear")
     before = layer.get_base_layer().weight.detach().clone()
     with torch.no_grad():
         layer.lora_magnitude_vector["default"][0] = float("inf")
@@ -249,7 +257,10 @@ def test_safe_merge_refuses_non_finite_results_and_leaves_the_weight() -> None:
 # -- mixed batches ----------------------------------------------------------------------------
 def test_mixed_batch_gives_each_sample_its_own_adapter() -> None:
     torch.manual_seed(0)
-    model = adapt(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules="all-linear", init_lora_weights=False))
+    model = adapt(
+        tiny_llama(),
+        LoraConfig(r=4, use_dora=True, target_modules="all-linear", init_lora_weights=False),
+    )
     model.add_adapter("lora", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
     model.eval()
     batch = ids(batch=4)
@@ -269,7 +280,9 @@ def test_mixed_batch_gives_each_sample_its_own_adapter() -> None:
 # -- zero and tiny norms ----------------------------------------------------------------------
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-7])
 @pytest.mark.parametrize("case", ["linear", "embedding", "conv2d"])
-def test_zero_or_tiny_weight_rows_give_finite_outputs_and_gradients(case: str, scale: float) -> None:
+def test_zero_or_tiny_weight_rows_give_finite_outputs_and_gradients(
+    case: str, scale: float
+) -> None:
     make, make_x = CASES[case]
     torch.manual_seed(0)
     base = make()
@@ -313,7 +326,10 @@ def test_an_adapter_cancelling_a_weight_row_stays_finite_and_exact() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_matches_float32_within_half_precision(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    model = adapt(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules="all-linear", init_lora_weights=False))
+    model = adapt(
+        tiny_llama(),
+        LoraConfig(r=4, use_dora=True, target_modules="all-linear", init_lora_weights=False),
+    )
     with torch.no_grad():
         want = model(input_ids=ids()).logits
     with torch.autocast("cpu", dtype=dtype):
@@ -328,9 +344,14 @@ def test_autocast_matches_float32_within_half_precision(dtype: torch.dtype) -> N
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_base_trains_with_float32_magnitudes(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    ref = adapt(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ref = adapt(
+        tiny_llama(),
+        LoraConfig(
+            r=4, use_dora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
     half = copy.deepcopy(ref)
-    for name, p in half.named_parameters():
+    for _name, p in half.named_parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
     mags = [p for n, p in half.named_parameters() if "magnitude" in n]
@@ -345,7 +366,10 @@ def test_half_precision_base_trains_with_float32_magnitudes(dtype: torch.dtype) 
 @pytest.mark.compile
 def test_torch_compile_equals_eager_forward_and_backward() -> None:
     torch.manual_seed(0)
-    model = adapt(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules="all-linear", init_lora_weights=False))
+    model = adapt(
+        tiny_llama(),
+        LoraConfig(r=4, use_dora=True, target_modules="all-linear", init_lora_weights=False),
+    )
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend="aot_eager")
     out = compiled(input_ids=ids()).logits
@@ -393,7 +417,7 @@ def test_only_active_magnitudes_train_and_delete_removes_them() -> None:
 def test_saved_keys_and_config_are_peft_s(tmp_path: Any) -> None:
     from safetensors.torch import load_file
 
-    model, layer, x = _dora("linear")
+    model, _, _ = _dora("linear")
     model.save_pretrained(tmp_path)
     keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
     assert "base_model.model.layer.lora_magnitude_vector" in keys
@@ -406,7 +430,7 @@ def test_saved_keys_and_config_are_peft_s(tmp_path: Any) -> None:
 def test_an_unknown_variant_is_a_clear_error_before_anything_changes() -> None:
     base = Wrap(nn.Linear(4, 4))
     before = copy.deepcopy(base.state_dict())
-    with pytest.raises(PluginError, match="adapt.lora_variants"):
+    with pytest.raises(PluginError, match=r"adapt\.lora_variants"):
         adapt(base, LoraConfig(variant="nonexistent", target_modules=["layer"]))
     assert type(base.layer) is nn.Linear
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
@@ -414,7 +438,7 @@ def test_an_unknown_variant_is_a_clear_error_before_anything_changes() -> None:
 
 def test_the_norm_of_a_linear_avoids_the_full_product() -> None:
     """The row norm comes from ‖W‖², W·Aᵀ and A·Aᵀ: equal to the dense norm."""
-    model, layer, _ = _dora("linear")
+    _model, layer, _ = _dora("linear")
     from adapt.lora.dora import DoraVariant
 
     variant = layer.lora_variant["default"]

@@ -81,9 +81,7 @@ def same_work(models: dict[str, Any], ids: Any) -> str:
     import torch
 
     params = {
-        lib: {
-            _peft_name(n): p for n, p in models[lib].named_parameters() if p.requires_grad
-        }
+        lib: {_peft_name(n): p for n, p in models[lib].named_parameters() if p.requires_grad}
         for lib in LIBS
     }
     if set(params["adapt"]) != set(params["peft"]):

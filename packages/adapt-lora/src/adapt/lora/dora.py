@@ -64,8 +64,12 @@ class DoraVariant(LoraVariant):
 
     # -- tensors -----------------------------------------------------------------------------
     @staticmethod
-    def magnitude(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
-        return cast(torch.Tensor, layer.lora_magnitude_vector[adapter_name])
+    def magnitudes(layer: LoraLayer) -> nn.ParameterDict:
+        """The layer's ``lora_magnitude_vector`` container (one entry per DoRA adapter)."""
+        return cast(nn.ParameterDict, getattr(layer, "lora_magnitude_vector"))  # noqa: B009
+
+    def magnitude(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+        return cast(torch.Tensor, self.magnitudes(layer)[adapter_name])
 
     def magnitude_shape(self, layer: LoraLayer) -> tuple[int, ...]:
         """PEFT's shape: (out,) for linear layers and embeddings, (1, out, 1, …) for convs."""
@@ -78,14 +82,16 @@ class DoraVariant(LoraVariant):
         return (layer.out_features,)
 
     def init(self, layer: LoraLayer, adapter_name: str, config: LoraConfig) -> None:
-        dtype, device = adapter_dtype_device(layer)
+        dtype, _device = adapter_dtype_device(layer)
         shape = self.magnitude_shape(layer)
         if any(t.is_meta for t in self._factors(layer, adapter_name)):
             m = torch.empty(shape, dtype=dtype, device="meta")
         else:
             with torch.no_grad():
-                m = self.weight_norm(layer, adapter_name).view(shape).to(dtype)
-        layer.lora_magnitude_vector[adapter_name] = nn.Parameter(m)
+                # a copy: the norm is cached, and a magnitude sharing its storage would carry
+                # every in-place change of m (an optimizer step, a load) into the cached norm
+                m = self.weight_norm(layer, adapter_name).view(shape).to(dtype, copy=True)
+        self.magnitudes(layer)[adapter_name] = nn.Parameter(m)
 
     def delete(self, layer: LoraLayer, adapter_name: str) -> None:
         for key in [k for k in layer.variant_state if k[0] == adapter_name]:
@@ -126,7 +132,8 @@ class DoraVariant(LoraVariant):
             return self._linear_norm(layer, adapter_name, weight)
         delta = layer.delta_weight(adapter_name)
         full = weight.to(torch.promote_types(delta.dtype, torch.float32)) + delta
-        return full.movedim(layer.output_axis, 0).flatten(1).norm(dim=1)
+        norm: torch.Tensor = full.movedim(layer.output_axis, 0).flatten(1).norm(dim=1)
+        return norm
 
     def _row_sq_norms(self, layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
         """``‖W‖²`` per row, cached per weight (it is frozen)."""
@@ -172,7 +179,10 @@ class DoraVariant(LoraVariant):
     def adapter_effect(
         self, layer: LoraLayer, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor
     ) -> torch.Tensor:
-        dropped = layer.dropout_active(adapter_name)
+        from .layer import LoraEmbedding
+
+        # embeddings take no dropout (their input is token ids), as in plain LoRA and PEFT
+        dropped = layer.dropout_active(adapter_name) and not isinstance(layer, LoraEmbedding)
         if dropped:
             x = layer.lora_dropout[adapter_name](x)
         lora = layer.lora_output(x, adapter_name)
@@ -200,9 +210,12 @@ class DoraVariant(LoraVariant):
         device_type = x.device.type
         amp = autocast_dtype(device_type)
         if amp is not None:
-            args = [cast_floating(t, amp) for t in (x, base.weight, base.bias, a, b)]
+            xc, wc, ac, bc = (
+                cast(torch.Tensor, cast_floating(t, amp)) for t in (x, base.weight, a, b)
+            )
+            bias = cast_floating(base.bias, amp)
             with autocast_off(device_type):
-                return _run(*args, c_minus_1, s)
+                return _run(xc, wc, bias, ac, bc, c_minus_1, s)
         if not x.dtype == a.dtype == b.dtype == base.weight.dtype:
             return None
         return _run(x, base.weight, base.bias, a, b, c_minus_1, s)

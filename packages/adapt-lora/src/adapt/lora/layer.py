@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapt.core import (
-    AdapterLayer,
     ConfigError,
     TargetError,
     adapter_dtype_device,
@@ -408,7 +407,7 @@ class LoraConv(LoraLayer):
         base = self.get_base_layer()
         assert isinstance(base, nn.modules.conv._ConvNd)
         weight = self.original_weight().to(x.dtype)
-        out: torch.Tensor = base._conv_forward(x, weight, None)  # type: ignore[operator]
+        out: torch.Tensor = base._conv_forward(x, weight, None)
         return out
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:

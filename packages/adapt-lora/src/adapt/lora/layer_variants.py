@@ -10,7 +10,7 @@ they compute with: the output broadcast (:meth:`VariantHost.per_output`), the we
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .variants import LoraVariant, get_variant, variant_name
 
 if TYPE_CHECKING:
     from .config import LoraConfig
+    from .layer import LoraLayer
 
 #: A merged row scale below this cannot be divided out to recover the original weight.
 _MIN_ROW_SCALE = 1e-6
@@ -44,6 +45,10 @@ class VariantHost(AdapterLayer):
         self.variant_state: dict[Any, Any] = {}
         self.lora_dropout: nn.ModuleDict
 
+    @property
+    def _lora(self) -> LoraLayer:
+        return cast("LoraLayer", self)  # every VariantHost is a LoraLayer
+
     # -- attaching ---------------------------------------------------------------------------
     def attach_variant(self, adapter_name: str, config: LoraConfig) -> None:
         """Give ``adapter_name`` the variant ``config`` asks for (none: plain LoRA)."""
@@ -52,7 +57,7 @@ class VariantHost(AdapterLayer):
         if name is None:
             return
         variant = get_variant(name)
-        reason = variant.supports(self)
+        reason = variant.supports(self._lora)
         if reason is not None:
             raise TargetError(
                 f"{describe(self.get_base_layer())}: {reason}. Remove it from target_modules, "
@@ -62,15 +67,16 @@ class VariantHost(AdapterLayer):
             if attr not in self._modules:
                 setattr(self, attr, nn.ParameterDict())
         names = tuple(dict.fromkeys((*self.adapter_layer_names, *variant.tensor_names)))
-        setattr(self, "adapter_layer_names", names)  # this layer's own list (instance attribute)
+        # this layer's own list (an instance attribute over the class's)
+        object.__setattr__(self, "adapter_layer_names", names)
         self.lora_variant[adapter_name] = variant
-        variant.init(self, adapter_name, config)
+        variant.init(self._lora, adapter_name, config)
 
     def detach_variant(self, adapter_name: str) -> None:
         variant = self.lora_variant.pop(adapter_name, None)
         if variant is None:
             return
-        variant.delete(self, adapter_name)
+        variant.delete(self._lora, adapter_name)
         for attr in variant.tensor_names:
             container = getattr(self, attr, None)
             if container is not None and adapter_name in container:
@@ -108,13 +114,15 @@ class VariantHost(AdapterLayer):
         itself when nothing is merged, else a ≥float32 copy recovered from the merged one."""
         weight = self.backend.get_weight(self.base_layer)
         if not self.merged_adapters:
-            return weight  # type: ignore[no-any-return]
+            return weight
         work = weight.detach().to(accumulation_dtype(weight.dtype), copy=True)
         scale: torch.Tensor | None = None
         for name in self.merged_adapters:
             variant = self.lora_variant.get(name)
             row_scale, delta = (
-                variant.merged_form(self, name) if variant else (None, self.delta_weight(name))
+                variant.merged_form(self._lora, name)
+                if variant
+                else (None, self.delta_weight(name))
             )
             work -= delta.detach().to(work.dtype)
             if row_scale is not None:
@@ -137,19 +145,19 @@ class VariantHost(AdapterLayer):
         variant = self.lora_variant.get(adapter_name)
         if variant is None:
             return super().adapter_effect(x, adapter_name, base_output)
-        return variant.adapter_effect(self, x, adapter_name, base_output)
+        return variant.adapter_effect(self._lora, x, adapter_name, base_output)
 
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         variant = self.lora_variant.get(adapter_name)
         if variant is None:
             return super().merge_weight(weight, adapter_name)
-        return variant.merge_weight(self, weight, adapter_name)
+        return variant.merge_weight(self._lora, weight, adapter_name)
 
     def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         variant = self.lora_variant.get(adapter_name)
         if variant is None:
             return super().unmerge_weight(weight, adapter_name)
-        return variant.unmerge_weight(self, weight, adapter_name)
+        return variant.unmerge_weight(self._lora, weight, adapter_name)
 
     def merge_depends_on_weight(self) -> bool:
         return bool(self.lora_variant) or self._changes_bias()

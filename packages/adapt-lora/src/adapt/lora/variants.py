@@ -185,9 +185,7 @@ def get_variant(name: str) -> LoraVariant:
         raise PluginError(
             f"the LoRA variant {entry.label()} is installed but cannot be used: {entry.status}"
         )
-    available = sorted(
-        {e.name for e in registry.entries(VARIANT_GROUP) if not e.broken} | {"dora"}
-    )
+    available = sorted({e.name for e in registry.entries(VARIANT_GROUP) if not e.broken} | {"dora"})
     raise PluginError(
         f"no LoRA variant named {name!r} is installed (variants are entry points in the group "
         f"{VARIANT_GROUP!r}); available: {', '.join(available)}. Install the package that "
@@ -203,4 +201,3 @@ def variant_name(config: LoraConfig) -> str | None:
 def installed_variants() -> list[str]:
     """Names of the installed variants (for ``adapt inspect`` and messages)."""
     return sorted(e.name for e in get_registry().entries(VARIANT_GROUP) if not e.broken)
-

@@ -97,9 +97,7 @@ class PluginStore:
 
     def plugin_groups(self) -> list[PluginGroup]:
         """The groups packages declared under :data:`GROUP_PLUGIN_GROUPS` (loaded ones)."""
-        return [
-            e.obj for e in self.entries(GROUP_PLUGIN_GROUPS) if isinstance(e.obj, PluginGroup)
-        ]
+        return [e.obj for e in self.entries(GROUP_PLUGIN_GROUPS) if isinstance(e.obj, PluginGroup)]
 
     def all_groups(self) -> list[str]:
         """Core's groups, then every declared one: what ``adapt plugins`` lists."""

@@ -27,8 +27,9 @@ def randomise_adapter(layer: AdapterLayer, adapter_name: str, seed: int) -> None
     """Overwrite the floating-point parameters of ``adapter_name`` in ``layer`` with seeded
     noise (standard deviation 0.1), so that the adapter changes the output. For a layer whose
     adapters multiply (``composition = "product"``) or whose merge depends on the weight
-    (DoRA's magnitudes) the noise is added to the current values instead (IA³'s ones, DoRA's
-    row norms), so the factors stay near their initial scale and merging stays invertible."""
+    (DoRA's magnitudes) the noise is added to the current values instead, relative to their
+    size (10 % of their root mean square; IA³'s ones, DoRA's row norms), so factors stay near
+    their initial scale and merging stays well conditioned."""
     gen = torch.Generator().manual_seed(seed)
     around = type(layer).composition == "product" or layer.merge_depends_on_weight()
     with torch.no_grad():
@@ -36,7 +37,9 @@ def randomise_adapter(layer: AdapterLayer, adapter_name: str, seed: int) -> None
             if tensor.is_floating_point() and isinstance(tensor, nn.Parameter):
                 noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32) * 0.1
                 if around:
-                    noise += tensor.detach().float()
+                    current = tensor.detach().float()
+                    rms = float(current.square().mean().sqrt()) if current.numel() else 0.0
+                    noise = current + noise * (rms if rms > 0 else 1.0)
                 tensor.copy_(noise.to(tensor.dtype))
 
 
