@@ -230,13 +230,23 @@ def test_dora_merge_matches_peft_and_unmerge_restores(case: str, tmp_path: Path)
     before = _out(ours, batch)
     ours.merge_adapter()
     assert _max_diff(_out(ours, batch), before) <= TOL
+    merged = {
+        k.replace(".base_layer", ""): v.clone()
+        for k, v in ours.model.state_dict().items()
+        if "lora_" not in k
+    }
     ours.unmerge_adapter()
     assert _max_diff(_out(ours, batch), before) <= TOL
     restored = ours.unload().state_dict()
     original = base.state_dict()
-    assert restored.keys() == original.keys()
-    worst = max(_max_diff(restored[k], original[k]) for k in original)
-    print(f"dora {case}: merge → unmerge, max abs weight change {worst:.3g}")
+    assert restored.keys() == original.keys() == merged.keys()
+    # float32 round-off of W' = c·(W + ΔW) and back, relative to the merged weight (the
+    # random embedding factors make merged entries O(10))
+    worst = max(
+        _max_diff(restored[k], original[k]) / max(1.0, merged[k].abs().max().item())
+        for k in original
+    )
+    print(f"dora {case}: merge → unmerge, max weight change (relative) {worst:.3g}")
     assert worst <= 1e-6
 
 
@@ -336,9 +346,31 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return _max_diff(a, b) / float(b.abs().max().item())
 
 
+def _train_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    # train mode (no dropout anywhere here), outputs under no_grad: see the test's docstring
+    model.train()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
 @pytest.mark.parametrize("kind", sorted(BNB_KINDS))
 def test_dora_on_quantised_llama_both_ways(llama_folder: Path, kind: str, tmp_path: Path) -> None:
-    ids = {"input_ids": token_ids(2, 12, seed=5)}
+    """PEFT-saved DoRA on a quantised Llama loads in adapt, adapt-saved in PEFT, with the same
+    logits (both run bitsandbytes' kernels for the base layers; DoRA dequantises W for the norm).
+
+    Two PEFT traps on the CPU shape the test, both recorded, neither asserted (they are PEFT's
+    and bitsandbytes' behaviour, not adapt's):
+
+    * 4-bit: bitsandbytes repacks the weight for its CPU kernel on the first eval-mode forward,
+      and PEFT's DoRA then dequantises the repacked data as if it were in the standard layout
+      (max abs error 0.13 in q_proj's W here), so its norm and logits are wrong from then on
+      (~26% relative on this model). The models stay in train mode, where nothing is repacked.
+    * 8-bit: after PEFT's DoRA init the bitsandbytes layer's state is inconsistent
+      (``state.SCB`` set, ``state.CB`` None): its first forward is right, every later one
+      raises ``AttributeError`` inside bitsandbytes' int8 matmul. So each PEFT model runs
+      exactly once here; adapt's run any number of times.
+    """
+    ids = token_ids(2, 12, seed=5)
     kwargs = _kwargs(target_modules=BNB_TARGETS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -346,32 +378,32 @@ def test_dora_on_quantised_llama_both_ways(llama_folder: Path, kind: str, tmp_pa
         torch.manual_seed(1)
         theirs = peft.get_peft_model(_load_quantised(llama_folder, kind), peft.LoraConfig(**kwargs))
         _perturb_magnitudes(theirs, seed=21)
-        theirs.eval().save_pretrained(tmp_path / "peft")
-        expected = _out(theirs, ids).float()
-        with theirs.disable_adapter():
-            base = _out(theirs, ids).float()
-        ours = AdaptedModel.from_pretrained(
-            _load_quantised(llama_folder, kind), tmp_path / "peft"
-        ).eval()
-        got = _out(ours, ids).float()
+        theirs.save_pretrained(tmp_path / "peft")
+        expected = _train_logits(theirs, ids)
+        ours = AdaptedModel.from_pretrained(_load_quantised(llama_folder, kind), tmp_path / "peft")
+        got = _train_logits(ours, ids)
         to_adapt = _relative(got, expected)
+        assert _max_diff(_train_logits(ours, ids), got) == 0  # repeatable (PEFT's 8-bit is not)
+        with ours.disable_adapter():
+            base = _train_logits(ours, ids)
 
         # adapt-saved → PEFT
         torch.manual_seed(2)
         ours2 = adapt(_load_quantised(llama_folder, kind), LoraConfig(**kwargs))
         _perturb_magnitudes(ours2, seed=22)
-        ours2.eval().save_pretrained(tmp_path / "ours")
-        expected2 = _out(ours2, ids).float()
+        ours2.save_pretrained(tmp_path / "ours")
+        expected2 = _train_logits(ours2, ids)
         theirs2 = peft.PeftModel.from_pretrained(
             _load_quantised(llama_folder, kind), tmp_path / "ours"
-        ).eval()
-        got2 = _out(theirs2, ids).float()
+        )
+        got2 = _train_logits(theirs2, ids)
         to_peft = _relative(got2, expected2)
     print(f"dora {kind}: relative max diff PEFT→adapt {to_adapt:.3g}, adapt→PEFT {to_peft:.3g}")
     assert torch.isfinite(expected).all() and torch.isfinite(expected2).all()
     assert _relative(expected, base) > 1e-2, "adapter had no effect: vacuous"
     assert to_adapt <= BNB_RTOL
     assert to_peft <= BNB_RTOL
+    assert _saved_keys(tmp_path / "ours") <= _saved_keys(tmp_path / "peft")
 
 
 # -- 6: several DoRA adapters active ------------------------------------------------------------
@@ -434,8 +466,8 @@ def test_several_dora_adapters_sum_their_effects(tmp_path: Path) -> None:
     ids = token_ids(2, 12, seed=1)
     inputs = _layer_inputs(base, ids, LLAMA_TARGETS)
     assert len(inputs) == 7
-    worst_ours = 0.0
-    peft_gap = 0.0
+    ours_diffs: list[float] = []
+    peft_gaps: list[float] = []
     with torch.no_grad():
         for path, x in inputs.items():
             plain = base.get_submodule(path)(x)
@@ -448,12 +480,12 @@ def test_several_dora_adapters_sum_their_effects(tmp_path: Path) -> None:
             gap = _max_diff(theirs_both, expected) / float(expected.abs().max().item())
             print(f"{path}: adapt a+b vs sum {diff:.3g}; PEFT a+b vs sum (relative) {gap:.3g}")
             assert _max_diff(out_a, plain) > 1e-3 and _max_diff(out_b, plain) > 1e-3
-            worst_ours = max(worst_ours, diff)
-            peft_gap = min(peft_gap, gap) if peft_gap else gap
-    assert worst_ours <= TOL
-    # the recorded difference: PEFT's cumulative two-adapter output is measurably not the sum
-    # on every layer
-    assert peft_gap > 1e-3
+            ours_diffs.append(diff)
+            peft_gaps.append(gap)
+    assert max(ours_diffs) <= TOL
+    # the recorded difference: on every layer PEFT's cumulative two-adapter output is
+    # measurably not the sum (8.8%–12% of the output's largest entry here)
+    assert min(peft_gaps) > 1e-3
 
     # merging both gives adapt's unmerged two-adapter output
     batch = {"input_ids": ids}

@@ -176,13 +176,13 @@ def _fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     from adapt.lora import layer as lora_layer
 
     calls: list[int] = []
-    real = lora_layer._LoraLinearFunction.apply
+    real = lora_layer.LoraLinearFunction.apply
 
     def spy(*args: Any) -> Any:
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(lora_layer._LoraLinearFunction, "apply", spy)
+    monkeypatch.setattr(lora_layer.LoraLinearFunction, "apply", spy)
     return calls
 
 

@@ -30,9 +30,7 @@ def make_linear() -> nn.Module:
     return nn.Linear(12, 9)
 
 
-@pytest.mark.parametrize(
-    "options", [{}, {"gate_init": 0.5}], ids=["default-gate", "gate-init-0.5"]
-)
+@pytest.mark.parametrize("options", [{}, {"gate_init": 0.5}], ids=["default-gate", "gate-init-0.5"])
 def test_conformance(options: dict[str, float]) -> None:
     config = LoraConfig(r=4, variant="scaled", variant_options=options)
     report = check_layer(LoraLinear, make_linear, config)

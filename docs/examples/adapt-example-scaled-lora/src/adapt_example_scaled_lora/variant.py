@@ -49,7 +49,11 @@ class ScaledLora(LoraVariant):
     def gate_init(options: dict[str, Any]) -> float:
         value = options.get("gate_init", DEFAULT_GATE_INIT)
         # bool is an int subclass: refuse it, True is not a gate value
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise ConfigError(
                 "LoRA variant 'scaled': variant_options['gate_init'] must be a finite number "
                 f"(the gate's initial value), got {value!r}"
@@ -57,14 +61,18 @@ class ScaledLora(LoraVariant):
         return float(value)
 
     @staticmethod
-    def gate(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
-        return cast(torch.Tensor, layer.lora_gate[adapter_name])
+    def gates(layer: LoraLayer) -> nn.ParameterDict:
+        """The layer's ``lora_gate`` container (adapt-lora creates it from ``tensor_names``)."""
+        return cast(nn.ParameterDict, layer.lora_gate)
+
+    def gate(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+        return cast(torch.Tensor, self.gates(layer)[adapter_name])
 
     def init(self, layer: LoraLayer, adapter_name: str, config: LoraConfig) -> None:
         dtype, device = adapter_dtype_device(layer)  # float32 for half-precision bases
         value = self.gate_init(config.variant_options)
         gate = torch.full((1,), value, dtype=dtype, device=device)
-        layer.lora_gate[adapter_name] = nn.Parameter(gate)
+        self.gates(layer)[adapter_name] = nn.Parameter(gate)
 
     def adapter_effect(
         self, layer: LoraLayer, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor

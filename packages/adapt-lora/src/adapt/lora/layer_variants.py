@@ -64,7 +64,7 @@ class VariantHost(AdapterLayer):
                 f"or train it without the {name!r} variant"
             )
         for attr in variant.tensor_names:
-            if attr not in self._modules:
+            if not hasattr(self, attr):
                 setattr(self, attr, nn.ParameterDict())
         names = tuple(dict.fromkeys((*self.adapter_layer_names, *variant.tensor_names)))
         # this layer's own list (an instance attribute over the class's)
