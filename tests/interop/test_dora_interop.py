@@ -523,7 +523,9 @@ def test_mixed_batch_with_dora(tmp_path: Path) -> None:
     assert ours.peft_config["a"].use_dora and not ours.peft_config["b"].use_dora
     got = _out(ours, {**batch, "adapter_names": names})
     expected = {
-        name: _out(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name).eval(), batch)
+        name: _out(
+            peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name).eval(), batch
+        )
         for name in ("a", "b")
     }
     expected["__base__"] = _out(base, batch)

@@ -166,6 +166,22 @@ def test_dropout_recomputes_the_base_term_on_the_dropped_input() -> None:
     assert max_diff(model(x), _reference(layer, "default", x)) <= TOL
 
 
+def test_magnitude_changes_take_effect_at_once() -> None:
+    """The magnitude is its own tensor, not a view of the cached norm."""
+    model, layer, x = _dora("linear")
+    with torch.no_grad():
+        before = model(x)
+        layer.lora_magnitude_vector["default"].mul_(2)
+        assert max_diff(model(x), _reference(layer, "default", x)) <= TOL
+        assert max_diff(model(x), before) > 0.1
+
+
+def test_embedding_dora_in_training_with_dropout_ignores_dropout_like_peft() -> None:
+    model, layer, x = _dora("embedding", lora_dropout=0.3)
+    model.train()
+    assert max_diff(model(x), _reference(layer, "default", x)) <= TOL
+
+
 def test_norm_cache_follows_optimizer_steps() -> None:
     model, layer, x = _dora("linear")
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -361,6 +377,28 @@ def test_half_precision_base_trains_with_float32_magnitudes(dtype: torch.dtype) 
     assert max_diff(out.float(), want) / want.abs().max().item() <= 0.05
     out.float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mags)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_no_graph_break_under_torch_compile(grad: bool) -> None:
+    import torch._dynamo as dynamo
+
+    model = adapt(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules="all-linear"))
+    dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        explained = dynamo.explain(model)(input_ids=ids(), use_cache=False)
+    assert explained.graph_break_count == 0, explained.break_reasons[:2]
+
+
+def test_norm_cache_follows_dtype_and_device_moves() -> None:
+    model, layer, x = _dora("linear")
+    with torch.no_grad():
+        model(x)
+        model.double()
+        got = model(x.double())
+        assert got.dtype == torch.float64
+        assert max_diff(got, _reference(layer, "default", x.double())) <= TOL
 
 
 @pytest.mark.compile

@@ -50,8 +50,9 @@ def _weight(module: nn.Module) -> torch.Tensor:
 
 
 def _stamp(*tensors: torch.Tensor) -> tuple[Any, ...]:
-    """What identifies the values of ``tensors`` now (in-place changes bump ``_version``)."""
-    return tuple((id(t), t._version, t.device) for t in tensors)
+    """What identifies the values of ``tensors`` now: in-place changes bump ``_version``, and
+    ``.data`` replaced (``module.to(...)``) moves the storage."""
+    return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
 
 class DoraVariant(LoraVariant):
@@ -107,6 +108,9 @@ class DoraVariant(LoraVariant):
     def weight_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         """``‖W + s·BA‖`` per output feature (float32 or wider, detached), cached while the
         weight and factors are unchanged."""
+        if _compiling():  # no Python-side cache in a graph (it would guard on versions)
+            with torch.no_grad():
+                return self._compute_norm(layer, adapter_name)
         a, b = self._factors(layer, adapter_name)
         base_weight = getattr(layer.get_base_layer(), "weight", a)
         key = (
@@ -116,12 +120,11 @@ class DoraVariant(LoraVariant):
         )
         slot = (adapter_name, "norm")
         cached = layer.variant_state.get(slot)
-        if cached is not None and cached[0] == key and not _compiling():
+        if cached is not None and cached[0] == key:
             return cast(torch.Tensor, cached[1])
         with torch.no_grad():
             norm = self._compute_norm(layer, adapter_name)
-        if not _compiling():
-            layer.variant_state[slot] = (key, norm)
+        layer.variant_state[slot] = (key, norm)
         return norm
 
     def _compute_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
@@ -137,15 +140,16 @@ class DoraVariant(LoraVariant):
 
     def _row_sq_norms(self, layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
         """``‖W‖²`` per row, cached per weight (it is frozen)."""
+        if _compiling():
+            return weight.float().pow(2).sum(1)
         base_weight = getattr(layer.get_base_layer(), "weight", weight)
         key = (_stamp(base_weight), tuple(layer.merged_adapters))
         slot = ("", "row_sq_norms")
         cached = layer.variant_state.get(slot)
-        if cached is not None and cached[0] == key and not _compiling():
+        if cached is not None and cached[0] == key:
             return cast(torch.Tensor, cached[1])
         sq = weight.float().pow(2).sum(1) if weight.dtype != torch.float64 else weight.pow(2).sum(1)
-        if not _compiling():
-            layer.variant_state[slot] = (key, sq)
+        layer.variant_state[slot] = (key, sq)
         return sq
 
     def _linear_norm(
@@ -179,10 +183,8 @@ class DoraVariant(LoraVariant):
     def adapter_effect(
         self, layer: LoraLayer, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor
     ) -> torch.Tensor:
-        from .layer import LoraEmbedding
-
         # embeddings take no dropout (their input is token ids), as in plain LoRA and PEFT
-        dropped = layer.dropout_active(adapter_name) and not isinstance(layer, LoraEmbedding)
+        dropped = layer.dropout_active(adapter_name)
         if dropped:
             x = layer.lora_dropout[adapter_name](x)
         lora = layer.lora_output(x, adapter_name)

@@ -258,6 +258,9 @@ class LoraEmbedding(LoraLayer):
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return self.lora_output(x, adapter_name)  # PEFT applies no dropout to embeddings
 
+    def dropout_active(self, adapter_name: str) -> bool:
+        return False  # token ids are not dropped out
+
     def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         assert isinstance(base, nn.Embedding)
