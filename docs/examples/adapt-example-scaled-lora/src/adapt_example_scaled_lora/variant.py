@@ -63,7 +63,7 @@ class ScaledLora(LoraVariant):
     @staticmethod
     def gates(layer: LoraLayer) -> nn.ParameterDict:
         """The layer's ``lora_gate`` container (adapt-lora creates it from ``tensor_names``)."""
-        return cast(nn.ParameterDict, layer.lora_gate)
+        return layer.variant_tensors("lora_gate")
 
     def gate(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         return cast(torch.Tensor, self.gates(layer)[adapter_name])

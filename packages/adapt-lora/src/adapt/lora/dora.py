@@ -67,7 +67,7 @@ class DoraVariant(LoraVariant):
     @staticmethod
     def magnitudes(layer: LoraLayer) -> nn.ParameterDict:
         """The layer's ``lora_magnitude_vector`` container (one entry per DoRA adapter)."""
-        return cast(nn.ParameterDict, getattr(layer, "lora_magnitude_vector"))  # noqa: B009
+        return layer.variant_tensors("lora_magnitude_vector")
 
     def magnitude(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         return cast(torch.Tensor, self.magnitudes(layer)[adapter_name])

@@ -87,6 +87,14 @@ class VariantHost(AdapterLayer):
         """``s · B(A(x))`` for input ``x`` as given (dropout, if any, already applied)."""
         raise NotImplementedError
 
+    def variant_tensors(self, name: str) -> nn.ParameterDict:
+        """The container of a variant's tensor ``name`` (one of its ``tensor_names``), keyed by
+        adapter name: ``layer.variant_tensors("lora_magnitude_vector")["default"]``."""
+        container = getattr(self, name, None)
+        if not isinstance(container, nn.ParameterDict):
+            raise AttributeError(f"{type(self).__name__} has no variant tensors named {name!r}")
+        return container
+
     def dropout_active(self, adapter_name: str) -> bool:
         """Whether the adapter's dropout changes its input now (training, p > 0)."""
         dropout = self.lora_dropout[adapter_name]

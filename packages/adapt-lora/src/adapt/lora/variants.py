@@ -18,7 +18,8 @@ variant_options={...})`` any other. The layer keeps the plain LoRA factors (``lo
   :meth:`LoraVariant.check_options` (``variant_options`` validation).
 
 The layer's own building blocks a variant uses are public on :class:`~adapt.lora.LoraLayer`:
-``lora_output`` (``s·B(A(x))``, no dropout), ``dropout_active``, ``per_output``,
+``adapter_output`` (plain LoRA's contribution, dropout included), ``lora_output``
+(``s·B(A(x))``, no dropout), ``dropout_active``, ``variant_tensors``, ``per_output``,
 ``per_weight``, ``original_weight`` and ``base_without_bias``.
 """
 
@@ -81,8 +82,9 @@ class LoraVariant:
         self, layer: LoraLayer, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor
     ) -> torch.Tensor:
         """The adapter's contribution to the output for input ``x``, given the base layer's
-        output for the same rows (never modify it in place). Default: plain LoRA."""
-        return layer.lora_output(layer.lora_dropout[adapter_name](x), adapter_name)
+        output for the same rows (never modify it in place). Default: plain LoRA
+        (``layer.adapter_output``: dropout where the layer type has it, then ``s·B(A(x))``)."""
+        return layer.adapter_output(x, adapter_name)
 
     def fused_forward(
         self, layer: LoraLayer, x: torch.Tensor, adapter_name: str
