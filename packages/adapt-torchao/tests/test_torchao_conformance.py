@@ -23,9 +23,10 @@ def maker(kind: str, dtype: torch.dtype = torch.float32) -> Callable[[], nn.Line
     return partial(linear, kind, dtype=dtype)
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("kind", MAIN)
-def test_lora_linear_passes_check_layer_on_a_quantised_linear(kind: str) -> None:
-    report = check_layer(LoraLinear, maker(kind), LoraConfig(r=4))
+def test_lora_linear_passes_check_layer_on_a_quantised_linear(kind: str, dora: bool) -> None:
+    report = check_layer(LoraLinear, maker(kind), LoraConfig(r=4, use_dora=dora))
     assert not report.failed
 
 

@@ -30,6 +30,7 @@ from adapt.vera import VeraConfig
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 METHODS: dict[str, Callable[[], Any]] = {
     "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+    "dora": lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS),
     "vera": lambda: VeraConfig(r=16, target_modules=TARGETS),
     "adalora": lambda: AdaLoraConfig(
         init_r=6, target_r=3, tinit=2, tfinal=2, total_step=10, lora_alpha=12,
@@ -37,13 +38,16 @@ METHODS: dict[str, Callable[[], Any]] = {
     ),
 }  # fmt: skip
 #: VeRA trains two vectors per layer: a larger step
-LEARNING_RATE = {"lora": 1e-2, "vera": 5e-2, "adalora": 1e-2}
+LEARNING_RATE = {"lora": 1e-2, "dora": 1e-2, "vera": 5e-2, "adalora": 1e-2}
 
 
 def adapted(kind: str, method: str) -> AdaptedModel:
     """Seeded adapters whose update is about a fifth of the weight, as a trained one's."""
     model = adapt(quantised_llama(kind), METHODS[method]())
-    randomise_adapters(model, scale=0.03)
+    # DoRA's magnitudes keep their values (the row norms): noise would make them arbitrary
+    randomise_adapters(
+        model, scale=0.03, where=lambda n, p: p.requires_grad and "magnitude" not in n
+    )
     return model.eval()
 
 
@@ -110,7 +114,10 @@ def test_merge_reports_the_requantisation_error_and_stays_close(
     wanted = {}
     for path, layer in model.adapter_layers():
         dense = layer.backend.get_weight(layer.base_layer)
-        wanted[path] = dense + sum(layer.delta_weight(n) for n in layer.active_adapters)
+        if layer.merge_depends_on_weight():  # DoRA: W' = c ⊙ (W + ΔW), its test has the rest
+            wanted[path] = layer.merged_weight(layer.active_adapters)
+        else:
+            wanted[path] = dense + sum(layer.delta_weight(n) for n in layer.active_adapters)
     with caplog.at_level(logging.INFO, logger="adapt"):
         report = model.merge_adapter()
     assert "requantisation changed the weights" in caplog.text
