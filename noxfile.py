@@ -232,7 +232,9 @@ def tests(session: nox.Session, package: str) -> None:
 def tests_min(session: nox.Session) -> None:
     """Every package's tests against the minimum supported transformers, in one venv (each
     package's folder in its own pytest run; isolation of dependencies is the `tests` sessions'
-    job, the oldest transformers is this one's), but for the torch.compile ones."""
+    job, the oldest transformers is this one's), but for the torch.compile ones, and but for
+    packages none of whose code reads transformers (`[tool.adapt] transformers-min = false`:
+    their behaviour cannot depend on its version; the `tests` sessions run them)."""
     setup(session)
     constraints = install_torch(session)
     install(session, constraints, f"transformers=={TRANSFORMERS_MIN}")
@@ -243,6 +245,11 @@ def tests_min(session: nox.Session) -> None:
     ]
     install(session, constraints, *editable(PACKAGES), *TEST_DEPS, *sorted(set(extra)))
     for package in PACKAGES:
+        if not _pyproject(package).get("tool", {}).get("adapt", {}).get("transformers-min", True):
+            session.log(
+                f"{package}: no code of its reads transformers (tool.adapt.transformers-min = false)"
+            )
+            continue
         tests_dir = PACKAGES_DIR / package / "tests"
         if not tests_dir.is_dir():
             session.error(f"{package} has no tests/ folder ({tests_dir})")
