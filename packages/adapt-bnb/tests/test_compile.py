@@ -29,6 +29,7 @@ pytestmark = pytest.mark.compile
 
 METHODS: dict[str, Callable[[], Any]] = {
     "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]),
+    "dora": lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["up", "down"]),
     "vera": lambda: VeraConfig(r=16, target_modules=["up", "down"]),
     "adalora": lambda: AdaLoraConfig(
         init_r=6, target_r=3, total_step=20, lora_alpha=12, target_modules=["up", "down"]
@@ -88,6 +89,9 @@ def test_switching_between_two_adapters_recompiles_once(method: str) -> None:
 
 LLAMA_METHODS: dict[str, Callable[[], Any]] = {
     "lora": lambda: LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]),
+    "dora": lambda: LoraConfig(
+        r=4, use_dora=True, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]
+    ),
     "vera": lambda: VeraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]),
     "adalora": lambda: AdaLoraConfig(
         init_r=4, target_r=2, total_step=20, target_modules=["q_proj", "v_proj", "down_proj"]

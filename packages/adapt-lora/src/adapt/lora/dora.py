@@ -208,7 +208,7 @@ class DoraVariant(LoraVariant):
         assert isinstance(base, nn.Linear)
         a, b = self._factors(layer, adapter_name)
         s = layer.scaling[adapter_name]
-        c_minus_1 = self.scale(layer, adapter_name) - 1
+        c = self.scale(layer, adapter_name)
         device_type = x.device.type
         amp = autocast_dtype(device_type)
         if amp is not None:
@@ -217,10 +217,10 @@ class DoraVariant(LoraVariant):
             )
             bias = cast_floating(base.bias, amp)
             with autocast_off(device_type):
-                return _run(xc, wc, bias, ac, bc, c_minus_1, s)
+                return _run(xc, wc, bias, ac, bc, c, s)
         if not x.dtype == a.dtype == b.dtype == base.weight.dtype:
             return None
-        return _run(x, base.weight, base.bias, a, b, c_minus_1, s)
+        return _run(x, base.weight, base.bias, a, b, c, s)
 
     # -- merging -----------------------------------------------------------------------------
     def _merge_term(
@@ -272,10 +272,10 @@ def _run(
     bias: torch.Tensor | None,
     a: torch.Tensor,
     b: torch.Tensor,
-    c_minus_1: torch.Tensor,
+    c: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     if torch.is_grad_enabled():
-        out: torch.Tensor = DoraLinearFunction.apply(x, weight, bias, a, b, c_minus_1, scale)  # type: ignore[no-untyped-call]
+        out: torch.Tensor = DoraLinearFunction.apply(x, weight, bias, a, b, c, scale)  # type: ignore[no-untyped-call]
         return out
-    return dora_linear_no_grad(x, weight, bias, a, b, c_minus_1, scale)
+    return dora_linear_no_grad(x, weight, bias, a, b, c, scale)

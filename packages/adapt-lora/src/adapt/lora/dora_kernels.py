@@ -4,8 +4,9 @@ That is the definition rearranged (``base + (c − 1)·xWᵀ + c·s·BAx`` with 
 one GEMM with ``W`` and the two thin LoRA products, then one elementwise pass, instead of the
 base output, a second copy of it scaled, and the LoRA output scaled again. The backward saves
 one activation-sized tensor (``y = x Wᵀ + s·h Bᵀ``, for the magnitude's gradient) and writes
-the input gradient once. ``c − 1`` is passed (not ``c``) so that in half precision the small
-difference keeps its digits.
+the input gradient once. ``c`` stays in float32: under autocast ``y ⊙ c`` is computed at
+float32 and rounded once into ``y``'s dtype (``c`` itself is never rounded to half precision,
+where a scale near 1 would lose its digits).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from adapt.core import factor_grad, matmul_factor
 
 
-def _scaled(y: torch.Tensor, c_minus_1: torch.Tensor) -> torch.Tensor:
-    """``c ⊙ y`` as ``y + y ⊙ (c − 1)`` (out of place)."""
-    return torch.addcmul(y, y, c_minus_1.to(y.dtype))
+def _scaled(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``c ⊙ y`` in ``y``'s dtype, computed at ``c``'s precision (out of place)."""
+    out = torch.empty_like(y)
+    return torch.mul(y, c, out=out)
 
 
 def dora_linear_no_grad(
@@ -28,21 +30,21 @@ def dora_linear_no_grad(
     bias: torch.Tensor | None,
     a: torch.Tensor,
     b: torch.Tensor,
-    c_minus_1: torch.Tensor,
+    c: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """The forward without autograd state, in place on one output buffer."""
     x2 = x.reshape(-1, x.shape[-1])
     y = x2 @ weight.t()
     y.addmm_(x2 @ a.t(), b.t(), alpha=scale)
-    y.addcmul_(y, c_minus_1.to(y.dtype))
+    y.mul_(c)
     if bias is not None:
         y.add_(bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class DoraLinearFunction(torch.autograd.Function):
-    """The fused DoRA linear with its backward (gradients to x, b, A, B and ``c − 1``)."""
+    """The fused DoRA linear with its backward (gradients to x, b, A, B and ``c``)."""
 
     @staticmethod
     def forward(
@@ -52,17 +54,17 @@ class DoraLinearFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
-        c_minus_1: torch.Tensor,
+        c: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         h = x2 @ a.t()
         y = x2 @ weight.t()
         y.addmm_(h, b.t(), alpha=scale)
-        out = _scaled(y, c_minus_1)
+        out = _scaled(y, c)
         if bias is not None:
             out.add_(bias)
-        ctx.save_for_backward(x2, weight, a, b, h, y, c_minus_1)
+        ctx.save_for_backward(x2, weight, a, b, h, y, c)
         ctx.scale = scale
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
@@ -70,11 +72,11 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, weight, a, b, h, y, c_minus_1 = ctx.saved_tensors
+        x2, weight, a, b, h, y, c = ctx.saved_tensors
         scale: float = ctx.scale
         needs = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])
-        gc = _scaled(g2, c_minus_1)  # the gradient at y = x Wᵀ + s·h Bᵀ
+        gc = _scaled(g2, c)  # the gradient at y = x Wᵀ + s·h Bᵀ
         g_b = matmul_factor(gc, b)  # (rows, r)
         grad_x = grad_bias = grad_a = grad_b = grad_c = None
         if needs[0]:
@@ -87,5 +89,5 @@ class DoraLinearFunction(torch.autograd.Function):
             grad_b = factor_grad(gc, h).mul_(scale)
         if needs[5]:
             acc = torch.promote_types(g2.dtype, torch.float32)
-            grad_c = (g2 * y).sum(0, dtype=acc).to(c_minus_1.dtype)
+            grad_c = (g2 * y).sum(0, dtype=acc).to(c.dtype)
         return grad_x, None, grad_bias, grad_a, grad_b, grad_c, None
