@@ -41,7 +41,7 @@ METHODS: dict[str, Callable[[], Any]] = {
 BASES = ["float32", "bfloat16", "8bit", "nf4"]
 
 
-def TRAINED(name: str, param: Any) -> bool:  # noqa: N802 - a constant-like predicate
+def trained(name: str, param: Any) -> bool:
     """What the tests randomise: every trainable tensor but DoRA's magnitudes, which keep their
     initial values (the row norms); noise there would make the DoRA scale arbitrary (near 0),
     and its gradients then measure the cancellation, not autocast."""
@@ -70,11 +70,11 @@ def build(method: str, base: str) -> tuple[AdaptedModel, AdaptedModel]:
         if base == "bfloat16":
             net = net.to(torch.bfloat16)
         model = adapt(net, METHODS[method]())
-        randomise_adapters(model, where=TRAINED)
+        randomise_adapters(model, where=trained)
         reference = copy.deepcopy(model).float()
     else:
         model = adapt(smooth(quantised_net(base)), METHODS[method]())
-        randomise_adapters(model, where=TRAINED)
+        randomise_adapters(model, where=trained)
         reference = model  # bitsandbytes computes in float32 without autocast
     return model, reference
 
@@ -162,7 +162,7 @@ def test_lora_dropout_path_under_autocast(amp: str) -> None:
     model = adapt(
         smooth(dense_net()), LoraConfig(r=4, lora_dropout=0.2, target_modules=["up", "down"])
     )
-    randomise_adapters(model, where=TRAINED)
+    randomise_adapters(model, where=trained)
     reference = copy.deepcopy(model)
     x = x_batch(8)
     torch.manual_seed(0)
