@@ -46,10 +46,11 @@ METHODS = ("lora", "vera", "adalora")
 STRATEGIES = ("ddp", "fsdp", "fsdp1")
 #: what each launch trains: under FSDP1 AdaLoRA runs without its orthogonal regulariser
 #: ("adalora-noreg"; FSDP1 reshards A and B after each unit's forward, where the regulariser
-#: reads them: refused, see refusals()); under FSDP2 also LoRA on a 4-bit (nf4) base
+#: reads them: refused, see refusals()); under DDP and FSDP2 also DoRA, and under FSDP2 LoRA
+#: on a 4-bit (nf4) base
 STRATEGY_METHODS = {
-    "ddp": METHODS,
-    "fsdp": (*METHODS, "lora-nf4"),
+    "ddp": (*METHODS, "dora"),
+    "fsdp": (*METHODS, "dora", "lora-nf4"),
     "fsdp1": ("lora", "vera", "adalora-noreg"),
 }
 WORLD_SIZE = 2
@@ -69,6 +70,8 @@ def tiny_llama() -> nn.Module:
 def make_config(method: str) -> AdapterConfig:
     if method in ("lora", "lora-nf4"):
         return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    if method == "dora":
+        return LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS)
     if method == "vera":
         return VeraConfig(r=16, target_modules=TARGETS)
     if method in ("adalora", "adalora-noreg"):

@@ -12,8 +12,8 @@ original ``W`` and their contributions add up; merging them gives exactly that
 (``W' = W + Σᵢ (cᵢ − 1) W + cᵢ ΔWᵢ``), in one call or one after another.
 
 Differences from PEFT, all deliberate: the row norm of a linear layer comes from ``‖W‖²``
-(cached while ``W`` is unchanged), ``W·Aᵀ`` and the r×r Gram ``A·Aᵀ`` — no out×in product per
-step; norms below :data:`NORM_EPS` are clamped (PEFT gives NaN on a zero row, peft #2049); and
+``W·Aᵀ`` and the r×r Gram ``A·Aᵀ`` — no out×in product per step (no-grad forwards cache the
+norms while the tensors are unchanged); norms below :data:`NORM_EPS` are clamped (PEFT gives NaN on a zero row, peft #2049); and
 mixed batches work (PEFT refuses them).
 """
 
@@ -106,9 +106,12 @@ class DoraVariant(LoraVariant):
 
     # -- the norm ----------------------------------------------------------------------------
     def weight_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
-        """``‖W + s·BA‖`` per output feature (float32 or wider, detached), cached while the
-        weight and factors are unchanged."""
-        if _compiling():  # no Python-side cache in a graph (it would guard on versions)
+        """``‖W + s·BA‖`` per output feature (float32 or wider, detached); in no-grad forwards
+        cached while the weight and factors are unchanged."""
+        # cached for no-grad forwards only: a training step changes A and B anyway, and under
+        # FSDP the gathered factors of the next step may reuse the same storage and version
+        # (a stale norm); nor in a compiled graph (it would guard on versions)
+        if _compiling() or torch.is_grad_enabled():
             with torch.no_grad():
                 return self._compute_norm(layer, adapter_name)
         a, b = self._factors(layer, adapter_name)
@@ -139,8 +142,8 @@ class DoraVariant(LoraVariant):
         return norm
 
     def _row_sq_norms(self, layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
-        """``‖W‖²`` per row, cached per weight (it is frozen)."""
-        if _compiling():
+        """``‖W‖²`` per row; in no-grad forwards cached per weight (see :meth:`weight_norm`)."""
+        if _compiling() or torch.is_grad_enabled():
             return weight.float().pow(2).sum(1)
         base_weight = getattr(layer.get_base_layer(), "weight", weight)
         key = (_stamp(base_weight), tuple(layer.merged_adapters))
