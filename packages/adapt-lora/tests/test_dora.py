@@ -485,3 +485,15 @@ def test_the_norm_of_a_linear_avoids_the_full_product() -> None:
     dense = (base.weight + layer.delta_weight("default")).norm(dim=1)
     torch.testing.assert_close(variant.weight_norm(layer, "default"), dense, rtol=1e-6, atol=1e-6)
     assert math.isfinite(float(dense.sum()))
+
+
+def test_adapt_inspect_shows_dora(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from adapt.core.cli import main
+
+    adapt(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"])).save_pretrained(
+        tmp_path
+    )
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "use_dora:     True" in out
+    assert "lora_magnitude_vector [64]" in out
