@@ -496,4 +496,4 @@ def test_adapt_inspect_shows_dora(tmp_path: Any, capsys: pytest.CaptureFixture[s
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "use_dora:     True" in out
-    assert "lora_magnitude_vector [64]" in out
+    assert "lora_magnitude_vector [32]" in out  # hidden size 32
