@@ -27,6 +27,12 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from interop_models import ConvNet, llama  # noqa: E402
+from interop_models import image as _image  # noqa: E402
+from interop_models import output as _out  # noqa: E402
+from interop_models import seeded_eval as _base  # noqa: E402
+from interop_models import tokens as _tokens  # noqa: E402
+
 from adapt.core import AdaptedModel, adapt  # noqa: E402
 from adapt.core.testing import tiny_gpt2, tiny_llama, token_ids  # noqa: E402
 from adapt.lora import LoraConfig  # noqa: E402
@@ -42,32 +48,6 @@ LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 MAGNITUDE = "lora_magnitude_vector"
 
 
-def llama() -> nn.Module:
-    # the kit's tiny Llama, at transformers' default max_position_embeddings
-    return tiny_llama(max_position_embeddings=2048)
-
-
-class ConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return self.head(h.mean(dim=(2, 3)))
-
-
-def _tokens(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {"input_ids": token_ids(2, 12, seed=1)}
-
-
-def _image(model: nn.Module) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return {"x": torch.randn(2, 3, 16, 16, generator=g)}
-
-
 CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], Callable]] = {
     "llama": (llama, {"target_modules": LLAMA_TARGETS}, _tokens),
     "gpt2": (tiny_gpt2, {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}, _tokens),
@@ -79,21 +59,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], Callable]] = {
 def _kwargs(**kwargs: Any) -> dict[str, Any]:
     """The DoRA config both libraries get (the same keywords)."""
     return {"r": 4, "lora_alpha": 8, "use_dora": True, "init_lora_weights": False, **kwargs}
-
-
-def _out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**batch)
-    if isinstance(out, torch.Tensor):
-        return out
-    return (
-        out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
-    )
-
-
-def _base(factory: Callable[[], nn.Module]) -> nn.Module:
-    torch.manual_seed(0)
-    return factory().eval()
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

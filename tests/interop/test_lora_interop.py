@@ -17,39 +17,19 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from interop_models import ConvNet, llama  # noqa: E402
+from interop_models import image as _image  # noqa: E402
+from interop_models import output as _out  # noqa: E402
+from interop_models import seeded_eval as _base  # noqa: E402
+from interop_models import tokens as _tokens  # noqa: E402
+
 from adapt.core import AdaptedModel, adapt  # noqa: E402
-from adapt.core.testing import tiny_bert, tiny_gpt2, tiny_llama, token_ids  # noqa: E402
+from adapt.core.testing import tiny_bert, tiny_gpt2  # noqa: E402
 from adapt.lora import LoraConfig  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
 TOL = 1e-5
-
-
-def llama() -> nn.Module:
-    # the kit's tiny Llama, at transformers' default max_position_embeddings
-    return tiny_llama(max_position_embeddings=2048)
-
-
-class ConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return self.head(h.mean(dim=(2, 3)))
-
-
-def _tokens(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {"input_ids": token_ids(2, 12, seed=1)}
-
-
-def _image(model: nn.Module) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return {"x": torch.randn(2, 3, 16, 16, generator=g)}
 
 
 CASES: dict[str, tuple[Callable[[], nn.Module], dict, Callable]] = {
@@ -67,21 +47,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], dict, Callable]] = {
     ),
     "convnet": (ConvNet, {"target_modules": ["conv1", "conv2", "head"]}, _image),
 }
-
-
-def _out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**batch)
-    if isinstance(out, torch.Tensor):
-        return out
-    return (
-        out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
-    )
-
-
-def _base(factory: Callable[[], nn.Module]) -> nn.Module:
-    torch.manual_seed(0)
-    return factory().eval()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from adapt.core import factor_grad, matmul_factor
+from .lora_kernels import lora_linear_grads
 
 
 def _scaled(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -73,21 +73,11 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, weight, a, b, h, y, c = ctx.saved_tensors
-        scale: float = ctx.scale
-        needs = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])
         gc = _scaled(g2, c)  # the gradient at y = x Wᵀ + s·h Bᵀ
-        g_b = matmul_factor(gc, b)  # (rows, r)
-        grad_x = grad_bias = grad_a = grad_b = grad_c = None
-        if needs[0]:
-            grad_x = (gc @ weight).addmm_(g_b, a, alpha=scale).view(ctx.x_shape)
-        if ctx.has_bias and needs[2]:
-            grad_bias = g2.sum(0)
-        if needs[3]:
-            grad_a = torch.mm(g_b.t(), x2).mul_(scale)
-        if needs[4]:
-            grad_b = factor_grad(gc, h).mul_(scale)
-        if needs[5]:
+        grads = lora_linear_grads(ctx, gc, g2, x2, weight, a, b, h)
+        grad_c = None
+        if ctx.needs_input_grad[5]:
             acc = torch.promote_types(g2.dtype, torch.float32)
             grad_c = (g2 * y).sum(0, dtype=acc).to(c.dtype)
-        return grad_x, None, grad_bias, grad_a, grad_b, grad_c, None
+        return (*grads, grad_c, None)
