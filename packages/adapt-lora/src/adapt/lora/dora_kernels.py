@@ -24,6 +24,16 @@ def _scaled(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.mul(y, c, out=out)
 
 
+def _unscaled(
+    x2: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, y)``: ``h = x Aᵀ`` and ``y = x Wᵀ + s·h Bᵀ`` (one output buffer)."""
+    h = x2 @ a.t()
+    y = x2 @ weight.t()
+    y.addmm_(h, b.t(), alpha=scale)
+    return h, y
+
+
 def dora_linear_no_grad(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -34,9 +44,7 @@ def dora_linear_no_grad(
     scale: float,
 ) -> torch.Tensor:
     """The forward without autograd state, in place on one output buffer."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = x2 @ weight.t()
-    y.addmm_(x2 @ a.t(), b.t(), alpha=scale)
+    _, y = _unscaled(x.reshape(-1, x.shape[-1]), weight, a, b, scale)
     y.mul_(c)
     if bias is not None:
         y.add_(bias)
@@ -58,9 +66,7 @@ class DoraLinearFunction(torch.autograd.Function):
         scale: float,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ a.t()
-        y = x2 @ weight.t()
-        y.addmm_(h, b.t(), alpha=scale)
+        h, y = _unscaled(x2, weight, a, b, scale)
         out = _scaled(y, c)
         if bias is not None:
             out.add_(bias)
