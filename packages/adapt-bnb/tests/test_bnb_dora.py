@@ -1,6 +1,7 @@
 """DoRA (QDoRA) on real bitsandbytes 8-bit and 4-bit layers: forward against the definition
 with the dequantised weight, gradients, training, save/load, merge with its error report,
-unmerge, mixed batches, and a transformers model loaded with ``BitsAndBytesConfig``."""
+unmerge, mixed batches (QDoRA on a transformers model loaded with ``BitsAndBytesConfig``:
+test_bnb_transformers.py)."""
 
 from __future__ import annotations
 
@@ -166,35 +167,3 @@ def test_mixed_batch_with_dora_and_lora_adapters(kind: str) -> None:
                 model.set_adapter(name)
                 single = model(x[i : i + 1])
             assert (mixed[i : i + 1] - single).abs().max().item() <= 1e-5, (i, name)
-
-
-def test_qdora_on_a_transformers_4bit_llama_trains() -> None:
-    transformers = pytest.importorskip("transformers")
-    from adapt.core.testing import tiny_llama, token_ids
-
-    dense = tiny_llama(hidden_size=64, intermediate_size=128)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as folder:
-            dense.save_pretrained(folder)
-            quant = transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-            )
-            model4 = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, quantization_config=quant, device_map="cpu"
-            )
-    model = adapt(model4, LoraConfig(r=4, use_dora=True, target_modules="all-linear"))
-    ids = token_ids(2, 16, seed=0, vocab_size=dense.config.vocab_size)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0], losses
-    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())

@@ -36,8 +36,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(method: str) -> object:
-    if method == "lora":
-        return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    if method in ("lora", "dora"):  # DoRA on a quantised base: QDoRA
+        return LoraConfig(r=4, lora_alpha=8, use_dora=method == "dora", target_modules=TARGETS)
     return VeraConfig(r=16, target_modules=TARGETS)
 
 
@@ -55,7 +55,7 @@ def train(model: torch.nn.Module, steps: int, lr: float) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("method", ["lora", "vera"])
+@pytest.mark.parametrize("method", ["lora", "dora", "vera"])
 @pytest.mark.parametrize("kind", MAIN_KINDS)
 def test_transformers_quantised_llama_trains_saves_and_reloads(
     folder: Path, kind: str, method: str, tmp_path: Path
@@ -64,7 +64,7 @@ def test_transformers_quantised_llama_trains_saves_and_reloads(
     layer_type = type(base.model.layers[0].mlp.down_proj).__name__
     assert layer_type == ("Linear8bitLt" if kind == "8bit" else "Linear4bit")
     model = adapt(base, config(method))
-    losses = train(model, steps=8, lr=1e-2 if method == "lora" else 5e-2)
+    losses = train(model, steps=8, lr=5e-2 if method == "vera" else 1e-2)
     assert losses[-1] < losses[0], losses
     model.eval()
     with torch.no_grad():

@@ -108,9 +108,16 @@ class AdaLoraLayer(AdapterLayer):
         out: torch.Tensor = (x @ (a * e).T) @ b.T
         return out * self.scale(adapter_name)
 
-    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    def add_adapter_output(
+        self,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        name: str,
+        *,
+        base_output: torch.Tensor | None = None,  # not needed: the adapter does not read it
+    ) -> torch.Tensor:
         if not self.fuse_adapter_output:
-            return super().add_adapter_output(result, x, name)
+            return super().add_adapter_output(result, x, name, base_output=base_output)
         a = self.lora_A[name]
         x = self.lora_dropout[name](x.to(a.dtype))
         h = x @ (a * self.lora_E[name]).T

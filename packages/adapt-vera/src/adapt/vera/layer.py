@@ -89,7 +89,14 @@ class VeraLinear(VeraLayer):
         out: torch.Tensor = lambda_b * F.linear(lambda_d * F.linear(x, a), b)
         return out
 
-    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    def add_adapter_output(
+        self,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        name: str,
+        *,
+        base_output: torch.Tensor | None = None,  # not needed: the adapter does not read it
+    ) -> torch.Tensor:
         # Without dropout, A_s x is shared with the other layers reading the same x (q/k/v).
         # Inference: λ_b ⊙ (B_s (λ_d ⊙ A_s x)) = (λ_b ⊙ B_s)(λ_d ⊙ A_s x), the λ_b scale on the
         # (out × r) slice instead of the activations, and B's product and the sum one addmm.

@@ -82,9 +82,12 @@ def build(
 
 
 def identity(s: Subject) -> None:
+    # lossy bases: bitsandbytes' CPU 4-bit layer repacks its codes at the first inference
+    # forward, changing its weight slightly, and an adapter that reads W (DoRA's norms) sees that
     check_close(
-        forward_no_grad(s.model, s.x), s.base_out, s.atol, "output of a new adapter vs base"
-    )
+        forward_no_grad(s.model, s.x), s.base_out, s.atol, "output of a new adapter vs base",
+        s.rtol,
+    )  # fmt: skip
 
 
 def trainable(s: Subject) -> None:
