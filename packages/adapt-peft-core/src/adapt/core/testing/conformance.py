@@ -15,7 +15,6 @@ from torch import nn
 from ..backends import declared_error
 from ..config import AdapterConfig
 from ..layer import AdapterLayer
-from ..layer_merging import LayerMerging
 from ..model import AdaptedModel
 from . import checks
 from .asserts import forward_no_grad
@@ -178,7 +177,9 @@ def _run_checks(runner: _Runner, s: Subject, identity_at_init: bool) -> None:
     randomise_adapter(s.layer, "default", seed=1)
     runner.check(checks.TRAINABLE, checks.trainable, s)
     runner.check(checks.NAMES, checks.names, s)
-    own_merge = type(s.layer).merge_weight is not LayerMerging.merge_weight
+    # merging is the layer's own (not W + ΔW) when its merge hooks are overridden and in use
+    # (LoRA layers route to a variant's merge only for adapters that have one)
+    own_merge = s.layer.merge_depends_on_weight()
     shape_check = checks.MERGED_SHAPE if own_merge else checks.DELTA_SHAPE
     runner.check(shape_check, checks.delta_shape, s)
     runner.check(checks.FORWARD_ONE, checks.forward_one, s)
