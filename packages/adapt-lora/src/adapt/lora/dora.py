@@ -19,6 +19,7 @@ mixed batches work (PEFT refuses them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
@@ -28,7 +29,7 @@ from adapt.core import AdapterStateError, adapter_dtype_device
 from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
 from adapt.core.typenames import describe
 
-from .dora_kernels import DoraLinearFunction, dora_linear_no_grad
+from .dora_kernels import dora_linear
 from .variants import LoraVariant
 
 if TYPE_CHECKING:
@@ -47,6 +48,33 @@ def _compiling() -> bool:
 
 def _weight(module: nn.Module) -> torch.Tensor:
     return cast(torch.Tensor, module.weight)
+
+
+def _base_weight(layer: LoraLayer, default: torch.Tensor) -> torch.Tensor:
+    """The base module's weight parameter (what identifies the weight's values), if any."""
+    return cast(torch.Tensor, getattr(layer.get_base_layer(), "weight", default))
+
+
+def _cached(
+    layer: LoraLayer,
+    slot: tuple[str, str],
+    key: Callable[[], Any],
+    compute: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """``compute()`` (without autograd), kept in ``layer.variant_state[slot]`` while ``key()``
+    and the merged adapters stay the same. Only no-grad forwards use the cache: a training step
+    changes A and B anyway, and under FSDP the factors regathered for the next step may reuse the
+    same storage and version (a stale value); nor a compiled graph (it would guard on versions)."""
+    if _compiling() or torch.is_grad_enabled():
+        with torch.no_grad():
+            return compute()
+    stamp = (key(), tuple(layer.merged_adapters))
+    cached = layer.variant_state.get(slot)
+    if cached is not None and cached[0] == stamp:
+        return cast(torch.Tensor, cached[1])
+    value = compute()
+    layer.variant_state[slot] = (stamp, value)
+    return value
 
 
 def _stamp(*tensors: torch.Tensor) -> tuple[Any, ...]:
@@ -108,27 +136,13 @@ class DoraVariant(LoraVariant):
     def weight_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         """``‖W + s·BA‖`` per output feature (float32 or wider, detached); in no-grad forwards
         cached while the weight and factors are unchanged."""
-        # cached for no-grad forwards only: a training step changes A and B anyway, and under
-        # FSDP the gathered factors of the next step may reuse the same storage and version
-        # (a stale norm); nor in a compiled graph (it would guard on versions)
-        if _compiling() or torch.is_grad_enabled():
-            with torch.no_grad():
-                return self._compute_norm(layer, adapter_name)
         a, b = self._factors(layer, adapter_name)
-        base_weight = getattr(layer.get_base_layer(), "weight", a)
-        key = (
-            _stamp(a, b, base_weight),
-            layer.scaling[adapter_name],
-            tuple(layer.merged_adapters),
+        return _cached(
+            layer,
+            (adapter_name, "norm"),
+            lambda: (_stamp(a, b, _base_weight(layer, a)), layer.scaling[adapter_name]),
+            lambda: self._compute_norm(layer, adapter_name),
         )
-        slot = (adapter_name, "norm")
-        cached = layer.variant_state.get(slot)
-        if cached is not None and cached[0] == key:
-            return cast(torch.Tensor, cached[1])
-        with torch.no_grad():
-            norm = self._compute_norm(layer, adapter_name)
-        layer.variant_state[slot] = (key, norm)
-        return norm
 
     def _compute_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         from .layer import LoraLinear
@@ -142,18 +156,13 @@ class DoraVariant(LoraVariant):
         return norm
 
     def _row_sq_norms(self, layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
-        """``‖W‖²`` per row; in no-grad forwards cached per weight (see :meth:`weight_norm`)."""
-        if _compiling() or torch.is_grad_enabled():
-            return weight.float().pow(2).sum(1)
-        base_weight = getattr(layer.get_base_layer(), "weight", weight)
-        key = (_stamp(base_weight), tuple(layer.merged_adapters))
-        slot = ("", "row_sq_norms")
-        cached = layer.variant_state.get(slot)
-        if cached is not None and cached[0] == key:
-            return cast(torch.Tensor, cached[1])
-        sq = weight.float().pow(2).sum(1) if weight.dtype != torch.float64 else weight.pow(2).sum(1)
-        layer.variant_state[slot] = (key, sq)
-        return sq
+        """``‖W‖²`` per row; in no-grad forwards cached per weight (see :func:`_cached`)."""
+        return _cached(
+            layer,
+            ("", "row_sq_norms"),
+            lambda: _stamp(_base_weight(layer, weight)),
+            lambda: weight.to(torch.promote_types(weight.dtype, torch.float32)).pow(2).sum(1),
+        )
 
     def _linear_norm(
         self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor
@@ -220,10 +229,10 @@ class DoraVariant(LoraVariant):
             )
             bias = cast_floating(base.bias, amp)
             with autocast_off(device_type):
-                return _run(xc, wc, bias, ac, bc, c, s)
+                return dora_linear(xc, wc, bias, ac, bc, c, s)
         if not x.dtype == a.dtype == b.dtype == base.weight.dtype:
             return None
-        return _run(x, base.weight, base.bias, a, b, c, s)
+        return dora_linear(x, base.weight, base.bias, a, b, c, s)
 
     # -- merging -----------------------------------------------------------------------------
     def _merge_term(
@@ -267,18 +276,3 @@ class DoraVariant(LoraVariant):
         c = self._merged_scale(layer, adapter_name)
         delta = layer.delta_weight(adapter_name).detach()
         return c, layer.per_weight(c.to(delta.dtype), delta) * delta
-
-
-def _run(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    if torch.is_grad_enabled():
-        out: torch.Tensor = DoraLinearFunction.apply(x, weight, bias, a, b, c, scale)  # type: ignore[no-untyped-call]
-        return out
-    return dora_linear_no_grad(x, weight, bias, a, b, c, scale)

@@ -87,3 +87,20 @@ class DoraLinearFunction(torch.autograd.Function):
             acc = torch.promote_types(g2.dtype, torch.float32)
             grad_c = (g2 * y).sum(0, dtype=acc).to(c.dtype)
         return (*grads, grad_c, None)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``c ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``: the autograd node when gradients are on, else the
+    in-place forward."""
+    if torch.is_grad_enabled():
+        out: torch.Tensor = DoraLinearFunction.apply(x, weight, bias, a, b, c, scale)  # type: ignore[no-untyped-call]
+        return out
+    return dora_linear_no_grad(x, weight, bias, a, b, c, scale)

@@ -209,8 +209,8 @@ class LoraLinear(LoraLayer):
     ) -> torch.Tensor:
         if not self.fuse_adapter_output or name in self.lora_variant:
             return super().add_adapter_output(result, x, name, base_output=base_output)
-        # result + s·(x Aᵀ) Bᵀ with the B product, the scale and the sum in one addmm; never
-        # in place on the base output while other adapters still need it
+        # result + s·(x Aᵀ) Bᵀ with the B product, the scale and the sum in one addmm; not in
+        # place on the base output when a variant adapter of this layer reads it afterwards
         weight_a = _weight(self.lora_A[name])
         h = F.linear(self.lora_dropout[name](x.to(weight_a.dtype)), weight_a)
         return add_scaled_product(
@@ -218,7 +218,8 @@ class LoraLinear(LoraLayer):
             h,
             _weight(self.lora_B[name]),
             self.scaling[name],
-            in_place=self.may_add_in_place(result) and result is not base_output,
+            in_place=self.may_add_in_place(result)
+            and (result is not base_output or not self.lora_variant),
         )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
