@@ -66,6 +66,8 @@ TIERS: dict[str, int] = {
     "targeting": 1,
     "basis": 1,
     "files": 1,
+    "param_forward": 1,
+    "param_targeting": 1,
     # 2: weight backends (and their resolution), checkpoint files, the Method object
     "backends": 2,
     "checkpoint": 2,
@@ -78,10 +80,12 @@ TIERS: dict[str, int] = {
     "registry": 4,
     "wrapped": 4,
     "saving": 4,
+    "parameter_layer": 4,
     # 5: the owner of adapter state (AdapterSet) and the walks over the model
     "adapters": 5,
     # 6: trainability (activation, bias, counts)
     "trainability": 6,
+    "param_injection": 6,
     # 7: model-level jobs: injection, merging, state dicts, mixed batches
     "injection": 7,
     "merging": 7,

@@ -8,6 +8,7 @@ import re
 from typing import Any, ClassVar
 
 from adapt.core import ANY_VALUE, AdapterConfig, ConfigError
+from adapt.core.param_targeting import check_names
 
 _BIAS = ("none", "all", "lora_only")
 
@@ -27,7 +28,6 @@ PEFT_LORA_KEYS: dict[str, Any] = {
     "megatron_core": ANY_VALUE,
     "monteclora_config": None,
     "qalora_group_size": ANY_VALUE,
-    "target_parameters": (None, []),
     "trainable_token_indices": None,
     "use_bdlora": (None, False),
     "use_qalora": False,
@@ -59,6 +59,9 @@ class LoraConfig(AdapterConfig):
       itself (transformers ``Conv1D`` stores (in, out)).
     * ``use_dora``: DoRA (Liu et al., 2024): the adapted weight's rows are rescaled to a
       trained magnitude ``m`` (``lora_magnitude_vector``): ``W' = m · (W + s·BA) / ‖W + s·BA‖``.
+    * ``target_parameters``: parameters to adapt directly (suffixes of parameter paths,
+      ``["experts.gate_up_proj", "experts.down_proj"]``): fused MoE experts get one rank-r
+      update per expert, stored stacked (``lora_A`` (r·E, in), ``lora_B`` (out, r·E)).
     * ``variant`` / ``variant_options`` (adapt only, not written when unset): a LoRA variant
       installed as a plugin (entry-point group ``adapt.lora_variants``) and its options.
     """
@@ -77,6 +80,7 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     use_dora: bool = False
+    target_parameters: list[str] | None = None
     variant: str | None = None
     variant_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -89,6 +93,12 @@ class LoraConfig(AdapterConfig):
         self._check_number(name, "lora_alpha", self.lora_alpha)
         self._check_number(name, "lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
         self._check_variant(name)
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, tuple):
+                self.target_parameters = list(self.target_parameters)
+            elif isinstance(self.target_parameters, (set, frozenset)):
+                self.target_parameters = sorted(self.target_parameters)
+            check_names(name, self.target_parameters)
         if self.bias not in _BIAS:
             raise ConfigError(f"{name}.bias must be one of {_BIAS}, got {self.bias!r}")
         if not isinstance(self.fan_in_fan_out, bool) or not isinstance(self.use_rslora, bool):

@@ -13,6 +13,7 @@ from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .config import LoraConfig
 from .layer import LoraConv, grouped_conv_message
+from .parameters import LoraParameter
 from .variants import get_variant, variant_name
 
 
@@ -24,6 +25,7 @@ class LoraMethod(Method[LoraConfig]):
     default_target_modules: ClassVar[Mapping[str, Sequence[str]]] = QUERY_VALUE_TARGETS
     summary_keys: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "use_rslora", "use_dora")
     tensor_prefixes: ClassVar[tuple[str, ...]] = ("lora_",)
+    parameter_layer: ClassVar[type[Any] | None] = LoraParameter
 
     def rank_of(self, tensors: Mapping[str, tuple[int, ...]]) -> int | None:
         """The rows of ``lora_A`` (``lora_embedding_A`` for an embedding)."""

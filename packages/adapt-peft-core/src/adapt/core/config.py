@@ -157,7 +157,11 @@ class AdapterConfig:
                 f"{cls}.layers_pattern is set but layers_to_transform is not; set "
                 "layers_to_transform to the layer indices to adapt, or drop layers_pattern"
             )
-        if self.target_modules is not None and not self.target_modules:
+        if (
+            self.target_modules is not None
+            and not self.target_modules
+            and not getattr(self, "target_parameters", None)
+        ):
             raise ConfigError(
                 f"{cls}.target_modules is empty; name the modules to adapt, e.g. "
                 "target_modules=['q_proj', 'v_proj'], or use 'all-linear'"

@@ -23,6 +23,8 @@ from .errors import AdapterStateError, ConfigError, TargetError
 from .layer import AdapterLayer
 from .method import Method
 from .modules_to_save import ModulesToSave
+from .param_injection import ParamPlan, build_parameters, configured_parameters, plan_parameters
+from .parameter_layer import ParameterLayer
 from .registry import get_registry
 from .routing import BASE
 from .saving import record_shapes
@@ -53,6 +55,8 @@ class Plan:
     #: per target path: the layer class to build, or None for an existing layer of the method
     layers: dict[str, type[AdapterLayer] | None]
     save_paths: list[str]
+    #: the target_parameters part (None without it)
+    params: ParamPlan | None = None
     created: dict[str, nn.Module] = field(default_factory=dict)
 
 
@@ -130,6 +134,11 @@ def _layer_plan(
 ) -> dict[str, type[AdapterLayer] | None]:
     plan: dict[str, type[AdapterLayer] | None] = {}
     for path, module in modules.items():
+        if isinstance(module, ParameterLayer):
+            raise TargetError(
+                f"{path} holds adapters on its parameters ({module.parameter_name}, ...); "
+                "target it with target_parameters, not target_modules"
+            )
         if isinstance(module, AdapterLayer):
             if module.method != method.name:
                 raise TargetError(
@@ -179,7 +188,11 @@ def plan(adapters: AdapterSet, adapter_name: str, config: AdapterConfig) -> Plan
     config.validate()
     method = get_registry().get_method(config.peft_type)
     given = config
-    if config.target_modules is None:
+    with_params = bool(configured_parameters(config))
+    if config.target_modules is None and with_params:
+        config = copy.copy(config)  # parameters only: saved with target_modules [], as PEFT's
+        config.target_modules = []
+    elif config.target_modules is None:
         config = _with_default_targets(adapters.model, config, method)
     config = method.resolve_config(adapters.view, config)
     if config is not given:
@@ -190,18 +203,25 @@ def plan(adapters: AdapterSet, adapter_name: str, config: AdapterConfig) -> Plan
                 f"adapter {other!r} uses {other_cfg.peft_type} and {adapter_name!r} uses "
                 f"{config.peft_type}; one model holds adapters of one method"
             )
-    paths = find_targets(
-        adapters.model,
-        config.target_modules,
-        exclude_modules=config.exclude_modules,
-        layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern,
-        skip=(AdapterLayer, ModulesToSave),
+    paths = (
+        find_targets(
+            adapters.model,
+            config.target_modules,
+            exclude_modules=config.exclude_modules,
+            layers_to_transform=config.layers_to_transform,
+            layers_pattern=config.layers_pattern,
+            skip=(AdapterLayer, ModulesToSave),
+        )
+        if config.target_modules or not with_params
+        else []
     )
     modules = {p: adapters.model.get_submodule(p) for p in paths}
     layers = _layer_plan(method, modules)
-    save_paths = _modules_to_save(adapters.model, config, set(paths))
-    return Plan(adapter_name, config, given, method, modules, layers, save_paths)
+    params = plan_parameters(adapters, config, method, adapter_name, paths)
+    save_paths = _modules_to_save(
+        adapters.model, config, set(paths) | set(params.targets if params else ())
+    )
+    return Plan(adapter_name, config, given, method, modules, layers, save_paths, params)
 
 
 def _build_layers(adapters: AdapterSet, p: Plan, touched: list[AdapterLayer]) -> None:
@@ -243,6 +263,8 @@ def apply(adapters: AdapterSet, p: Plan) -> None:
     touched_wrappers: list[ModulesToSave] = []
     try:
         _build_layers(adapters, p, touched)
+        if p.params is not None:
+            build_parameters(adapters, p.params, p.method, p.config, p.name, touched, p.created)
         _wrap_modules_to_save(adapters, p, touched_wrappers)
     except BaseException:
         for layer in touched:
@@ -289,7 +311,7 @@ def delete_adapter(adapters: AdapterSet, adapter_name: str) -> None:
                 f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it"
             )
     method = adapters.method_of(adapter_name)
-    for path, layer in layers:
+    for path, layer in reversed(layers):  # nested layers (parameter targets) inside first
         if adapter_name in layer.adapter_names:
             layer.delete_adapter(adapter_name)
             if not layer.adapter_names:

@@ -46,6 +46,10 @@ class Method(Generic[ConfigT]):
     #: ``model.q_proj.lora_A.weight`` into the module ``model.q_proj`` and its tensor
     #: ``lora_A.weight``). Empty: the generic rule, ``<peft_type in lower case>_``.
     tensor_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: The layer class for ``target_parameters`` (a subclass of
+    #: :class:`~adapt.core.parameter_layer.ParameterLayer`), or None: the method adapts
+    #: modules only and a config naming parameters is refused.
+    parameter_layer: ClassVar[type[Any] | None] = None
 
     def config_of(self, model: ModelView, adapter_name: str) -> ConfigT:
         """``adapter_name``'s config, checked to be this method's config class."""
