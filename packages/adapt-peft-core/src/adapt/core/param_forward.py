@@ -141,7 +141,7 @@ class LowRankMode(TorchFunctionMode):
     def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Any:
         amp = autocast_dtype(x.device.type)
         h = F.linear(x if amp is not None else x.to(a.dtype), a)
-        return F.linear(h, b) * s
+        return F.linear(h * s, b)  # the scale on the thin (rows, r) tensor
 
     def _linear(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
@@ -156,7 +156,7 @@ class LowRankMode(TorchFunctionMode):
             return None
         out = func(*args, **kwargs)
         for a, b, s in pairs:
-            out = out + self._low_rank(x, a, b, s).to(out.dtype)
+            _add(out, self._low_rank(x, a, b, s))
         return out
 
     def _matmul(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -166,7 +166,7 @@ class LowRankMode(TorchFunctionMode):
             return None  # x @ W[e] with W[e] (in, out): transposed storage only
         out = func(*args, **kwargs)
         for f in self.factors:
-            out = out + self._low_rank(x, f.a[kind[1]], f.b[kind[1]], f.scale).to(out.dtype)
+            _add(out, self._low_rank(x, f.a[kind[1]], f.b[kind[1]], f.scale))
         return out
 
     def _grouped(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -183,8 +183,8 @@ class LowRankMode(TorchFunctionMode):
             dtype = amp or f.a.dtype
             a_t = f.a.to(dtype).transpose(-2, -1)  # (E, in, r)
             b_t = f.b.to(dtype).contiguous().transpose(-2, -1)  # (E, r, out)
-            h = func(x.to(dtype), a_t, offs=offs)
-            out = out + (func(h, b_t, offs=offs) * f.scale).to(out.dtype)
+            h = func(x.to(dtype), a_t, offs=offs) * f.scale
+            _add(out, func(h, b_t, offs=offs))
         return out
 
     def _bmm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -195,9 +195,15 @@ class LowRankMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         ids = kind[1]
         for f in self.factors:
-            h = torch.bmm(f.a[ids], x.to(f.a.dtype))  # (S, r, 1)
-            out = out + (torch.bmm(f.b[ids], h) * f.scale).to(out.dtype)
+            h = torch.bmm(f.a[ids], x.to(f.a.dtype)) * f.scale  # (S, r, 1)
+            _add(out, torch.bmm(f.b[ids], h))
         return out
+
+
+def _add(out: torch.Tensor, update: torch.Tensor) -> None:
+    """``out += update`` in place: ``out`` is the fresh result of the product just taken,
+    which no backward reads (a product's gradient needs its inputs, not its output)."""
+    out.add_(update.to(out.dtype))
 
 
 def _has_tensor(value: Any) -> bool:
