@@ -181,8 +181,9 @@ class LowRankMode(TorchFunctionMode):
         amp = autocast_dtype(x.device.type)
         for f in self.factors:
             dtype = amp or f.a.dtype
-            a_t = f.a.to(dtype).transpose(-2, -1)  # (E, in, r)
-            b_t = f.b.to(dtype).contiguous().transpose(-2, -1)  # (E, r, out)
+            a, b = _aligned(f.a.to(dtype), f.b.to(dtype))
+            a_t = a.transpose(-2, -1)  # (E, in, r)
+            b_t = b.contiguous().transpose(-2, -1)  # (E, r, out)
             h = func(x.to(dtype), a_t, offs=offs) * f.scale
             _add(out, func(h, b_t, offs=offs))
         return out
@@ -198,6 +199,16 @@ class LowRankMode(TorchFunctionMode):
             h = torch.bmm(f.a[ids], x.to(f.a.dtype)) * f.scale  # (S, r, 1)
             _add(out, torch.bmm(f.b[ids], h))
         return out
+
+
+def _aligned(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` (E, r, in) and ``b`` (E, out, r) with r padded by zeros to a multiple of 16
+    bytes (grouped_mm's stride rule; zeros add nothing to the product)."""
+    step = max(1, 16 // a.element_size())
+    pad = -a.shape[1] % step
+    if not pad:
+        return a, b
+    return F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
 
 
 def _add(out: torch.Tensor, update: torch.Tensor) -> None:

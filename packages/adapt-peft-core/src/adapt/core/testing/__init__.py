@@ -19,6 +19,8 @@ Models and data for tests (transformers is imported only when a builder is calle
 * :func:`tiny_llama`: a seeded ``LlamaForCausalLM`` (hidden 64, 2 layers, 4 heads, 2 KV heads,
   vocabulary 128, in eval mode); a keyword overrides any ``LlamaConfig`` field.
 * :func:`tiny_gpt2`: a seeded ``GPT2LMHeadModel`` (Conv1D layers; n_embd 64, 2 layers, 4 heads).
+* :func:`tiny_mixtral`, :func:`tiny_qwen3_moe`: seeded mixtures of experts (4 experts, top-2;
+  fused expert parameters in transformers ≥ 5).
 * :func:`tiny_bert`: a seeded ``BertModel`` (hidden 64, 2 layers, 4 heads, intermediate 128).
 * :func:`tiny_llama_config`, :func:`tiny_gpt2_config`, :func:`tiny_bert_config`: their configs,
   for ``from_config`` or a saved folder.
@@ -59,6 +61,8 @@ from .transformers_models import (
     tiny_gpt2_config,
     tiny_llama,
     tiny_llama_config,
+    tiny_mixtral,
+    tiny_qwen3_moe,
 )
 
 __all__ = [
@@ -82,5 +86,7 @@ __all__ = [
     "tiny_gpt2_config",
     "tiny_llama",
     "tiny_llama_config",
+    "tiny_mixtral",
+    "tiny_qwen3_moe",
     "token_ids",
 ]

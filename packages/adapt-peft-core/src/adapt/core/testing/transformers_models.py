@@ -93,3 +93,58 @@ def tiny_bert(seed: int | None = 0, *, training: bool = False, **config: Any) ->
     import transformers
 
     return _seeded(transformers.BertModel, tiny_bert_config(**config), seed, training)
+
+
+#: the default tiny mixture of experts (Mixtral and Qwen3-MoE): 4 experts, top-2; in
+#: transformers ≥ 5 the experts are fused parameters ``mlp.experts.gate_up_proj`` (4, 192, 64)
+#: and ``mlp.experts.down_proj`` (4, 64, 96)
+MOE: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+}
+
+
+def tiny_mixtral(
+    seed: int | None = 0,
+    *,
+    training: bool = False,
+    experts_implementation: str | None = None,
+    **config: Any,
+) -> nn.Module:
+    """A ``MixtralForCausalLM`` of :data:`MOE` (``config`` overrides its fields);
+    ``experts_implementation`` picks transformers' expert kernel ("eager", "grouped_mm",
+    "batched_mm"; default: transformers' choice)."""
+    import transformers
+
+    cfg = transformers.MixtralConfig(**{**MOE, **config})
+    if experts_implementation is not None:
+        cfg._experts_implementation = experts_implementation
+    return _seeded(transformers.MixtralForCausalLM, cfg, seed, training)
+
+
+def tiny_qwen3_moe(
+    seed: int | None = 0,
+    *,
+    training: bool = False,
+    experts_implementation: str | None = None,
+    **config: Any,
+) -> nn.Module:
+    """A ``Qwen3MoeForCausalLM`` like :func:`tiny_mixtral` (``num_experts`` and
+    ``moe_intermediate_size`` from :data:`MOE`)."""
+    import transformers
+
+    fields = {**MOE, **config}
+    fields.setdefault("num_experts", fields.pop("num_local_experts"))
+    fields.setdefault("moe_intermediate_size", fields["intermediate_size"])
+    fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+    cfg = transformers.Qwen3MoeConfig(**fields)
+    if experts_implementation is not None:
+        cfg._experts_implementation = experts_implementation
+    return _seeded(transformers.Qwen3MoeForCausalLM, cfg, seed, training)
