@@ -15,10 +15,10 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from adapt.core import AdapterStateError, ConfigError, TargetError, adapt  # noqa: E402
-from adapt.core.parameter_layer import ParameterLayer  # noqa: E402
-from adapt.core.testing import tiny_mixtral, tiny_qwen3_moe, token_ids  # noqa: E402
-from adapt.lora import LoraConfig  # noqa: E402
+from adapt.core import AdapterStateError, ConfigError, TargetError, adapt
+from adapt.core.parameter_layer import ParameterLayer
+from adapt.core.testing import tiny_mixtral, tiny_qwen3_moe, token_ids
+from adapt.lora import LoraConfig
 
 PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
 IMPLS = ["eager", "grouped_mm", "batched_mm"]
@@ -67,9 +67,12 @@ def by_hand(base: nn.Module, adapted: nn.Module, name: str = "default") -> nn.Mo
         b = layer.lora_B[name].weight.detach()  # (out, r·E)
         e = layer.num_experts
         r = a.shape[0] // e
-        delta = torch.stack(
-            [b[:, [k * e + i for k in range(r)]] @ a[i * r : (i + 1) * r] for i in range(e)]
-        ) * layer.scaling[name]
+        delta = (
+            torch.stack(
+                [b[:, [k * e + i for k in range(r)]] @ a[i * r : (i + 1) * r] for i in range(e)]
+            )
+            * layer.scaling[name]
+        )
         with torch.no_grad():
             w += delta if w.dim() == 3 else delta[0]
     return ref
@@ -285,7 +288,7 @@ def test_other_modules_match_the_definition(module: type[nn.Module]) -> None:
 
 
 def test_errors_name_the_problem() -> None:
-    with pytest.raises(TargetError, match="Did you mean: 'experts.gate_up_proj'"):
+    with pytest.raises(TargetError, match=r"Did you mean: 'experts\.gate_up_proj'"):
         adapt(tiny_mixtral(), config(target_parameters=["experts.gate_up_prj"]))
     with pytest.raises(ConfigError, match="list of parameter names"):
         LoraConfig(target_parameters="experts.gate_up_proj")  # type: ignore[arg-type]

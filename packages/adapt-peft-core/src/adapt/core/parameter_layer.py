@@ -124,7 +124,9 @@ class ParameterLayer(AdapterLayer):
         """ΔW in the parameter's shape, from :meth:`delta_factors`."""
         f = self.delta_factors(adapter_name)
         if f is None:
-            raise NotImplementedError(f"{type(self).__name__} defines neither delta_weight nor delta_factors")
+            raise NotImplementedError(
+                f"{type(self).__name__} defines neither delta_weight nor delta_factors"
+            )
         delta = torch.bmm(f.b, f.a) * f.scale  # (E, out, in)
         if self.is_transposed:
             delta = delta.transpose(-2, -1)
@@ -149,9 +151,7 @@ class ParameterLayer(AdapterLayer):
         if self.low_rank_forward:
             factors = [self.delta_factors(n) for n in pending]
             if all(f is not None for f in factors):
-                mode = LowRankMode(
-                    self.parameter, cast(list[Factors], factors), self.is_transposed
-                )
+                mode = LowRankMode(self.parameter, cast(list[Factors], factors), self.is_transposed)
                 try:
                     with mode:
                         return self.base_layer(*args, **kwargs)
@@ -182,7 +182,9 @@ class ParameterLayer(AdapterLayer):
             if weight.dim() == 2:
                 weight = torch.addmm(weight, b[0], a[0], alpha=f.scale)
             elif self.is_transposed:
-                weight = torch.baddbmm(weight, a.transpose(-2, -1), b.transpose(-2, -1), alpha=f.scale)
+                weight = torch.baddbmm(
+                    weight, a.transpose(-2, -1), b.transpose(-2, -1), alpha=f.scale
+                )
             else:
                 weight = torch.baddbmm(weight, b, a, alpha=f.scale)
         return weight
