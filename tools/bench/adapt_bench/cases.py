@@ -16,10 +16,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import IMPORTED, LIBS
+from .config import IMPORTED, LIBS, MOE_METHODS
 from .report import make_row, median
 from .timing import Bench, alternate
-from .workloads import empty_llama, floor_fn, inject, same_work, train_step_fn, trainable
+from .workloads import (
+    base_for,
+    empty_llama,
+    floor_fn,
+    inject,
+    same_work,
+    train_step_fn,
+    trainable,
+)
 
 
 def case_import(b: Bench, methods: Sequence[str]) -> None:
@@ -75,6 +83,7 @@ def case_import(b: Bench, methods: Sequence[str]) -> None:
 
 def case_inject(b: Bench, methods: Sequence[str]) -> None:
     """adapt(...) vs get_peft_model(...) on a Llama built with empty (meta) weights."""
+    methods = [m for m in methods if m not in MOE_METHODS]  # train and memory only
     for m in methods:
         how_used = None
         for how in ("meta", "init_empty_weights", "real"):
@@ -110,10 +119,13 @@ def case_inject(b: Bench, methods: Sequence[str]) -> None:
 def case_train(b: Bench, methods: Sequence[str]) -> None:
     """forward + backward + AdamW step, and the frozen base model's forward + backward."""
     ids = b.batch()
-    floor_model = b.fresh_base()
-    floor_step = floor_fn(floor_model, ids)
+    floors: dict[bool, Any] = {}  # one frozen base per model kind (Llama, MoE)
     for m in methods:
-        models = {lib: inject(lib, b.fresh_base(), m).train() for lib in LIBS}
+        moe = m in MOE_METHODS
+        if moe not in floors:
+            floors[moe] = floor_fn(base_for(b, m), ids)
+        floor_step = floors[moe]
+        models = {lib: inject(lib, base_for(b, m), m).train() for lib in LIBS}
         counts = {lib: trainable(models[lib]) for lib in LIBS}
         if counts["adapt"] != counts["peft"]:
             b.notes.append(f"train/{m}: trainable parameters differ: {counts}")
@@ -142,6 +154,7 @@ def case_train(b: Bench, methods: Sequence[str]) -> None:
 
 def case_infer(b: Bench, methods: Sequence[str]) -> None:
     """no_grad eval forward: unmerged, merged (merge_adapter), and the base model."""
+    methods = [m for m in methods if m not in MOE_METHODS]  # train and memory only
     import torch
 
     ids = b.batch()
@@ -202,6 +215,7 @@ def case_infer(b: Bench, methods: Sequence[str]) -> None:
 
 def case_merge(b: Bench, methods: Sequence[str]) -> None:
     """merge_and_unload on a freshly adapted model each time."""
+    methods = [m for m in methods if m not in MOE_METHODS]  # train and memory only
     for m in methods:
 
         def contender(lib: str, m: str = m) -> Callable[[int], float]:
@@ -224,6 +238,7 @@ def case_merge(b: Bench, methods: Sequence[str]) -> None:
 
 def case_load(b: Bench, methods: Sequence[str]) -> None:
     """from_pretrained of a saved adapter onto a fresh copy of the base model."""
+    methods = [m for m in methods if m not in MOE_METHODS]  # train and memory only
     from peft import PeftModel
 
     from adapt.core import AdaptedModel

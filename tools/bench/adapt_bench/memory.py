@@ -21,7 +21,7 @@ from typing import Any
 from .config import LIBS
 from .report import make_row, median
 from .timing import Bench
-from .workloads import inject, train_step_fn
+from .workloads import base_for, inject, train_step_fn
 
 # The workers re-run the entry script (it dispatches --memory-worker to run_worker).
 ENTRY = Path(__file__).resolve().parent.parent / "bench.py"
@@ -113,7 +113,7 @@ def memory_worker(lib: str, method: str, size: str, device: str) -> dict[str, An
     )
     b = Bench(args)
     ids = b.batch()
-    model = inject(lib, b.fresh_base(), method).train()
+    model = inject(lib, base_for(b, method), method).train()
     b._base = None  # only the adapted copy stays alive
     gc.collect()
     step = train_step_fn(model, ids)

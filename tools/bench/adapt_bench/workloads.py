@@ -7,7 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .config import LIBS, TARGETS
+from .config import LIBS, MOE_METHODS, TARGETS
+
+MOE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MOE_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
 from .timing import Bench
 
 
@@ -33,6 +36,13 @@ def configs(method: str) -> tuple[Any, Any]:
 
         kw = dict(r=16, lora_alpha=32, use_dora=True, target_modules=list(TARGETS))
         return LoraConfig(**kw), peft.LoraConfig(**kw, **task)  # type: ignore[arg-type]
+    if method in MOE_METHODS:  # the MoE issue's bench case
+        from adapt.lora import LoraConfig
+
+        kw = dict(
+            r=8, lora_alpha=16, target_modules=list(MOE_TARGETS), target_parameters=list(MOE_PARAMS)
+        )
+        return LoraConfig(**kw), peft.LoraConfig(**kw, **task)  # type: ignore[arg-type]
     if method == "vera":
         from adapt.vera import VeraConfig
 
@@ -55,8 +65,14 @@ def inject(lib: str, model: Any, method: str) -> Any:
     a_cfg, p_cfg = configs(method)
     if lib == "adapt":
         from adapt.core import adapt
+        from adapt.core.parameter_layer import ParameterLayer
 
-        return adapt(model, a_cfg)
+        adapted = adapt(model, a_cfg)
+        if method == "moe-dense":
+            for layer in adapted.modules():
+                if isinstance(layer, ParameterLayer):
+                    layer.low_rank_forward = False
+        return adapted
     import peft
 
     return peft.get_peft_model(model, p_cfg)
@@ -143,3 +159,31 @@ def empty_llama(b: Bench, how: str) -> Any:
             return LlamaForCausalLM(cfg)
     torch.manual_seed(0)  # "real": small real weights
     return LlamaForCausalLM(cfg)
+
+
+def moe_model(b: Bench) -> Any:
+    """The MoE bench model: Mixtral, hidden 256, intermediate 512, 8 experts, top-2, 4 layers,
+    8 heads / 4 kv heads, vocab 1024 (``--quick``: 2 layers, 4 experts, hidden 64), seed 0,
+    transformers' default expert kernel (grouped_mm)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    quick = b.args.quick
+    cfg = MixtralConfig(
+        hidden_size=64 if quick else 256,
+        intermediate_size=128 if quick else 512,
+        num_hidden_layers=2 if quick else 4,
+        num_attention_heads=4 if quick else 8,
+        num_key_value_heads=2 if quick else 4,
+        num_local_experts=4 if quick else 8,
+        num_experts_per_tok=2,
+        vocab_size=b.sizes.vocab,
+        max_position_embeddings=max(2048, b.sizes.seq),
+    )
+    torch.manual_seed(0)
+    return MixtralForCausalLM(cfg).to(b.device)
+
+
+def base_for(b: Bench, method: str) -> Any:
+    """A fresh base model for ``method``: the MoE model for the MoE methods, else the Llama."""
+    return moe_model(b) if method in MOE_METHODS else b.fresh_base()
