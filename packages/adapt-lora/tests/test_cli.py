@@ -178,3 +178,24 @@ def test_inspect_into_a_closed_pipe_stops_quietly(saved: tuple[Path, Path, torch
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_inspect_shows_parameter_targets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """target_parameters: the parameters line, and per-expert rank × number of experts."""
+    from adapt.core.testing import tiny_mixtral
+
+    model = tiny_mixtral()
+    if not any(n.endswith("experts.gate_up_proj") for n, _ in model.named_parameters()):
+        pytest.skip("this transformers stores experts as Linear modules")
+    params = ["experts.gate_up_proj", "experts.down_proj"]
+    config = LoraConfig(r=4, target_modules=["q_proj"], target_parameters=params)
+    adapt(model, config).save_pretrained(tmp_path / "moe")
+    assert main(["inspect", str(tmp_path / "moe")]) == 0
+    text = capsys.readouterr().out
+    assert f"parameters:   {params}" in text
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("model.")}
+    assert "4 × 4 experts" in rows["model.layers.0.mlp.experts.base_layer"]
+    assert "lora_A.weight [16, 64]" in rows["model.layers.0.mlp.experts.base_layer"]
+    assert rows["model.layers.0.self_attn.q_proj"].split()[1] == "4"

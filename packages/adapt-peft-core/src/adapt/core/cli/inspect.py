@@ -42,6 +42,8 @@ def _print_summary(
     print(f"method:       {config.get('peft_type')}{_unsupported_note(view, config)}")
     print(f"base model:   {config.get('base_model_name_or_path') or '(not recorded)'}")
     print(f"targets:      {config.get('target_modules')}")
+    if config.get("target_parameters"):
+        print(f"parameters:   {config['target_parameters']}")
     for key in view.summary_keys:
         if key in config:
             print(f"{key + ':':<13} {config[key]}")
@@ -51,15 +53,31 @@ def _print_summary(
     print(f"size on disk: {human_bytes(weights.stat().st_size)}")
 
 
-def _module_rows(view: MethodView, modules: dict[str, Shapes]) -> list[list[str]]:
+def _module_rows(
+    view: MethodView, modules: dict[str, Shapes], config: dict[str, Any]
+) -> list[list[str]]:
     """One ``[module, rank, tensors]`` row per adapted module, sorted by module path; the rank
     is the method's :meth:`~adapt.core.Method.rank_of`, blank when it has none."""
     rows = []
     for module, tensors in sorted(modules.items()):
         rank = view.rank_of(tensors)
         desc = ", ".join(f"{n} {list(s)}" for n, s in sorted(tensors.items()))
-        rows.append([module, "" if rank is None else str(rank), desc])
+        rows.append([module, _rank_text(rank, module, config), desc])
     return rows
+
+
+def _rank_text(rank: int | None, module: str, config: dict[str, Any]) -> str:
+    """The rank column: ``"4 × 8 experts"`` for a parameter target whose stacked factors
+    hold r·E rows (the module owns a ``target_parameters`` entry), else the rank."""
+    if rank is None:
+        return ""
+    r = config.get("r")
+    owners = [n.rpartition(".")[0] for n in config.get("target_parameters") or []]
+    bare = ".".join(p for p in module.split(".") if p != "base_layer")
+    owned = any(o and (bare == o or bare.endswith("." + o)) for o in owners)
+    if owned and isinstance(r, int) and r > 0 and rank % r == 0 and rank > r:
+        return f"{r} × {rank // r} experts"
+    return str(rank)
 
 
 def _print_modules(rows: list[list[str]], show_all: bool) -> None:
@@ -86,7 +104,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     view = method_view(config)
     modules, shared = by_module(shapes, view.tensor_prefixes)
     _print_summary(path, config, view, shapes, len(modules), weights)
-    rows = _module_rows(view, modules)
+    rows = _module_rows(view, modules, config)
     _print_modules(rows, args.all)
     if shared:
         print("\nshared tensors: " + ", ".join(f"{k} {list(v)}" for k, v in sorted(shared.items())))
