@@ -70,6 +70,7 @@ TIERS: dict[str, int] = {
     "param_targeting": 1,
     # 2: weight backends (and their resolution), checkpoint files, the Method object
     "backends": 2,
+    "quantisers": 2,
     "checkpoint": 2,
     "method": 2,
     "layer_merging": 2,

@@ -62,9 +62,22 @@ class Int8Backend:
     #: Relative (Frobenius) error a write may introduce: row-wise absmax int8 measured at most
     #: 0.0044 on random weights (tests/test_backend_kit.py), declared with room to spare.
     max_rel_error: ClassVar[float] = 0.01
+    #: LoftQ's ``loftq_bits=8`` (adapt.core.quantisers): row-wise absmax int8, as PEFT's LoftQ.
+    loftq_bits: ClassVar[int] = 8
 
     def shape(self, base: nn.Module) -> tuple[int, int]:
         return _features(base)
+
+    @staticmethod
+    def roundtrip(weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` quantised as a new 8-bit layer stores it (row-wise absmax of its float16
+        copy) and dequantised, in float32."""
+        import bitsandbytes.functional as bnbf
+
+        codes, scales, _ = bnbf.int8_vectorwise_quant(
+            weight.detach().to(dtype=torch.float16).contiguous()
+        )
+        return cast(torch.Tensor, bnbf.int8_vectorwise_dequant(codes, scales)).float()
 
     @staticmethod
     def _codes(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,9 +179,25 @@ class FourBitBackend:
     #: Relative (Frobenius) error a write may introduce: blockwise NF4 measured at most 0.099,
     #: FP4 0.118 on uniform random weights (tests/test_backend_kit.py), declared with room.
     max_rel_error: ClassVar[float] = 0.25
+    #: LoftQ's ``loftq_bits=4`` (adapt.core.quantisers): nf4, block size 64, no double
+    #: quantisation — the settings of PEFT's LoftQ.
+    loftq_bits: ClassVar[int] = 4
 
     def shape(self, base: nn.Module) -> tuple[int, int]:
         return _features(base)
+
+    @staticmethod
+    def roundtrip(weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` quantised to nf4 (blocks of 64, float32 absmax) and dequantised."""
+        import bitsandbytes.functional as bnbf
+
+        codes, state = bnbf.quantize_4bit(
+            weight.detach().float().contiguous(),
+            blocksize=64,
+            compress_statistics=False,
+            quant_type="nf4",
+        )
+        return cast(torch.Tensor, bnbf.dequantize_4bit(codes, state)).float()
 
     @staticmethod
     def logical_numel(param: torch.Tensor) -> int:

@@ -8,9 +8,10 @@ PEFT's LoRA format.
 from __future__ import annotations
 
 from .__about__ import __version__
-from .config import LoraConfig
+from .config import LoftQConfig, LoraConfig
 from .dora import DoraVariant
 from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .loftq import replace_lora_weights_loftq
 from .method import METHOD, LoraMethod
 from .variants import VARIANT_GROUP, LoraVariant, get_variant, register_variant, unregister_variant
 
@@ -18,6 +19,7 @@ __all__ = [
     "METHOD",
     "VARIANT_GROUP",
     "DoraVariant",
+    "LoftQConfig",
     "LoraConfig",
     "LoraConv",
     "LoraEmbedding",
@@ -28,5 +30,6 @@ __all__ = [
     "__version__",
     "get_variant",
     "register_variant",
+    "replace_lora_weights_loftq",
     "unregister_variant",
 ]

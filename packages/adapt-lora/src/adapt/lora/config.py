@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from typing import Any, ClassVar
 
 from adapt.core import ANY_VALUE, AdapterConfig, ConfigError
@@ -21,7 +22,6 @@ PEFT_LORA_KEYS: dict[str, Any] = {
     "eva_config": None,
     "kasa_config": None,
     "layer_replication": None,
-    "loftq_config": ({}, None),
     "lora_bias": False,
     "lora_ga_config": None,
     "megatron_config": None,
@@ -33,6 +33,30 @@ PEFT_LORA_KEYS: dict[str, Any] = {
     "use_qalora": False,
     "velora_config": None,
 }
+
+
+#: ``init_lora_weights`` values that derive A and B from the base weight and rewrite it.
+WEIGHT_INITS = ("pissa", "pissa_niter_<K>", "olora", "loftq")
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
+
+
+@dataclasses.dataclass
+class LoftQConfig:
+    """LoftQ's options (PEFT's ``LoftQConfig``): ``loftq_bits`` (4: nf4, 8: int8) and
+    ``loftq_iter``, the alternating quantise / low-rank steps."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+
+def weight_init(init: object) -> tuple[str, int | None] | None:
+    """``("pissa", None)``, ``("pissa", K)`` for ``"pissa_niter_K"``, ``("olora", None)``,
+    ``("loftq", None)``; None for the initialisations that leave the base alone."""
+    if init in ("pissa", "olora", "loftq") and isinstance(init, str):
+        return init, None
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        return "pissa", int(init[len("pissa_niter_") :])
+    return None
 
 
 def pattern_value(pattern: dict[str, Any], path: str) -> Any | None:
@@ -52,7 +76,12 @@ class LoraConfig(AdapterConfig):
     * ``bias``: ``"none"``, ``"all"`` (train every bias of the model) or ``"lora_only"``
       (biases of adapted layers); trained biases are saved with the adapter.
     * ``init_lora_weights``: ``True`` (A Kaiming-uniform, B zero: the adapter starts as
-      identity), ``"gaussian"`` (A ~ N(0, 1/r)), ``False`` (random B: not identity; tests).
+      identity), ``"gaussian"`` (A ~ N(0, 1/r)), ``False`` (random B: not identity; tests);
+      from the base weight, which is rewritten so the model's output is unchanged:
+      ``"pissa"`` (top-r singular triplets of W, W ← W − s·BA), ``"pissa_niter_K"`` (the same
+      by a randomised SVD with K subspace iterations), ``"olora"`` (QR of W), ``"loftq"``
+      (with ``loftq_config``: W ← dequant(quant(·)) and BA fits the quantisation error).
+    * ``loftq_config``: :class:`LoftQConfig` (or its dict) for ``init_lora_weights="loftq"``.
     * ``rank_pattern`` / ``alpha_pattern``: per-module r / α, keys matched against module paths
       as ``(.*\\.)?(key)$``.
     * ``fan_in_fan_out``: kept for PEFT compatibility; adapt reads each layer's weight layout
@@ -80,6 +109,7 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     use_dora: bool = False
+    loftq_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     target_parameters: list[str] | None = None
     variant: str | None = None
     variant_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -103,14 +133,7 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"{name}.bias must be one of {_BIAS}, got {self.bias!r}")
         if not isinstance(self.fan_in_fan_out, bool) or not isinstance(self.use_rslora, bool):
             raise ConfigError(f"{name}.fan_in_fan_out and use_rslora must be true or false")
-        if self.init_lora_weights not in (True, False, "gaussian") or not isinstance(
-            self.init_lora_weights, (bool, str)
-        ):
-            raise ConfigError(
-                f"{name}.init_lora_weights must be True, False or 'gaussian', got "
-                f"{self.init_lora_weights!r} (PiSSA, OLoRA, LoftQ, EVA and CorDA "
-                "initialisations are not implemented in adapt)"
-            )
+        self._check_init(name)
         for field, kind in (("rank_pattern", int), ("alpha_pattern", float)):
             pattern = getattr(self, field)
             if pattern is None:
@@ -133,6 +156,76 @@ class LoraConfig(AdapterConfig):
                     )
                 else:
                     self._check_number(name, f"{field}[{key!r}]", value)
+
+    def _check_init(self, name: str) -> None:
+        init = self.init_lora_weights
+        niter = init[len("pissa_niter_") :] if isinstance(init, str) else ""
+        known = isinstance(init, (bool, str)) and (
+            init in _INITS or (init.startswith("pissa_niter_") and niter.isdigit())
+        )
+        if not known:
+            hint = (
+                " (EVA and CorDA initialisations are not implemented in adapt)"
+                if init in ("eva", "corda")
+                else ""
+            )
+            raise ConfigError(
+                f"{name}.init_lora_weights must be True, False, 'gaussian', 'pissa', "
+                f"'pissa_niter_<K>' (K a whole number of iterations, e.g. 'pissa_niter_4'), "
+                f"'olora' or 'loftq', got {init!r}{hint}"
+            )
+        self._check_loftq(name)
+        kind = weight_init(init)
+        if kind is not None and self.target_parameters:
+            raise ConfigError(
+                f"{name}: init_lora_weights={init!r} initialises from 2-D layer weights; it "
+                "does not apply to target_parameters (fused expert tensors): use the default "
+                "initialisation there, or target the experts' Linear modules"
+            )
+
+    def _check_loftq(self, name: str) -> None:
+        loftq = self.loftq_config
+        if isinstance(loftq, LoftQConfig):
+            loftq = dataclasses.asdict(loftq)
+        if loftq is None:
+            loftq = {}
+        if not isinstance(loftq, dict):
+            raise ConfigError(
+                f"{name}.loftq_config must be a LoftQConfig(loftq_bits=..., loftq_iter=...) or "
+                f"its dict, got {loftq!r}"
+            )
+        self.loftq_config = loftq
+        if self.init_lora_weights != "loftq":
+            if loftq:
+                warnings.warn(
+                    f"{name}.loftq_config is ignored: init_lora_weights is "
+                    f"{self.init_lora_weights!r}, not 'loftq' (cleared, as in PEFT)",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                self.loftq_config = {}
+            return
+        if not loftq:
+            raise ConfigError(
+                f"{name}: init_lora_weights='loftq' needs loftq_config, e.g. "
+                "loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1)"
+            )
+        unknown = sorted(set(loftq) - {"loftq_bits", "loftq_iter"})
+        if unknown:
+            raise ConfigError(
+                f"{name}.loftq_config has unknown keys {unknown}; it takes loftq_bits and "
+                "loftq_iter"
+            )
+        bits, iters = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
+        if bits not in (4, 8) or isinstance(bits, bool):
+            raise ConfigError(
+                f"{name}.loftq_config.loftq_bits must be 4 (nf4) or 8 (int8), got {bits!r}"
+            )
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+            raise ConfigError(
+                f"{name}.loftq_config.loftq_iter must be a whole number ≥ 1, got {iters!r}"
+            )
+        self.loftq_config = {"loftq_bits": int(bits), "loftq_iter": iters}
 
     def _check_variant(self, name: str) -> None:
         if not isinstance(self.use_dora, bool):

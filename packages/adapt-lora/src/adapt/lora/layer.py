@@ -27,6 +27,7 @@ from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
 from adapt.core.typenames import CONV1D_TRANSFORMERS, describe
 
 from .config import LoraConfig
+from .init_state import restore_base
 from .layer_variants import VariantHost
 from .lora_kernels import LoraLinearFunction
 
@@ -65,7 +66,7 @@ class LoraLayer(VariantHost):
         "lora_embedding_A",
         "lora_embedding_B",
     )
-    other_param_names: ClassVar[tuple[str, ...]] = ("lora_dropout",)
+    other_param_names: ClassVar[tuple[str, ...]] = ("lora_dropout", "lora_init")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         super().__init__(base_layer, **kwargs)
@@ -74,6 +75,7 @@ class LoraLayer(VariantHost):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_init = nn.ModuleDict()  # what PiSSA / OLoRA took out of the base (init_state)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -99,6 +101,11 @@ class LoraLayer(VariantHost):
         self.create_adapter(adapter_name, r, dtype=dtype, device=device)
         self.reset_lora_parameters(adapter_name, config.init_lora_weights)
         self.attach_variant(adapter_name, config)
+
+    def on_unload(self) -> None:
+        for name in list(self.lora_init):
+            if name not in self.merged_adapters:
+                restore_base(self, name)
 
     def create_adapter(
         self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device
@@ -133,6 +140,8 @@ class LoraLayer(VariantHost):
                 nn.init.normal_(self.lora_embedding_B[adapter_name])
 
     def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.merged_adapters:
+            restore_base(self, adapter_name)  # PiSSA / OLoRA: the base weight as it was
         super().delete_adapter(adapter_name)
         self.detach_variant(adapter_name)
         for table in (self.r, self.lora_alpha, self.scaling):

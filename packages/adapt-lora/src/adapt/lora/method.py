@@ -5,16 +5,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from adapt.core import AdapterConfig, Method, TargetError, get_registry
+from adapt.core.errors import warn_user
 from adapt.core.protocols import ModelView
 from adapt.core.targeting import QUERY_VALUE_TARGETS
 
-from .config import LoraConfig
+from .config import LoraConfig, weight_init
+from .conversion import convert_for_initial
 from .layer import LoraConv, grouped_conv_message
 from .parameters import LoraParameter
 from .variants import get_variant, variant_name
+from .weight_init import initialise
 
 
 class LoraMethod(Method[LoraConfig]):
@@ -54,6 +58,37 @@ class LoraMethod(Method[LoraConfig]):
                 and get_registry().resolve_layer(self.name, module) is LoraConv
             ):
                 raise TargetError(grouped_conv_message(path, module))
+
+    def initialise(
+        self,
+        model: ModelView,
+        config: LoraConfig,
+        adapter_name: str,
+        layers: Mapping[str, Any],
+    ) -> None:
+        initialise(config, adapter_name, layers)
+
+    def before_load(self, model: ModelView, config: LoraConfig, adapter_name: str) -> None:
+        found = weight_init(config.init_lora_weights)
+        if found is not None and found[0] == "pissa" and found[1] is not None:
+            warn_user(
+                f"adapter {adapter_name!r} was created with init_lora_weights="
+                f"{config.init_lora_weights!r}: loading it re-ran the randomised SVD on this base, "
+                "and its random draws differ from the ones the adapter was trained with unless "
+                "the global seed was the same, so the residual base may not be the trained one "
+                "(as in PEFT); save a plain LoRA with save_pretrained(..., "
+                "path_initial_model_for_weight_conversion=...) or use init_lora_weights='pissa'"
+            )
+
+    def convert_for_initial(
+        self,
+        config: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        initial_config: dict[str, Any],
+        initial: dict[str, torch.Tensor],
+        source: str,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return convert_for_initial(config, tensors, initial_config, initial, source)
 
     def layer_kwargs(
         self, model: ModelView, config: LoraConfig, adapter_name: str, path: str

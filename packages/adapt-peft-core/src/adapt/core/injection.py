@@ -224,7 +224,9 @@ def plan(adapters: AdapterSet, adapter_name: str, config: AdapterConfig) -> Plan
     return Plan(adapter_name, config, given, method, modules, layers, save_paths, params)
 
 
-def _build_layers(adapters: AdapterSet, p: Plan, touched: list[AdapterLayer]) -> None:
+def _build_layers(
+    adapters: AdapterSet, p: Plan, touched: list[AdapterLayer], built: dict[str, AdapterLayer]
+) -> None:
     for path, cls in p.layers.items():
         kwargs = p.method.layer_kwargs(adapters.view, p.config, p.name, path)
         module = p.modules[path]
@@ -233,6 +235,7 @@ def _build_layers(adapters: AdapterSet, p: Plan, touched: list[AdapterLayer]) ->
             touched.append(module)
             module.update_layer(p.name, p.config, **kwargs)
             module.train(module.base_layer.training)  # new dropout follows the mode
+            built[path] = module
             continue
         try:
             layer = cls(module)
@@ -242,6 +245,7 @@ def _build_layers(adapters: AdapterSet, p: Plan, touched: list[AdapterLayer]) ->
         if not module.training:  # new modules start in training mode
             layer.train(False)
         p.created[path] = layer
+        built[path] = layer
 
 
 def _wrap_modules_to_save(adapters: AdapterSet, p: Plan, touched: list[ModulesToSave]) -> None:
@@ -261,11 +265,14 @@ def apply(adapters: AdapterSet, p: Plan) -> None:
     p.method.prepare(adapters.view, p.config, p.name, p.modules)
     touched: list[AdapterLayer] = []
     touched_wrappers: list[ModulesToSave] = []
+    built: dict[str, AdapterLayer] = {}
     try:
-        _build_layers(adapters, p, touched)
+        _build_layers(adapters, p, touched, built)
         if p.params is not None:
             build_parameters(adapters, p.params, p.method, p.config, p.name, touched, p.created)
         _wrap_modules_to_save(adapters, p, touched_wrappers)
+        # last: an initialisation that rewrites base weights undoes itself if it fails
+        p.method.initialise(adapters.view, p.config, p.name, built)
     except BaseException:
         for layer in touched:
             # unconditionally: a half-built adapter may hold state only in

@@ -55,6 +55,11 @@ class LayerMerging:
         raise NotImplementedError
 
     # -- the hooks ------------------------------------------------------------------------------
+    def on_unload(self) -> None:
+        """Called when ``unload`` / ``merge_and_unload`` takes the layer out of the model:
+        undo what unmerged adapters did to the base weight beyond merging (LoRA's PiSSA puts
+        the principal part back). Default: nothing."""
+
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The base weight after merging ``adapter_name`` into ``weight`` (canonical layout, at
         least float32, a copy this call may change in place). Default: ``weight + ΔW``."""

@@ -87,6 +87,7 @@ def unload(adapters: AdapterSet, *, keep_modules_to_save: bool) -> nn.Module:
     """Plain modules back in place of adapter layers (merged weights stay merged); every
     adapter forgotten. Returns the wrapped model."""
     for path, layer in reversed(list(adapters.layers())):  # nested ones inside first
+        layer.on_unload()
         adapters.replace(path, layer.base_layer)
     for path, wrapper in list(adapters.wrappers()):
         keep = wrapper.current() if keep_modules_to_save else wrapper.original_module

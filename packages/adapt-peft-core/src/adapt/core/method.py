@@ -84,6 +84,36 @@ class Method(Generic[ConfigT]):
         """Called before layers get the adapter (e.g. to build a shared basis). Must raise
         before changing anything if the adapter cannot be added."""
 
+    def initialise(
+        self,
+        model: ModelView,
+        config: ConfigT,
+        adapter_name: str,
+        layers: Mapping[str, Any],
+    ) -> None:
+        """Called once the adapter's layers exist (``layers``: module path → layer, new and
+        existing) and before they go into the model, for initialisations that read or rewrite
+        the base weights (LoRA's PiSSA, OLoRA, LoftQ). If it raises, the base weights must be as
+        they were (the rest of the add is rolled back by core)."""
+
+    def convert_for_initial(
+        self,
+        config: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        initial_config: dict[str, Any],
+        initial: dict[str, torch.Tensor],
+        source: str,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """``save_pretrained(..., path_initial_model_for_weight_conversion=source)``: the config
+        and tensors (on-disk keys) to write instead of ``config`` / ``tensors``, given the
+        adapter saved at ``source`` before training (LoRA: PiSSA / OLoRA → a plain LoRA of twice
+        the rank for the original base). Default: refused."""
+        raise ConfigError(
+            f"path_initial_model_for_weight_conversion converts adapters whose initialisation "
+            f"rewrote the base weights (LoRA's PiSSA, OLoRA); {self.name} adapters have no such "
+            "conversion: drop the argument"
+        )
+
     def mark_trainable(self, model: ModelView, config: ConfigT, adapter_name: str) -> None:
         """Called after trainability is set; a method can mark more parameters trainable."""
 

@@ -42,7 +42,12 @@ class _Adapted(Protocol):
 
 M = TypeVar("M", bound=_Adapted)
 
-SAVE_OPTIONS = {"safe_serialization", "is_main_process", "state_dict"}
+SAVE_OPTIONS = {
+    "safe_serialization",
+    "is_main_process",
+    "state_dict",
+    "path_initial_model_for_weight_conversion",
+}
 
 
 def load_config(model_id: str | os.PathLike[str], **hub: Any) -> AdapterConfig:
@@ -118,8 +123,35 @@ def save_pretrained(
     root = Path(save_directory)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"cannot save into {str(root)!r}: it is a file, not a folder")
+    initial = options.get("path_initial_model_for_weight_conversion")
+    files = {name: (_file_config(adapters, name), states[name]) for name in names}
+    if initial is not None:
+        files = {name: _converted(adapters, name, *files[name], initial) for name in names}
     for name in names:
-        write_adapter(adapter_folder(root, name), _file_config(adapters, name), states[name])
+        write_adapter(adapter_folder(root, name), *files[name])
+
+
+def _converted(
+    adapters: AdapterSet,
+    name: str,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    initial: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``path_initial_model_for_weight_conversion``: the method turns the trained adapter and
+    the one saved at ``initial`` before training into what to write (nothing is written if it
+    refuses)."""
+    folder = Path(initial)
+    if not (folder / "adapter_config.json").is_file():
+        raise CheckpointError(
+            f"path_initial_model_for_weight_conversion={str(initial)!r} is not an adapter "
+            "folder (no adapter_config.json): save the adapter there right after creating it, "
+            "before training"
+        )
+    method = adapters.method_of(name)
+    return method.convert_for_initial(
+        config, tensors, read_config(folder), read_tensors(folder), str(folder)
+    )
 
 
 def load_new_model(
