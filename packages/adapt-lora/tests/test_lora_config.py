@@ -107,21 +107,21 @@ def test_known_bias_values_are_accepted(bias: str) -> None:
     assert LoraConfig(bias=bias).bias == bias
 
 
-def test_pissa_init_is_refused_as_not_implemented() -> None:
+def test_eva_init_is_refused_as_not_implemented() -> None:
     with pytest.raises(ConfigError) as info:
-        LoraConfig(init_lora_weights="pissa")
+        LoraConfig(init_lora_weights="eva")
     msg = str(info.value)
-    assert "'pissa'" in msg and "init_lora_weights" in msg
-    assert "not implemented" in msg and "PiSSA" in msg
+    assert "'eva'" in msg and "init_lora_weights" in msg
+    assert "not implemented" in msg and "EVA" in msg
 
 
-@pytest.mark.parametrize("init", ["olora", "loftq", "eva", 1, 0.5])
+@pytest.mark.parametrize("init", ["corda", "Pissa", "pissa_niter_", "pissa_niter_-1", 1, 0.5])
 def test_other_unsupported_inits_are_refused(init: Any) -> None:
     with pytest.raises(ConfigError, match="init_lora_weights"):
         LoraConfig(init_lora_weights=init)
 
 
-@pytest.mark.parametrize("init", [True, False, "gaussian"])
+@pytest.mark.parametrize("init", [True, False, "gaussian", "pissa", "pissa_niter_4", "olora"])
 def test_supported_inits_are_accepted(init: Any) -> None:
     assert LoraConfig(init_lora_weights=init).init_lora_weights == init
 

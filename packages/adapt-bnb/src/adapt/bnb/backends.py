@@ -197,7 +197,7 @@ class FourBitBackend:
             compress_statistics=False,
             quant_type="nf4",
         )
-        return cast(torch.Tensor, bnbf.dequantize_4bit(codes, state)).float()
+        return bnbf.dequantize_4bit(codes, state).float()
 
     @staticmethod
     def logical_numel(param: torch.Tensor) -> int:

@@ -109,7 +109,7 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     use_dora: bool = False
-    loftq_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    loftq_config: dict[str, Any] | LoftQConfig = dataclasses.field(default_factory=dict)
     target_parameters: list[str] | None = None
     variant: str | None = None
     variant_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -161,7 +161,8 @@ class LoraConfig(AdapterConfig):
         init = self.init_lora_weights
         niter = init[len("pissa_niter_") :] if isinstance(init, str) else ""
         known = isinstance(init, (bool, str)) and (
-            init in _INITS or (init.startswith("pissa_niter_") and niter.isdigit())
+            init in _INITS
+            or (isinstance(init, str) and init.startswith("pissa_niter_") and niter.isdigit())
         )
         if not known:
             hint = (

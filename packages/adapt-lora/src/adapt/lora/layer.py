@@ -26,7 +26,7 @@ from adapt.core import (
 from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
 from adapt.core.typenames import CONV1D_TRANSFORMERS, describe
 
-from .config import LoraConfig
+from .config import LoraConfig, weight_init
 from .init_state import restore_base
 from .layer_variants import VariantHost
 from .lora_kernels import LoraLinearFunction
@@ -67,6 +67,9 @@ class LoraLayer(VariantHost):
         "lora_embedding_B",
     )
     other_param_names: ClassVar[tuple[str, ...]] = ("lora_dropout", "lora_init")
+    #: whether PiSSA / OLoRA / LoftQ initialise this layer type from its weight (linear-like
+    #: layers); other types get the default initialisation, as in PEFT
+    initialised_from_weight: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         super().__init__(base_layer, **kwargs)
@@ -122,6 +125,13 @@ class LoraLayer(VariantHost):
             weight_b = _weight(self.lora_B[adapter_name])
             if weight_a.is_meta:
                 return
+            if self.initialised_from_weight and weight_init(init) is not None:
+                # PiSSA / OLoRA / LoftQ set both from the base weight (LoraMethod.initialise):
+                # no random draws here, so pissa_niter_K's draws depend on the seed alone
+                with torch.no_grad():
+                    weight_a.zero_()
+                    weight_b.zero_()
+                return
             with torch.no_grad():
                 if init is False:
                     nn.init.kaiming_uniform_(weight_a, a=math.sqrt(5))
@@ -163,6 +173,7 @@ class LoraLinear(LoraLayer):
     linears, whose weights a backend reads)."""
 
     base_types: ClassVar[tuple[type | str, ...]] = (nn.Linear, CONV1D_TRANSFORMERS)
+    initialised_from_weight: ClassVar[bool] = True
     delta_weight_forward: ClassVar[bool] = True
 
     def create_adapter(

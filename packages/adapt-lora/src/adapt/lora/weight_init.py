@@ -67,7 +67,11 @@ def _refusal(layer: LoraLinear, kind: str, adapter_name: str, config: LoraConfig
 
 
 def _split(layers: Mapping[str, Any]) -> tuple[dict[str, LoraLinear], list[str]]:
-    chosen = {p: layer for p, layer in layers.items() if isinstance(layer, LoraLinear)}
+    chosen = {
+        p: layer
+        for p, layer in layers.items()
+        if isinstance(layer, LoraLinear) and layer.initialised_from_weight
+    }
     others = [p for p in layers if p not in chosen]
     return chosen, others
 
@@ -79,7 +83,7 @@ def _initialise_layer(
     weight = layer.backend.get_weight(base).detach().float()
     r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
     if kind == "loftq":
-        options = config.loftq_config
+        options = cast(dict[str, Any], config.loftq_config)  # a dict once validated
         roundtrip = quantiser_for(int(options["loftq_bits"]))
         a, b, new_base = loftq_factors(
             weight, r, scaling, int(options.get("loftq_iter", 1)), roundtrip
@@ -119,7 +123,8 @@ def initialise(config: LoraConfig, adapter_name: str, layers: Mapping[str, Any])
         if why is not None:
             raise TargetError(f"cannot initialise {path!r}: {why}")
     if kind == "loftq":
-        quantiser_for(int(config.loftq_config["loftq_bits"]))  # installed? (before any change)
+        bits = cast(dict[str, Any], config.loftq_config)["loftq_bits"]
+        quantiser_for(int(bits))  # installed? (before any change)
     if others:
         shown = ", ".join(repr(p) for p in others[:3]) + (" …" if len(others) > 3 else "")
         warn_user(

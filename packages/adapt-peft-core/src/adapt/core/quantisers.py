@@ -28,11 +28,13 @@ Roundtrip = Callable[[torch.Tensor], torch.Tensor]
 
 
 def quantiser_for(bits: int) -> Roundtrip:
-    """The installed backends' round trip for ``bits`` (``loftq_bits``); :class:`ConfigError`
-    saying what to install when none offers it."""
+    """The installed backends' round trip for ``bits`` (``loftq_bits``; of the backend with the
+    highest ``priority`` when several offer it); :class:`ConfigError` saying what to install
+    when none offers it."""
     store = current_store()
     offered: list[int] = []
-    for entry in store.entries(GROUP_BACKENDS):
+    # the highest-priority backend first (a plugin may override adapt-bnb's quantiser)
+    for entry in sorted(store.entries(GROUP_BACKENDS), key=lambda e: -e.priority):
         backend = entry.obj
         if backend is None:
             continue
