@@ -41,6 +41,7 @@ from adapt_bench.cases import (
     case_allocate,
     case_import,
     case_infer,
+    case_init,
     case_inject,
     case_load,
     case_merge,
@@ -54,6 +55,7 @@ from adapt_bench.timing import Bench
 CASE_FUNCS: dict[str, Callable[[Bench, Sequence[str]], None]] = {
     "import": case_import,
     "inject": case_inject,
+    "init": case_init,
     "train": case_train,
     "infer": case_infer,
     "merge": case_merge,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import IMPORTED, LIBS, MOE_METHODS
+from .config import IMPORTED, INITS, LIBS, MOE_METHODS, TARGETS
 from .report import make_row, median
 from .timing import Bench, alternate
 from .workloads import (
@@ -112,6 +112,33 @@ def case_inject(b: Bench, methods: Sequence[str]) -> None:
             make_row(
                 "inject", m, "s", median(samples["adapt"]), median(samples["peft"]),
                 note=note, samples=samples,
+            )
+        )  # fmt: skip
+
+
+def case_init(b: Bench, methods: Sequence[str]) -> None:
+    """Creating a LoRA adapter whose initialisation decomposes the base weights (PiSSA exact
+    and randomised, OLoRA) on a fresh copy of the bench model; both libraries draw from the
+    same seed."""
+    if "lora" not in methods:
+        return
+    import torch
+
+    for init in INITS:
+
+        def contender(lib: str, init: str = init) -> Callable[[int], float]:
+            def run(rep: int) -> float:
+                model = b.fresh_base()
+                torch.manual_seed(rep)
+                return b.timed(lambda: inject(lib, model, "lora", init))
+
+            return run
+
+        samples = alternate({lib: contender(lib) for lib in LIBS}, b.sizes.reps)
+        b.add(
+            make_row(
+                "init", init, "s", median(samples["adapt"]), median(samples["peft"]),
+                note=f"LoRA r8, {len(TARGETS) * b.sizes.layers} modules", samples=samples,
             )
         )  # fmt: skip
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CASES = ("import", "inject", "train", "infer", "merge", "load", "allocate", "memory")
+CASES = ("import", "inject", "init", "train", "infer", "merge", "load", "allocate", "memory")
+#: ``init_lora_weights`` values the init case times (LoRA r8 on all linear layers of the bench
+#: model): creating the adapter, base-weight decomposition included.
+INITS = ("pissa", "pissa_niter_4", "olora")
 METHODS = ("lora", "vera", "adalora", "dora", "moe", "moe-dense")
 #: Methods on the MoE bench model (LoRA on attention and the fused expert parameters; "moe"
 #: is adapt's default low-rank path, "moe-dense" adapt forced to PEFT's dense W + ΔW): only
@@ -70,6 +73,7 @@ class Goal:
 GOALS: dict[tuple[str, str], Goal] = {
     **{("import", m): Goal(0.35) for m in IMPORTED},
     **{("inject", m): Goal(0.5) for m in METHODS if m not in MOE_METHODS},
+    ("init", "pissa"): Goal(0.5),
     ("train step", "lora"): Goal(0.90),
     ("train step", "vera"): Goal(0.85),
     ("train overhead", "lora"): Goal(0.6),

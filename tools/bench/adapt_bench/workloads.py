@@ -61,8 +61,15 @@ def configs(method: str) -> tuple[Any, Any]:
     raise ValueError(method)
 
 
-def inject(lib: str, model: Any, method: str) -> Any:
-    a_cfg, p_cfg = configs(method)
+def init_configs(init: str) -> tuple[Any, Any]:
+    """The LoRA bench configs with ``init_lora_weights=init`` (PiSSA, OLoRA)."""
+    a_cfg, p_cfg = configs("lora")
+    a_cfg.init_lora_weights = p_cfg.init_lora_weights = init
+    return a_cfg, p_cfg
+
+
+def inject(lib: str, model: Any, method: str, init: str | None = None) -> Any:
+    a_cfg, p_cfg = configs(method) if init is None else init_configs(init)
     if lib == "adapt":
         from adapt.core import adapt
         from adapt.core.parameter_layer import ParameterLayer

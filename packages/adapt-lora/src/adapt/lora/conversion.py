@@ -63,7 +63,7 @@ def _check_convertible(config: dict[str, Any], initial_config: dict[str, Any], s
 
 def _doubled(config: dict[str, Any]) -> dict[str, Any]:
     out = dict(config)
-    grow = math.sqrt(2) if config.get("use_rslora") else 2.0
+    grow: float = math.sqrt(2) if config.get("use_rslora") else 2  # ints stay ints, as in PEFT
     out["r"] = 2 * int(config["r"])
     out["lora_alpha"] = config["lora_alpha"] * grow
     out["rank_pattern"] = {k: 2 * int(v) for k, v in (config.get("rank_pattern") or {}).items()}
