@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("adapt.bnb")
 
-from adapt.core import AdaptedModel, adapt  # noqa: E402
+from adapt.core import AdaptedModel, TargetError, adapt  # noqa: E402
 from adapt.core.testing import randomise_adapters, tiny_llama, token_ids  # noqa: E402
 from adapt.lora import LoraConfig  # noqa: E402
 from adapt.vera import VeraConfig  # noqa: E402
@@ -265,3 +265,33 @@ def test_4bit_merge_after_eval_inference_vs_peft(folder: Path, kind: str, tmp_pa
         f"(after inference); PEFT {peft_fresh:.1%} / {peft_after:.1%}"
     )
     assert ours_after <= 1.25 * ours_fresh + 1e-3
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_olora_on_a_quantised_base_matches_peft(folder: Path, kind: str) -> None:
+    """OLoRA works from the dequantised weight and requantises the residual, in both libraries:
+    the same A, B (QR of the same dequantised weight), the same requantised residual, the same
+    logits. (PiSSA on a quantised base is refused by both.)"""
+    kw: dict[str, Any] = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="olora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = adapt(_load(folder, kind), LoraConfig(**kw))
+        theirs = peft.get_peft_model(_load(folder, kind), peft.LoraConfig(**kw))
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        a = ours.model.model.layers[1].get_submodule(name)
+        p = theirs.base_model.model.model.layers[1].get_submodule(name)
+        for factor in ("lora_A", "lora_B"):
+            mine, peft_w = (
+                getattr(a, factor)["default"].weight,
+                getattr(p, factor)["default"].weight,
+            )
+            assert torch.allclose(mine, peft_w.to(mine.dtype), atol=1e-5), (kind, name, factor)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-4)
+    with pytest.raises(TypeError, match="Please initialize PiSSA"):
+        peft.get_peft_model(
+            _load(folder, kind), peft.LoraConfig(**{**kw, "init_lora_weights": "pissa"})
+        )
+    with pytest.raises(TargetError, match="PiSSA on a quantised layer"):
+        adapt(_load(folder, kind), LoraConfig(**{**kw, "init_lora_weights": "pissa"}))
