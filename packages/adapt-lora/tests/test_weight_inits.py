@@ -383,3 +383,19 @@ def test_loftq_fits_the_quantisation_error(iterations: int) -> None:
             expected = plain.norm() ** 2 - (sigma**2).sum()
             assert math.isclose(float((w - fitted).norm() ** 2), float(expected), rel_tol=1e-3)
         assert not len(layer.lora_init)  # LoftQ's base is the quantised one: nothing to restore
+
+
+def test_reduced_matmul_precision_does_not_reach_the_decomposition() -> None:
+    """Under ``torch.set_float32_matmul_precision("medium")`` (TF32 on CUDA, bf16 passes on
+    the CPU) the Gram matrix, residual and restore still run in full float32."""
+    base = tiny_llama()
+    ids = token_ids()
+    expected = base(ids).logits
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        model = adapt(base, config("pissa"))
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert rel(model(ids).logits, expected) < 1e-5

@@ -14,6 +14,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from .inits import full_float32
+
 __all__ = ["InitFactors", "forget_init", "restore_base", "store_init"]
 
 
@@ -54,8 +56,9 @@ def restore_base(layer: Any, adapter_name: str) -> None:
     record = cast(InitFactors, table[adapter_name])
     base = layer.get_base_layer()
     weight = layer.backend.get_weight(base).detach().float()
-    restored = torch.addmm(
-        weight, record.b.to(weight.device), record.a.to(weight.device), alpha=record.scaling
-    )
+    with full_float32():
+        restored = torch.addmm(
+            weight, record.b.to(weight.device), record.a.to(weight.device), alpha=record.scaling
+        )
     layer.backend.set_weight(base, restored)
     del table[adapter_name]

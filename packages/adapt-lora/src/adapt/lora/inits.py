@@ -16,19 +16,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["loftq_factors", "olora_factors", "pissa_factors", "top_singular"]
+__all__ = ["full_float32", "loftq_factors", "olora_factors", "pissa_factors", "top_singular"]
 
 #: below this ratio of the r-th to the first singular value the Gram route loses digits
 #: (its precision is ε·σ₁² on σ²): use the SVD
 _GRAM_FLOOR = 5e-2
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """float32 products in full precision (no TF32 on CUDA, no bf16 passes on the CPU) while
+    the Gram matrix is formed: its eigenvectors need every bit."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def top_singular(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U (m, r), S (r,), Vh (r, n))``: the ``r`` largest singular triplets of ``weight``."""
+    with full_float32():
+        return _top_singular(weight, r)
+
+
+def _top_singular(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, n = weight.shape
     if m <= n:
         values, vectors = torch.linalg.eigh(weight @ weight.T)

@@ -22,7 +22,7 @@ from torch import nn
 from adapt.core import AdaptedModel, CheckpointError, ConfigError
 from adapt.core.progress import progress
 
-from .inits import top_singular
+from .inits import full_float32, top_singular
 from .layer import LoraLinear
 
 __all__ = ["replace_lora_weights_loftq"]
@@ -130,7 +130,9 @@ def _replace(
     callback: Callable[[nn.Module, str], bool] | None,
 ) -> None:
     dequantised = layer.backend.get_weight(layer.get_base_layer()).float()
-    u, s, vh = top_singular(original.to(dequantised.device) - dequantised, layer.r[adapter_name])
+    with full_float32():
+        error = original.to(dequantised.device) - dequantised
+        u, s, vh = top_singular(error, layer.r[adapter_name])
     root = (s / layer.scaling[adapter_name]).sqrt()
     weight_a = cast(torch.Tensor, layer.lora_A[adapter_name].weight)
     weight_b = cast(torch.Tensor, layer.lora_B[adapter_name].weight)

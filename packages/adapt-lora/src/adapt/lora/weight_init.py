@@ -23,7 +23,7 @@ from adapt.core.typenames import describe
 
 from .config import LoraConfig, weight_init
 from .init_state import forget_init, restore_base, store_init
-from .inits import loftq_factors, olora_factors, pissa_factors
+from .inits import full_float32, loftq_factors, olora_factors, pissa_factors
 from .layer import LoraLinear
 
 __all__ = ["initialise"]
@@ -76,32 +76,41 @@ def _split(layers: Mapping[str, Any]) -> tuple[dict[str, LoraLinear], list[str]]
     return chosen, others
 
 
+def _factors(
+    layer: LoraLinear,
+    adapter_name: str,
+    kind: str,
+    niter: int | None,
+    config: LoraConfig,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, B, new base weight)`` for one layer (float32, canonical layout)."""
+    r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
+    if kind == "loftq":
+        options = cast(dict[str, Any], config.loftq_config)  # a dict once validated
+        roundtrip = quantiser_for(int(options["loftq_bits"]))
+        return loftq_factors(weight, r, scaling, int(options.get("loftq_iter", 1)), roundtrip)
+    if kind == "pissa":
+        a, b = pissa_factors(weight, r, scaling, niter)
+    else:
+        a, b = olora_factors(weight, r)
+    return a, b, torch.addmm(weight, b, a, alpha=-scaling)
+
+
 def _initialise_layer(
     layer: LoraLinear, adapter_name: str, kind: str, niter: int | None, config: LoraConfig
 ) -> MergeReport:
     base = layer.get_base_layer()
     weight = layer.backend.get_weight(base).detach().float()
-    r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
-    if kind == "loftq":
-        options = cast(dict[str, Any], config.loftq_config)  # a dict once validated
-        roundtrip = quantiser_for(int(options["loftq_bits"]))
-        a, b, new_base = loftq_factors(
-            weight, r, scaling, int(options.get("loftq_iter", 1)), roundtrip
-        )
-    else:
-        a, b = (
-            pissa_factors(weight, r, scaling, niter)
-            if kind == "pissa"
-            else olora_factors(weight, r)
-        )
-        new_base = torch.addmm(weight, b, a, alpha=-scaling)
+    with full_float32():
+        a, b, new_base = _factors(layer, adapter_name, kind, niter, config, weight)
     weight_a = cast(torch.Tensor, layer.lora_A[adapter_name].weight)
     weight_b = cast(torch.Tensor, layer.lora_B[adapter_name].weight)
     with torch.no_grad():
         weight_a.copy_(a.to(weight_a.dtype))
         weight_b.copy_(b.to(weight_b.dtype))
     if kind != "loftq":
-        store_init(layer, adapter_name, a, b, scaling)
+        store_init(layer, adapter_name, a, b, layer.scaling[adapter_name])
     report = layer.backend.set_weight(base, new_base.to(weight.device))
     variant = layer.lora_variant.get(adapter_name)
     if variant is not None:  # DoRA's magnitude: of the new base + s·BA, as in PEFT
