@@ -251,7 +251,7 @@ def test_conversion_refuses_what_it_cannot_convert(tmp_path: Path) -> None:
 
 
 def test_config_validation() -> None:
-    for bad in ("pisa", "pissa_niter_x", "eva", 3, "OLoRA"):
+    for bad in ("pisa", "pissa_niter_x", "EVA", 3, "OLoRA"):
         with pytest.raises(ConfigError, match="init_lora_weights"):
             config(bad)
     with pytest.raises(ConfigError, match="needs loftq_config"):

@@ -8,17 +8,20 @@ PEFT's LoRA format.
 from __future__ import annotations
 
 from .__about__ import __version__
-from .config import LoftQConfig, LoraConfig
+from .config import LoraConfig
 from .dora import DoraVariant
 from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from .loftq import replace_lora_weights_loftq
 from .method import METHOD, LoraMethod
+from .subconfigs import CordaConfig, EvaConfig, LoftQConfig
 from .variants import VARIANT_GROUP, LoraVariant, get_variant, register_variant, unregister_variant
 
 __all__ = [
     "METHOD",
     "VARIANT_GROUP",
+    "CordaConfig",
     "DoraVariant",
+    "EvaConfig",
     "LoftQConfig",
     "LoraConfig",
     "LoraConv",

@@ -11,24 +11,22 @@ from typing import Any, ClassVar
 from adapt.core import ANY_VALUE, AdapterConfig, ConfigError
 from adapt.core.param_targeting import check_names
 
+from .subconfigs import CordaConfig, EvaConfig, LoftQConfig, sub_config
+
 _BIAS = ("none", "all", "lora_only")
 
 #: Keys PEFT writes in a LoRA adapter_config.json: ignored at these values, refused otherwise.
 PEFT_LORA_KEYS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "arrow_config": None,
-    "corda_config": None,
     "ensure_weight_tying": (False, None),
-    "eva_config": None,
     "kasa_config": None,
     "layer_replication": None,
-    "lora_bias": False,
     "lora_ga_config": None,
     "megatron_config": None,
     "megatron_core": ANY_VALUE,
     "monteclora_config": None,
     "qalora_group_size": ANY_VALUE,
-    "trainable_token_indices": None,
     "use_bdlora": (None, False),
     "use_qalora": False,
     "velora_config": None,
@@ -36,23 +34,14 @@ PEFT_LORA_KEYS: dict[str, Any] = {
 
 
 #: ``init_lora_weights`` values that derive A and B from the base weight and rewrite it.
-WEIGHT_INITS = ("pissa", "pissa_niter_<K>", "olora", "loftq")
-_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
-
-
-@dataclasses.dataclass
-class LoftQConfig:
-    """LoftQ's options (PEFT's ``LoftQConfig``): ``loftq_bits`` (4: nf4, 8: int8) and
-    ``loftq_iter``, the alternating quantise / low-rank steps."""
-
-    loftq_bits: int = 4
-    loftq_iter: int = 1
+WEIGHT_INITS = ("pissa", "pissa_niter_<K>", "olora", "loftq", "corda")
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda")
 
 
 def weight_init(init: object) -> tuple[str, int | None] | None:
     """``("pissa", None)``, ``("pissa", K)`` for ``"pissa_niter_K"``, ``("olora", None)``,
     ``("loftq", None)``; None for the initialisations that leave the base alone."""
-    if init in ("pissa", "olora", "loftq") and isinstance(init, str):
+    if init in ("pissa", "olora", "loftq", "corda") and isinstance(init, str):
         return init, None
     if isinstance(init, str) and init.startswith("pissa_niter_"):
         return "pissa", int(init[len("pissa_niter_") :])
@@ -110,6 +99,10 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     use_dora: bool = False
     loftq_config: dict[str, Any] | LoftQConfig = dataclasses.field(default_factory=dict)
+    eva_config: EvaConfig | None = None
+    corda_config: CordaConfig | None = None
+    lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: list[str] | None = None
     variant: str | None = None
     variant_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -165,17 +158,23 @@ class LoraConfig(AdapterConfig):
             or (isinstance(init, str) and init.startswith("pissa_niter_") and niter.isdigit())
         )
         if not known:
-            hint = (
-                " (EVA and CorDA initialisations are not implemented in adapt)"
-                if init in ("eva", "corda")
-                else ""
-            )
             raise ConfigError(
                 f"{name}.init_lora_weights must be True, False, 'gaussian', 'pissa', "
                 f"'pissa_niter_<K>' (K a whole number of iterations, e.g. 'pissa_niter_4'), "
-                f"'olora' or 'loftq', got {init!r}{hint}"
+                f"'olora', 'loftq', 'eva' or 'corda', got {init!r}"
             )
         self._check_loftq(name)
+        self._check_data_inits(name)
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"{name}.lora_bias must be true or false, got {self.lora_bias!r}")
+        if self.lora_bias and (
+            init not in (True, False) or self.use_dora or self.target_parameters
+        ):
+            raise ConfigError(
+                f"{name}: lora_bias=True works with init_lora_weights=True or False, without "
+                f"DoRA and without target_parameters (as in PEFT); got init_lora_weights="
+                f"{init!r}, use_dora={self.use_dora}, target_parameters={self.target_parameters}"
+            )
         kind = weight_init(init)
         if kind is not None and self.target_parameters:
             raise ConfigError(
@@ -183,6 +182,29 @@ class LoraConfig(AdapterConfig):
                 "does not apply to target_parameters (fused expert tensors): use the default "
                 "initialisation there, or target the experts' Linear modules"
             )
+
+    def _check_data_inits(self, name: str) -> None:
+        for field, cls, init in (
+            ("eva_config", EvaConfig, "eva"),
+            ("corda_config", CordaConfig, "corda"),
+        ):
+            value = sub_config(name, field, cls, getattr(self, field))
+            if self.init_lora_weights == init and value is None:
+                warnings.warn(
+                    f"{name}: init_lora_weights={init!r} without {field}: using the default "
+                    f"{cls.__name__}() (as PEFT)",
+                    UserWarning,
+                    stacklevel=5,
+                )
+                value = cls()
+            elif self.init_lora_weights != init and value is not None:
+                warnings.warn(
+                    f"{name}.{field} is ignored: init_lora_weights is "
+                    f"{self.init_lora_weights!r}, not {init!r}",
+                    UserWarning,
+                    stacklevel=5,
+                )
+            setattr(self, field, value)
 
     def _check_loftq(self, name: str) -> None:
         loftq = self.loftq_config

@@ -22,11 +22,16 @@ from adapt.core.quantisers import quantiser_for
 from adapt.core.typenames import describe
 
 from .config import LoraConfig, weight_init
+from .corda import corda_factors, corda_forget, corda_refusal
 from .init_state import forget_init, restore_base, store_init
 from .inits import full_float32, loftq_factors, olora_factors, pissa_factors
 from .layer import LoraLinear
 
 __all__ = ["initialise"]
+
+
+def kind_name(kind: str) -> str:
+    return {"pissa": "PiSSA", "corda": "CorDA", "olora": "OLoRA", "loftq": "LoftQ"}[kind]
 
 
 def _label(config: LoraConfig) -> str:
@@ -49,11 +54,15 @@ def _refusal(layer: LoraLinear, kind: str, adapter_name: str, config: LoraConfig
             f"{layer.in_features}: at most {min(layer.out_features, layer.in_features)}); "
             f"{kind.upper()} takes r directions of the weight: lower r (rank_pattern for this module)"
         )
+    if kind == "corda":
+        why = corda_refusal(layer)
+        if why is not None:
+            return why
     if not layer.backend.lossy:
         return None
-    if kind == "pissa":
+    if kind in ("pissa", "corda"):
         return (
-            f"PiSSA on a quantised layer ({describe(base)}) would requantise the residual and "
+            f"{kind_name(kind)} on a quantised layer ({describe(base)}) would requantise the residual and "
             "change the model's output (PEFT refuses it too): initialise PiSSA on the float "
             "model, save or keep the residual model, then quantise it"
         )
@@ -92,6 +101,8 @@ def _factors(
         return loftq_factors(weight, r, scaling, int(options.get("loftq_iter", 1)), roundtrip)
     if kind == "pissa":
         a, b = pissa_factors(weight, r, scaling, niter)
+    elif kind == "corda":
+        a, b = corda_factors(layer, weight, r, scaling)
     else:
         a, b = olora_factors(weight, r)
     return a, b, torch.addmm(weight, b, a, alpha=-scaling)
@@ -172,6 +183,9 @@ def _run(
                 layer.backend.set_weight(layer.get_base_layer(), original)
             forget_init(layer, adapter_name)
         raise
+    if kind == "corda":
+        for layer in chosen.values():
+            corda_forget(layer)  # the decomposition is used up (PEFT deletes it too)
     cost = worst(reports)
     if cost.lossy:
         warn_user(

@@ -28,6 +28,8 @@ _COMMON_IGNORED: dict[str, Any] = {
 
 
 def _to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a sub-config
+        return _to_jsonable(dataclasses.asdict(value))
     if isinstance(value, (set, frozenset)):
         return sorted(_to_jsonable(v) for v in value)
     if isinstance(value, tuple):
