@@ -19,7 +19,8 @@ from adapt.core import AdapterStateError, PluginError, adapt
 from adapt.core.testing import check_layer
 from adapt.lora import LoraConfig
 from adapt.lora.dora import NORM_EPS
-from adapt.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from adapt.lora.layer import LoraEmbedding, LoraLayer, LoraLinear
+from adapt.lora.layer_conv import LoraConv
 
 TOL = 1e-5
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from adapt.core.testing import check_layer
 from adapt.lora import LoraConfig
-from adapt.lora.layer import LoraConv, LoraEmbedding, LoraLinear
+from adapt.lora.layer import LoraEmbedding, LoraLinear
+from adapt.lora.layer_conv import LoraConv
 
 
 def seeded(factory):  # type: ignore[no-untyped-def]

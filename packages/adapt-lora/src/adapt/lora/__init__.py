@@ -10,7 +10,8 @@ from __future__ import annotations
 from .__about__ import __version__
 from .config import LoraConfig
 from .dora import DoraVariant
-from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .layer import LoraEmbedding, LoraLayer, LoraLinear
+from .layer_conv import LoraConv
 from .loftq import replace_lora_weights_loftq
 from .method import METHOD, LoraMethod
 from .subconfigs import CordaConfig, EvaConfig, LoftQConfig

@@ -102,7 +102,7 @@ class DoraVariant(LoraVariant):
 
     def magnitude_shape(self, layer: LoraLayer) -> tuple[int, ...]:
         """PEFT's shape: (out,) for linear layers and embeddings, (1, out, 1, …) for convs."""
-        from .layer import LoraConv
+        from .layer_conv import LoraConv
 
         if isinstance(layer, LoraConv):
             base = layer.get_base_layer()

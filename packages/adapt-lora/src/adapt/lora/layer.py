@@ -11,6 +11,7 @@ and applied for their module type (:meth:`LoraLayer.create_adapter`,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
 import torch
@@ -19,16 +20,16 @@ from torch import nn
 
 from adapt.core import (
     ConfigError,
-    TargetError,
     adapter_dtype_device,
     add_scaled_product,
 )
 from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
-from adapt.core.typenames import CONV1D_TRANSFORMERS, describe
+from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import LoraConfig, weight_init
 from .init_state import restore_base
 from .layer_variants import VariantHost
+from .lora_bias import add_lora_bias, check_bias_merge, lora_bias_of
 from .lora_kernels import LoraLinearFunction
 
 
@@ -102,8 +103,27 @@ class LoraLayer(VariantHost):
         dropout = config.lora_dropout
         self.lora_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.create_adapter(adapter_name, r, dtype=dtype, device=device)
+        if config.lora_bias:
+            add_lora_bias(self, adapter_name, config.init_lora_weights)
         self.reset_lora_parameters(adapter_name, config.init_lora_weights)
         self.attach_variant(adapter_name, config)
+
+    def merge_bias(self, bias: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        extra = lora_bias_of(self, adapter_name)
+        return bias if extra is None else bias + self.scaling[adapter_name] * extra.to(bias.dtype)
+
+    def unmerge_bias(self, bias: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        extra = lora_bias_of(self, adapter_name)
+        return bias if extra is None else bias - self.scaling[adapter_name] * extra.to(bias.dtype)
+
+    def merge_depends_on_weight(self) -> bool:  # a LoRA bias may refuse (no base bias)
+        return super().merge_depends_on_weight() or any(
+            lora_bias_of(self, n) is not None for n in self.lora_B
+        )
+
+    def merged_bias(self, adapter_names: Sequence[str]) -> torch.Tensor | None:
+        check_bias_merge(self, adapter_names)
+        return super().merged_bias(adapter_names)
 
     def on_unload(self) -> None:
         for name in list(self.lora_init):
@@ -193,6 +213,8 @@ class LoraLinear(LoraLayer):
         variant = self.lora_variant.get(adapter_name)
         if variant is not None:
             return variant.fused_forward(self, x, adapter_name)
+        if lora_bias_of(self, adapter_name) is not None:
+            return None  # the general path adds s·b_B
         dropout = self.lora_dropout[adapter_name]
         if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
             return None
@@ -227,7 +249,11 @@ class LoraLinear(LoraLayer):
         *,
         base_output: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if not self.fuse_adapter_output or name in self.lora_variant:
+        if (
+            not self.fuse_adapter_output
+            or name in self.lora_variant
+            or lora_bias_of(self, name) is not None
+        ):
             return super().add_adapter_output(result, x, name, base_output=base_output)
         # result + s·(x Aᵀ) Bᵀ with the B product, the scale and the sum in one addmm; not in
         # place on the base output when a variant adapter of this layer reads it afterwards
@@ -241,6 +267,14 @@ class LoraLinear(LoraLayer):
             in_place=self.may_add_in_place(result)
             and (result is not base_output or not self.lora_variant),
         )
+
+    def _merged_weight_forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        out = super()._merged_weight_forward(x, names)
+        for name in names:
+            extra = lora_bias_of(self, name)
+            if extra is not None:
+                out = out + self.scaling[name] * extra.to(out.dtype)
+        return out
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_b = _weight(self.lora_B[adapter_name])
@@ -317,81 +351,3 @@ class LoraEmbedding(LoraLayer):
         weight_b = self.lora_embedding_B[adapter_name]
         out: torch.Tensor = (weight_b @ weight_a).T * self.scaling[adapter_name]
         return out
-
-
-def grouped_conv_message(name: str, conv: nn.modules.conv._ConvNd) -> str:
-    """Why LoRA refuses a grouped convolution, naming it (by path when known)."""
-    return (
-        f"{name} is a {type(conv).__name__} with groups={conv.groups}; LoRA on grouped "
-        "convolutions is not implemented in adapt-lora. Remove it from target_modules "
-        "(or list it in exclude_modules)"
-    )
-
-
-class LoraConv(LoraLayer):
-    """LoRA on ``nn.Conv1d/2d/3d``: A is a convolution with the base's kernel, stride, padding
-    and dilation into r channels; B a 1×…×1 convolution back to the output channels."""
-
-    base_types: ClassVar[tuple[type | str, ...]] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-    @classmethod
-    def supports(cls, module: nn.Module) -> bool:
-        # Grouped convolutions are claimed (not refused here) so that LoraMethod.prepare can
-        # refuse them with a message naming the module and its groups; refusing here would
-        # give core's generic "no lora layer can adapt Conv2d" message instead.
-        return isinstance(module, nn.modules.conv._ConvNd)
-
-    def create_adapter(
-        self, adapter_name: str, r: int, *, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        base = self.get_base_layer()
-        assert isinstance(base, nn.modules.conv._ConvNd)
-        if base.groups != 1:
-            raise TargetError(grouped_conv_message(describe(base), base))
-        conv_cls: Any = (
-            type(base)
-            if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-            else {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(base.kernel_size)]
-        )
-        ones = (1,) * len(base.kernel_size)
-        self.lora_A[adapter_name] = conv_cls(
-            self.in_features,
-            r,
-            base.kernel_size,
-            stride=base.stride,
-            padding=base.padding,
-            dilation=base.dilation,
-            padding_mode=base.padding_mode,
-            bias=False,
-            dtype=dtype,
-            device=device,
-        )
-        self.lora_B[adapter_name] = conv_cls(
-            r,
-            self.out_features,
-            ones,
-            stride=ones,
-            bias=False,
-            dtype=dtype,
-            device=device,
-        )
-
-    def lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        return self._ab(x, adapter_name)
-
-    def per_output(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values.view(1, -1, *([1] * (like.dim() - 2)))  # channels are dim 1
-
-    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.get_base_layer()
-        assert isinstance(base, nn.modules.conv._ConvNd)
-        weight = self.original_weight().to(x.dtype)
-        out: torch.Tensor = base._conv_forward(x, weight, None)
-        return out
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        weight_a = _weight(self.lora_A[adapter_name])  # (r, in, *k)
-        weight_b = _weight(self.lora_B[adapter_name])  # (out, r, 1, ...)
-        delta = weight_b.flatten(1) @ weight_a.flatten(1)
-        out: torch.Tensor = delta.view(self.out_features, *weight_a.shape[1:])
-        return out * self.scaling[adapter_name]

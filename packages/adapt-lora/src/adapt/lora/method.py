@@ -15,7 +15,7 @@ from adapt.core.targeting import QUERY_VALUE_TARGETS
 
 from .config import LoraConfig, weight_init
 from .conversion import convert_for_initial
-from .layer import LoraConv, grouped_conv_message
+from .layer_conv import LoraConv, grouped_conv_message
 from .parameters import LoraParameter
 from .variants import get_variant, variant_name
 from .weight_init import initialise
