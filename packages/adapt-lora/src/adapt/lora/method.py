@@ -17,6 +17,7 @@ from .config import LoraConfig, weight_init
 from .conversion import convert_for_initial
 from .layer_conv import LoraConv, grouped_conv_message
 from .parameters import LoraParameter
+from .tokens import TrainableTokensLayer, token_targets
 from .variants import get_variant, variant_name
 from .weight_init import initialise
 
@@ -30,6 +31,7 @@ class LoraMethod(Method[LoraConfig]):
     summary_keys: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "use_rslora", "use_dora")
     tensor_prefixes: ClassVar[tuple[str, ...]] = ("lora_",)
     parameter_layer: ClassVar[type[Any] | None] = LoraParameter
+    _token_cache: tuple[LoraConfig, dict[str, tuple[list[int], str | None]]] | None = None
 
     def rank_of(self, tensors: Mapping[str, tuple[int, ...]]) -> int | None:
         """The rows of ``lora_A`` (``lora_embedding_A`` for an embedding)."""
@@ -59,6 +61,22 @@ class LoraMethod(Method[LoraConfig]):
             ):
                 raise TargetError(grouped_conv_message(path, module))
 
+    def extra_layers(
+        self, model: ModelView, config: LoraConfig, adapter_name: str
+    ) -> dict[str, type[Any]]:
+        if config.trainable_token_indices is None:
+            return {}
+        return dict.fromkeys(self._tokens(model, config), TrainableTokensLayer)
+
+    def _tokens(
+        self, model: ModelView, config: LoraConfig
+    ) -> dict[str, tuple[list[int], str | None]]:
+        cached = self._token_cache
+        if cached is None or cached[0] is not config:
+            cached = (config, token_targets(model.model, config.trainable_token_indices))
+            self._token_cache = cached
+        return cached[1]
+
     def initialise(
         self,
         model: ModelView,
@@ -66,6 +84,10 @@ class LoraMethod(Method[LoraConfig]):
         adapter_name: str,
         layers: Mapping[str, Any],
     ) -> None:
+        if config.trainable_token_indices is not None:
+            for path, (_, tied_to) in self._tokens(model, config).items():
+                if tied_to is not None:
+                    layers[path].tie_to(layers[tied_to], adapter_name)
         initialise(config, adapter_name, layers)
 
     def before_load(self, model: ModelView, config: LoraConfig, adapter_name: str) -> None:
@@ -93,6 +115,10 @@ class LoraMethod(Method[LoraConfig]):
     def layer_kwargs(
         self, model: ModelView, config: LoraConfig, adapter_name: str, path: str
     ) -> dict[str, Any]:
+        if config.trainable_token_indices is not None:
+            tokens = self._tokens(model, config).get(path)
+            if tokens is not None:
+                return {"token_indices": tokens[0], "tied": tokens[1] is not None}
         r, alpha = config.rank_and_alpha(path)
         return {"r": r, "lora_alpha": alpha}
 

@@ -26,6 +26,7 @@ from .corda import corda_factors, corda_forget, corda_refusal
 from .init_state import forget_init, restore_base, store_init
 from .inits import full_float32, loftq_factors, olora_factors, pissa_factors
 from .layer import LoraLinear
+from .tokens import TrainableTokensLayer
 
 __all__ = ["initialise"]
 
@@ -81,7 +82,9 @@ def _split(layers: Mapping[str, Any]) -> tuple[dict[str, LoraLinear], list[str]]
         for p, layer in layers.items()
         if isinstance(layer, LoraLinear) and layer.initialised_from_weight
     }
-    others = [p for p in layers if p not in chosen]
+    others = [
+        p for p in layers if p not in chosen and not isinstance(layers[p], TrainableTokensLayer)
+    ]
     return chosen, others
 
 

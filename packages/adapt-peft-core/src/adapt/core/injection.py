@@ -129,6 +129,33 @@ def _check_inputs(cls: type[AdapterLayer], path: str, module: nn.Module) -> None
         )
 
 
+def _extra_layers(
+    adapters: AdapterSet,
+    config: AdapterConfig,
+    method: Method[Any],
+    adapter_name: str,
+    modules: dict[str, nn.Module],
+    layers: dict[str, type[AdapterLayer] | None],
+) -> list[str]:
+    """The method's layers beyond the targets (:meth:`Method.extra_layers`), added to the plan."""
+    extra = method.extra_layers(adapters.view, config, adapter_name)
+    for path, cls in extra.items():
+        if path in modules:
+            raise TargetError(
+                f"{path!r} is a target module and also gets a {cls.__name__} from the config "
+                "(e.g. trainable_token_indices on a LoRA-targeted embedding); drop one of them"
+            )
+        module = adapters.model.get_submodule(path)
+        if isinstance(module, AdapterLayer) and not isinstance(module, cls):
+            raise TargetError(
+                f"{path!r} holds {type(module).__name__} adapters and cannot also get a "
+                f"{cls.__name__}"
+            )
+        modules[path] = module
+        layers[path] = None if isinstance(module, cls) else cls
+    return list(extra)
+
+
 def _layer_plan(
     method: Method[Any], modules: dict[str, nn.Module]
 ) -> dict[str, type[AdapterLayer] | None]:
@@ -217,9 +244,10 @@ def plan(adapters: AdapterSet, adapter_name: str, config: AdapterConfig) -> Plan
     )
     modules = {p: adapters.model.get_submodule(p) for p in paths}
     layers = _layer_plan(method, modules)
+    extra = _extra_layers(adapters, config, method, adapter_name, modules, layers)
     params = plan_parameters(adapters, config, method, adapter_name, paths)
     save_paths = _modules_to_save(
-        adapters.model, config, set(paths) | set(params.targets if params else ())
+        adapters.model, config, set(paths) | set(extra) | set(params.targets if params else ())
     )
     return Plan(adapter_name, config, given, method, modules, layers, save_paths, params)
 

@@ -84,6 +84,15 @@ class Method(Generic[ConfigT]):
         """Called before layers get the adapter (e.g. to build a shared basis). Must raise
         before changing anything if the adapter cannot be added."""
 
+    def extra_layers(
+        self, model: ModelView, config: ConfigT, adapter_name: str
+    ) -> dict[str, type[Any]]:
+        """Layers the adapter adds beyond its target modules, by module path (relative to the
+        wrapped model) → the layer class to build there (an existing layer of that class gets
+        the adapter through ``update_layer``); e.g. LoRA's ``trainable_token_indices``. Must
+        raise before anything changes if they cannot be added. Default: none."""
+        return {}
+
     def initialise(
         self,
         model: ModelView,
