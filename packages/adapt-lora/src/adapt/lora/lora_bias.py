@@ -24,7 +24,8 @@ __all__ = ["add_lora_bias", "check_bias_merge", "lora_bias_of"]
 
 def lora_bias_of(layer: Any, adapter_name: str) -> torch.Tensor | None:
     """``lora_B``'s bias of ``adapter_name`` (None without ``lora_bias``)."""
-    module = layer.lora_B._modules.get(adapter_name)  # a dict lookup: this runs every forward
+    container = layer.lora_B
+    module = container[adapter_name] if adapter_name in container else None  # noqa: SIM401
     bias = getattr(module, "bias", None)
     return bias if isinstance(bias, torch.Tensor) else None
 
