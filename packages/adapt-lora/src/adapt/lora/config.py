@@ -36,7 +36,7 @@ PEFT_LORA_KEYS: dict[str, Any] = {
 #: ``init_lora_weights`` values that derive A and B from the base weight and rewrite it.
 WEIGHT_INITS = ("pissa", "pissa_niter_<K>", "olora", "loftq", "corda")
 #: options accepted by the config but not implemented yet (refused by name)
-_NOT_YET = {"init_lora_weights"}
+_NOT_YET: set[str] = set()
 _INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda")
 
 

@@ -26,15 +26,36 @@ from adapt.core import CheckpointError, ConfigError, TargetError
 from adapt.core.files import atomic_write
 
 __all__ = [
+    "CordaDecomposition",
     "CordaStatistics",
     "collect_covariances",
     "existing_file",
-    "read_tensors",
+    "read_cache",
+    "read_covariances",
     "sample_covariance",
-    "write_tensors",
+    "write_cache",
+    "write_covariances",
 ]
 
 SUFFIX = ".safetensors"
+_KEYS = ("S_WC", "U_WC", "V_WC")  # PEFT's cache keys: f"{name}.eigens.{key}"
+_FORMAT = {"format": "adapt-corda"}
+
+
+@dataclasses.dataclass
+class CordaDecomposition:
+    """What ``init_lora_weights="corda"`` takes from a module: the kept singular values ``s``
+    (r,), ``u`` (out, r) and ``v`` (in, r) with ``W ≈ u·diag(s)·vᵀ`` on those directions, and
+    the mode (``"ipm"``/``"kpm"``; None from a cache written without it)."""
+
+    s: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    method: str | None
+
+    @property
+    def rank(self) -> int:
+        return int(self.s.shape[0])
 
 
 @dataclasses.dataclass
@@ -46,7 +67,9 @@ class CordaStatistics:
     sample_count: int | None
 
 
-def sample_covariance(inputs: torch.Tensor, keep_dtype: bool, where: str) -> tuple[torch.Tensor, int]:
+def sample_covariance(
+    inputs: torch.Tensor, keep_dtype: bool, where: str
+) -> tuple[torch.Tensor, int]:
     """``(Σ X̂ᵀX̂ over the samples of one call, number of samples)``."""
     x = inputs.detach()
     if not keep_dtype:
@@ -81,7 +104,9 @@ class _Sums:
         self.count: dict[str, int] = {}
 
     def hook(self, name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        def record(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+        ) -> None:
             inputs = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(inputs, torch.Tensor):
                 raise TargetError(f"{name!r} was called without an input tensor")
@@ -124,6 +149,15 @@ def collect_covariances(
     }
 
 
+#: how to turn a PEFT (torch.save) file one trusts into one adapt reads (a file object, since
+#: torch ≥ 2.13 reads a *path* ending in .safetensors as safetensors)
+_CONVERT = (
+    "convert a PEFT file you trust once: with open(old, 'rb') as f: tensors = torch.load(f, "
+    "weights_only=True); then safetensors.torch.save_file({k: v.contiguous() for k, v in "
+    f"tensors.items()}}, 'new{SUFFIX}')"
+)
+
+
 def existing_file(path: str | None, field: str) -> Path | None:
     """``path`` as a Path if it names an existing, non-empty file (PEFT's test), else None;
     a path that does not end in ``.safetensors`` is refused."""
@@ -132,14 +166,14 @@ def existing_file(path: str | None, field: str) -> Path | None:
     if not str(path).endswith(SUFFIX):
         raise ConfigError(
             f"CordaConfig.{field}={path!r}: adapt reads and writes CorDA's {field} as "
-            f"safetensors, never as pickle (PEFT's torch.save files): give a path ending in "
-            f"{SUFFIX!r}"
+            f"safetensors, never as pickle (PEFT's torch.save files cannot be read): give a "
+            f"path ending in {SUFFIX!r}" + (f"; or {_CONVERT}" if Path(path).is_file() else "")
         )
     file = Path(path)
     return file if file.is_file() and file.stat().st_size > 0 else None
 
 
-def read_tensors(file: Path, field: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(file: Path, field: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and the metadata of a safetensors file; :class:`CheckpointError` if it is
     not one (a pickle written by PEFT's ``torch.save``, say)."""
     from safetensors import safe_open
@@ -147,21 +181,87 @@ def read_tensors(file: Path, field: str) -> tuple[dict[str, torch.Tensor], dict[
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except Exception as exc:
         raise CheckpointError(
             f"CordaConfig.{field} {str(file)!r} is not a safetensors file ({exc}). adapt never "
             "loads pickle, so PEFT's torch.save cache and covariance files cannot be read: "
-            "delete the file to rebuild it with run_model, or convert a file you trust once: "
-            "safetensors.torch.save_file({k: v.contiguous() for k, v in torch.load(path, "
-            f"weights_only=True).items()}}, 'new{SUFFIX}')"
+            f"delete the file to rebuild it with run_model, or {_CONVERT}"
         ) from exc
     return tensors, metadata
 
 
-def write_tensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _write(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write ``tensors`` to ``file`` atomically (its folder created if missing)."""
     from safetensors.torch import save_file
 
     ready = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
     atomic_write(file, lambda tmp: save_file(ready, tmp, metadata=metadata))
+
+
+def read_covariances(file: Path, paths: list[str]) -> dict[str, CordaStatistics]:
+    """The covariances of ``paths`` from a ``covariance_file``."""
+    tensors, _ = _read(file, "covariance_file")
+    missing = [p for p in paths if p not in tensors]
+    if missing:
+        raise ConfigError(
+            f"covariance_file {str(file)!r} has no covariance for {missing[0]!r} (it was "
+            "built for another model or other target_modules): delete it to rebuild it"
+        )
+    return {p: CordaStatistics(tensors[p], None) for p in paths}
+
+
+def write_covariances(file: Path, statistics: dict[str, CordaStatistics]) -> None:
+    _write(file, {p: stats.covariance for p, stats in statistics.items()}, dict(_FORMAT))
+
+
+def _check_cached(
+    path: str, found: CordaDecomposition, rank: int, weight: torch.Tensor, file: Path
+) -> None:
+    out, inp = weight.shape
+    want = {"S_WC": (rank,), "U_WC": (out, rank), "V_WC": (inp, rank)}
+    got = {"S_WC": found.s.shape, "U_WC": found.u.shape, "V_WC": found.v.shape}
+    for key, shape in want.items():
+        if tuple(got[key]) != shape:
+            raise ConfigError(
+                f"cache_file {str(file)!r} holds {path}.eigens.{key} of shape "
+                f"{tuple(got[key])}, and this model and config need {shape} (r={rank}): it was "
+                "built for another model or rank; delete it to rebuild it with run_model"
+            )
+
+
+def read_cache(
+    file: Path, weights: dict[str, torch.Tensor], ranks: dict[str, int], corda_method: str
+) -> dict[str, CordaDecomposition]:
+    """The decompositions of a ``cache_file`` for the targets (``weights``: their dense
+    weights, by path), checked against the weights' shapes, the ranks and the mode."""
+    tensors, metadata = _read(file, "cache_file")
+    method = metadata.get("corda_method")
+    if method is not None and method != corda_method:
+        raise ConfigError(
+            f"cache_file {str(file)!r} holds a {method.upper()} decomposition and "
+            f"corda_method is {corda_method!r}: set corda_method={method!r} to use it, "
+            "or delete the file to rebuild it"
+        )
+    found = {}
+    for path, weight in weights.items():
+        keys = [f"{path}.eigens.{key}" for key in _KEYS]
+        if any(key not in tensors for key in keys):
+            raise ConfigError(
+                f"cache_file {str(file)!r} has no decomposition for {path!r} (built for another "
+                "model or other target_modules): delete it to rebuild it with run_model"
+            )
+        s, u, v = (tensors[key].to(weight.device, torch.float32) for key in keys)
+        found[path] = CordaDecomposition(s, u, v, method)
+        _check_cached(path, found[path], ranks[path], weight, file)
+    return found
+
+
+def write_cache(file: Path, found: dict[str, CordaDecomposition], corda_method: str) -> None:
+    """PEFT's cache keys (``{path}.eigens.S_WC`` / ``U_WC`` / ``V_WC``), as safetensors, with
+    the mode in the metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path, item in found.items():
+        for key, tensor in zip(_KEYS, (item.s, item.u, item.v), strict=True):
+            tensors[f"{path}.eigens.{key}"] = tensor
+    _write(file, tensors, {**_FORMAT, "corda_method": corda_method})

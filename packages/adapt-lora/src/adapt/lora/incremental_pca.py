@@ -93,9 +93,7 @@ class IncrementalPCA:
             return mean, unnormalised / total, total
         ratio = seen.double() / count
         merged = (
-            self.var_ * seen
-            + unnormalised
-            + ratio / total * (last_sum / ratio - new_sum).square()
+            self.var_ * seen + unnormalised + ratio / total * (last_sum / ratio - new_sum).square()
         )
         return mean, merged / total, total
 
