@@ -69,6 +69,7 @@ def _doubled(config: dict[str, Any]) -> dict[str, Any]:
     out["rank_pattern"] = {k: 2 * int(v) for k, v in (config.get("rank_pattern") or {}).items()}
     out["alpha_pattern"] = {k: v * grow for k, v in (config.get("alpha_pattern") or {}).items()}
     out["init_lora_weights"] = True
+    out["corda_config"] = None  # a plain LoRA now: nothing for a CorDA config to say
     return out
 
 

@@ -68,10 +68,11 @@ def damped(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             f"the input covariance has mean diagonal {float(mean)} (all-zero or invalid "
             "inputs): calibrate on real data, or leave this module out of target_modules"
         )
-    eye = torch.eye(n, device=covariance.device)
+    dtype, device = covariance.dtype, covariance.device
+    eye = torch.eye(n, dtype=dtype, device=device)
     damp = 0.01
     for _ in range(_MAX_DOUBLINGS):
-        compensate = torch.diag(torch.ones(n, device=covariance.device) * mean * damp)
+        compensate = torch.diag(torch.ones(n, dtype=dtype, device=device) * mean * damp)
         fixed = covariance + compensate
         inverse = torch.linalg.inv(fixed)
         if torch.dist(fixed @ inverse, eye).item() < 0.05:
@@ -287,7 +288,10 @@ def _decompose_all(
     for path, module in bar:
         weight = _dense_weight(module).float()
         covariance = statistics[path].covariance.to(weight.device)
-        found[path] = decompose(weight, covariance, ranks[path], options.corda_method)
+        try:
+            found[path] = decompose(weight, covariance, ranks[path], options.corda_method)
+        except TargetError as exc:
+            raise TargetError(f"CorDA cannot decompose {path!r}: {exc}") from exc
     return found
 
 

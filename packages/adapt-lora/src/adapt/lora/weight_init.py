@@ -56,7 +56,7 @@ def _refusal(layer: LoraLinear, kind: str, adapter_name: str, config: LoraConfig
             f"{kind.upper()} takes r directions of the weight: lower r (rank_pattern for this module)"
         )
     if kind == "corda":
-        why = corda_refusal(layer)
+        why = corda_refusal(layer, adapter_name, config)
         if why is not None:
             return why
     if not layer.backend.lossy:
@@ -64,7 +64,7 @@ def _refusal(layer: LoraLinear, kind: str, adapter_name: str, config: LoraConfig
     if kind in ("pissa", "corda"):
         return (
             f"{kind_name(kind)} on a quantised layer ({describe(base)}) would requantise the residual and "
-            "change the model's output (PEFT refuses it too): initialise PiSSA on the float "
+            f"change the model's output (PEFT refuses PiSSA there too): initialise {kind_name(kind)} on the float "
             "model, save or keep the residual model, then quantise it"
         )
     if kind == "loftq":
