@@ -11,6 +11,7 @@ from .__about__ import __version__
 from .config import LoraConfig
 from .corda import preprocess_corda
 from .dora import DoraVariant
+from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .layer import LoraEmbedding, LoraLayer, LoraLinear
 from .layer_conv import LoraConv
 from .loftq import replace_lora_weights_loftq
@@ -33,7 +34,9 @@ __all__ = [
     "LoraMethod",
     "LoraVariant",
     "__version__",
+    "get_eva_state_dict",
     "get_variant",
+    "initialize_lora_eva_weights",
     "preprocess_corda",
     "register_variant",
     "replace_lora_weights_loftq",

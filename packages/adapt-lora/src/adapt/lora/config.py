@@ -35,8 +35,6 @@ PEFT_LORA_KEYS: dict[str, Any] = {
 
 #: ``init_lora_weights`` values that derive A and B from the base weight and rewrite it.
 WEIGHT_INITS = ("pissa", "pissa_niter_<K>", "olora", "loftq", "corda")
-#: options accepted by the config but not implemented yet (refused by name)
-_NOT_YET: set[str] = set()
 _INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda")
 
 
@@ -167,16 +165,6 @@ class LoraConfig(AdapterConfig):
             )
         self._check_loftq(name)
         self._check_data_inits(name)
-        for field, value in (
-            ("init_lora_weights", init if init == "eva" else None),
-            ("trainable_token_indices", self.trainable_token_indices),
-            ("lora_bias", self.lora_bias or None),
-        ):
-            if value is not None and field in _NOT_YET:
-                raise ConfigError(
-                    f"{name}.{field}={value!r}: not implemented in adapt yet (a PEFT feature "
-                    "adapt does not implement yet)"
-                )
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"{name}.lora_bias must be true or false, got {self.lora_bias!r}")
         if self.lora_bias and (

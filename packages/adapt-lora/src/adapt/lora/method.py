@@ -90,6 +90,9 @@ class LoraMethod(Method[LoraConfig]):
                     layers[path].tie_to(layers[tied_to], adapter_name)
         initialise(config, adapter_name, layers)
 
+    def layers_may_be_absent(self, config: LoraConfig) -> bool:
+        return config.init_lora_weights == "eva"  # EVA gives some layers rank 0
+
     def before_load(self, model: ModelView, config: LoraConfig, adapter_name: str) -> None:
         found = weight_init(config.init_lora_weights)
         if found is not None and found[0] == "pissa" and found[1] is not None:

@@ -141,6 +141,13 @@ class Method(Generic[ConfigT]):
         its config and before the saved tensors are read into it, e.g. to give layers the shapes
         a checkpoint was saved with (AdaLoRA's ``rank_pattern``). A failure rolls the load back."""
 
+    def layers_may_be_absent(self, config: ConfigT) -> bool:
+        """Whether a checkpoint of ``config`` may lack the tensors of some targeted layers,
+        which then drop the adapter on load instead of the load being refused (LoRA's EVA:
+        layers given rank 0 are gone, and PEFT's shortened ``target_modules`` may still match
+        them). Default: no."""
+        return False
+
     def on_delete(self, model: ModelView, adapter_name: str) -> None:
         """Called when an adapter is removed (or a failed add is rolled back)."""
 

@@ -26,11 +26,12 @@ from .checkpoint import (
     write_adapter,
 )
 from .config import AdapterConfig
+from .distributed import clean_key
 from .errors import CheckpointError, ConfigError
 from .injection import validate_name
 from .registry import get_registry
 from .saving import collect_states, record_shapes
-from .state_dict import load_tensors
+from .state_dict import PREFIX, load_tensors
 
 
 class _Adapted(Protocol):
@@ -88,9 +89,24 @@ def fill(
     """Give the new adapter ``adapter_name`` a checkpoint's tensors (the method first shapes
     it, e.g. AdaLoRA's kept ranks); the caller rolls back on failure."""
     config = adapters.configs[adapter_name]
-    adapters.method_of(adapter_name).before_load(adapters.view, config, adapter_name)
+    method = adapters.method_of(adapter_name)
+    method.before_load(adapters.view, config, adapter_name)
+    if method.layers_may_be_absent(config):
+        _drop_absent_layers(adapters, adapter_name, set(tensors))
     record_shapes(adapters.view, adapter_name)  # the shapes the checkpoint was saved with
     load_tensors(adapters, adapter_name, tensors, source=source)
+
+
+def _drop_absent_layers(adapters: AdapterSet, adapter_name: str, keys: set[str]) -> None:
+    """Take ``adapter_name`` off the layers none of whose tensors the checkpoint has."""
+    for path, layer in reversed(list(adapters.layers())):
+        if adapter_name not in layer.adapter_names:
+            continue
+        wanted = {clean_key(f"{PREFIX}{path}.{s}") for s in layer.adapter_tensors(adapter_name)}
+        if wanted and not wanted & keys:
+            layer.delete_adapter(adapter_name)
+            if not layer.adapter_names:
+                adapters.replace(path, layer.base_layer)
 
 
 def _file_config(adapters: AdapterSet, name: str) -> dict[str, Any]:
