@@ -308,7 +308,8 @@ def _client_tests(session: nox.Session) -> None:
 def _peft_and_clients_venv(session: nox.Session) -> None:
     setup(session)
     constraints = install_torch(session)
-    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}")
+    # attrs: PEFT's CorDA module imports it without declaring it (the CorDA interop tests)
+    install(session, constraints, f"transformers=={TRANSFORMERS_LATEST}", f"peft=={PEFT}", "attrs")
     install(session, constraints, *CLIENTS, *editable(PACKAGES), *TEST_DEPS)
 
 
