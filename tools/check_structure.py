@@ -94,6 +94,7 @@ TIERS: dict[str, int] = {
     "batches": 7,
     # 8: folders and the Hub; other libraries' habits (the façade's base)
     "pretrained": 8,
+    "combine": 8,
     "foreign_hooks": 8,
     # 9: the façade
     "model": 9,

@@ -116,10 +116,11 @@ class LoraLayer(VariantHost):
         extra = lora_bias_of(self, adapter_name)
         return bias if extra is None else bias - self.scaling[adapter_name] * extra.to(bias.dtype)
 
+    def changes_bias(self) -> bool:  # only adapters with lora_bias touch the base bias
+        return any(lora_bias_of(self, n) is not None for n in self.lora_B)
+
     def merge_depends_on_weight(self) -> bool:  # a LoRA bias may refuse (no base bias)
-        return super().merge_depends_on_weight() or any(
-            lora_bias_of(self, n) is not None for n in self.lora_B
-        )
+        return super().merge_depends_on_weight() or self.changes_bias()
 
     def merged_bias(self, adapter_names: Sequence[str]) -> torch.Tensor | None:
         check_bias_merge(self, adapter_names)

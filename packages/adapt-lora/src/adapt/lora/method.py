@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from adapt.core import AdapterConfig, Method, TargetError, get_registry
+from adapt.core import AdapterConfig, CombineOptions, Method, TargetError, get_registry
 from adapt.core.errors import warn_user
 from adapt.core.protocols import ModelView
 from adapt.core.targeting import QUERY_VALUE_TARGETS
 
+from .combine import combine
 from .config import LoraConfig, weight_init
 from .conversion import convert_for_initial
 from .layer_conv import LoraConv, grouped_conv_message
@@ -114,6 +115,16 @@ class LoraMethod(Method[LoraConfig]):
         source: str,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return convert_for_initial(config, tensors, initial_config, initial, source)
+
+    def combine_adapters(
+        self,
+        model: ModelView,
+        sources: Sequence[str],
+        weights: Sequence[float],
+        options: CombineOptions,
+    ) -> tuple[AdapterConfig, Callable[[], dict[str, torch.Tensor]]]:
+        configs = [self.config_of(model, name) for name in sources]
+        return combine(model, configs, sources, weights, options)
 
     def layer_kwargs(
         self, model: ModelView, config: LoraConfig, adapter_name: str, path: str

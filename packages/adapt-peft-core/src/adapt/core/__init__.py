@@ -31,7 +31,7 @@ from .layer import (
     transposed_factor_is_faster,
 )
 from .merge import MergeReport
-from .method import Method
+from .method import CombineOptions, Method
 from .model import AdaptedModel, ModulesToSave, adapt, load_config
 from .registry import get_registry, register_backend, register_layer, register_method
 from .routing import BASE
@@ -45,6 +45,7 @@ __all__ = [
     "AdapterLayer",
     "AdapterStateError",
     "CheckpointError",
+    "CombineOptions",
     "ConfigError",
     "DenseBackend",
     "MergeReport",

@@ -95,12 +95,18 @@ class LayerMerging:
     def _bias(self) -> torch.Tensor:
         return cast(torch.Tensor, self.get_base_layer().bias)
 
-    def _changes_bias(self) -> bool:
+    def changes_bias(self) -> bool:
+        """Whether merging may change the base bias: by default when the class overrides
+        :meth:`merge_bias` / :meth:`unmerge_bias`; a method whose bias hooks act for some
+        adapters only (LoRA's ``lora_bias``) narrows it to when they do."""
         cls = type(self)
         return (
             cls.merge_bias is not LayerMerging.merge_bias
             or cls.unmerge_bias is not LayerMerging.unmerge_bias
-        ) and getattr(self.get_base_layer(), "bias", None) is not None
+        )
+
+    def _changes_bias(self) -> bool:
+        return self.changes_bias() and getattr(self.get_base_layer(), "bias", None) is not None
 
     def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """The base weight with ``adapter_names`` merged, without writing it (in at least

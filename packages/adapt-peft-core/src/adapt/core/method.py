@@ -7,7 +7,9 @@ and with the model as a :class:`~adapt.core.protocols.ModelView`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
@@ -18,6 +20,50 @@ from .errors import AdapterStateError, ConfigError
 from .protocols import ModelView
 
 ConfigT = TypeVar("ConfigT", bound=AdapterConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineOptions:
+    """The options of ``add_weighted_adapter`` beyond the adapters and their weights, checked
+    for their types and ranges here; which ``combination_type`` values exist, and which options
+    each uses, is the method's business (:meth:`Method.combine_adapters`)."""
+
+    combination_type: str = "svd"
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    svd_full_matrices: bool = True
+    svd_driver: str | None = None
+    density: float | None = None
+    majority_sign_method: str = "total"
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        where = "add_weighted_adapter"
+        if not isinstance(self.combination_type, str):
+            raise ConfigError(f"{where}: combination_type must be a string, e.g. 'svd'")
+        rank = self.svd_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ConfigError(f"{where}: svd_rank must be a positive integer or None, got {rank!r}")
+        for field in ("svd_clamp", "density"):
+            value = getattr(self, field)
+            if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and 0 <= value <= 1
+            ):  # fmt: skip
+                raise ConfigError(
+                    f"{where}: {field} must be a number in [0, 1] or None, got {value!r}"
+                )
+        if not isinstance(self.svd_full_matrices, bool):
+            raise ConfigError(f"{where}: svd_full_matrices must be true or false")
+        if self.svd_driver is not None and not isinstance(self.svd_driver, str):
+            raise ConfigError(f"{where}: svd_driver must be None or a torch.linalg.svd driver name")
+        if self.majority_sign_method not in ("total", "frequency"):
+            raise ConfigError(
+                f"{where}: majority_sign_method must be 'total' or 'frequency', "
+                f"got {self.majority_sign_method!r}"
+            )
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise ConfigError(f"{where}: generator must be a torch.Generator or None")
 
 
 class Method(Generic[ConfigT]):
@@ -168,6 +214,25 @@ class Method(Generic[ConfigT]):
         :attr:`tensor_prefixes` cuts it, e.g. ``lora_A.weight`` → ``(8, 64)``), for the rank
         column of ``adapt inspect``; None (the default) leaves it blank."""
         return None
+
+    def combine_adapters(
+        self,
+        model: ModelView,
+        sources: Sequence[str],
+        weights: Sequence[float],
+        options: CombineOptions,
+    ) -> tuple[AdapterConfig, Callable[[], dict[str, torch.Tensor]]]:
+        """``add_weighted_adapter``: the config of the adapter that combines ``sources`` (all of
+        this method, weighted by ``weights``), and a function that computes its tensors, keyed
+        as on disk relative to the wrapped model (``model.layers.0.q_proj.lora_A.weight``).
+        Everything that can be refused must be refused here, before anything changes; core then
+        adds the adapter from the config, calls the function and loads the tensors (all of the
+        new adapter's must be there), and takes the adapter out again on any error. Default:
+        refused."""
+        raise ConfigError(
+            f"add_weighted_adapter: the {self.name} method ({self.package}) does not support "
+            f"combining adapters; combine adapters of a method that does (LoRA)"
+        )
 
     def update_and_allocate(self, model: ModelView, global_step: int) -> None:
         raise AdapterStateError(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import batches, injection, merging, pretrained, state_dict, trainability
+from . import batches, combine, injection, merging, pretrained, state_dict, trainability
 from .adapters import AdapterSet, ModelHost
 from .config import AdapterConfig
 from .deprecation import moved_names
@@ -26,7 +26,7 @@ from .errors import AdapterStateError
 from .foreign_hooks import ForeignHooks
 from .layer import AdapterLayer
 from .merge import MergeReport
-from .method import Method
+from .method import CombineOptions, Method
 from .modules_to_save import ModulesToSave
 from .pretrained import load_config
 from .routing import route_batch
@@ -180,6 +180,31 @@ class AdaptedModel(ForeignHooks):
     def enable_adapter_layers(self) -> None:
         """Undo :meth:`disable_adapter_layers`: the active adapters apply again."""
         trainability.set_disabled(self._adapters, False)
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Add ``adapter_name``, the combination of ``adapters`` weighted by ``weights`` (PEFT's
+        call and combination types; the method defines the math). ``generator`` drives DARE's
+        random masks (default: the global RNG, as PEFT). The new adapter is ordinary (not made
+        active); on any error the model is left as it was."""
+        options = CombineOptions(
+            combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver, density,
+            majority_sign_method, generator,
+        )  # fmt: skip
+        combine.add_weighted_adapter(self._adapters, adapters, weights, adapter_name, options)
 
     # -- parameters ---------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
