@@ -39,6 +39,7 @@ if _HERE not in sys.path:
 
 from adapt_bench.cases import (
     case_allocate,
+    case_combine,
     case_import,
     case_infer,
     case_init,
@@ -56,6 +57,7 @@ CASE_FUNCS: dict[str, Callable[[Bench, Sequence[str]], None]] = {
     "import": case_import,
     "inject": case_inject,
     "init": case_init,
+    "combine": case_combine,
     "train": case_train,
     "infer": case_infer,
     "merge": case_merge,

@@ -143,6 +143,54 @@ def case_init(b: Bench, methods: Sequence[str]) -> None:
         )  # fmt: skip
 
 
+def case_combine(b: Bench, methods: Sequence[str]) -> None:
+    """``add_weighted_adapter`` of two rank-16 LoRA adapters over the 28 linear modules of the
+    bench model with ``svd`` (new rank 16), both libraries on identical adapters."""
+    if "lora" not in methods:
+        return
+    import peft
+    import torch
+
+    from adapt.core import adapt
+    from adapt.lora import LoraConfig
+
+    kw: dict[str, Any] = dict(r=16, lora_alpha=32, target_modules=list(TARGETS))
+    models: dict[str, Any] = {}
+    for lib in LIBS:
+        torch.manual_seed(0)
+        if lib == "adapt":
+            model = adapt(b.fresh_base(), LoraConfig(init_lora_weights=False, **kw))
+            model.add_adapter("other", LoraConfig(init_lora_weights=False, **kw))
+        else:
+            model = peft.get_peft_model(
+                b.fresh_base(), peft.LoraConfig(init_lora_weights=False, **kw)
+            )
+            model.add_adapter("other", peft.LoraConfig(init_lora_weights=False, **kw))
+        models[lib] = model
+
+    def contender(lib: str) -> Callable[[int], float]:
+        def run(rep: int) -> float:
+            model = models[lib]
+            name = f"combined{rep}"
+            spent = b.timed(
+                lambda: model.add_weighted_adapter(
+                    ["default", "other"], [0.7, 0.3], name, combination_type="svd", svd_rank=16
+                )
+            )
+            model.delete_adapter(name)
+            return spent
+
+        return run
+
+    samples = alternate({lib: contender(lib) for lib in LIBS}, b.sizes.reps)
+    b.add(
+        make_row(
+            "add_weighted_adapter", "svd", "s", median(samples["adapt"]), median(samples["peft"]),
+            note=f"2 × r16 → r16, {len(TARGETS) * b.sizes.layers} modules", samples=samples,
+        )
+    )  # fmt: skip
+
+
 def case_train(b: Bench, methods: Sequence[str]) -> None:
     """forward + backward + AdamW step, and the frozen base model's forward + backward."""
     ids = b.batch()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CASES = ("import", "inject", "init", "train", "infer", "merge", "load", "allocate", "memory")
+CASES = (
+    "import", "inject", "init", "combine", "train", "infer", "merge", "load", "allocate", "memory",
+)  # fmt: skip
 #: ``init_lora_weights`` values the init case times (LoRA r8 on all linear layers of the bench
 #: model): creating the adapter, base-weight decomposition included.
 INITS = ("pissa", "pissa_niter_4", "olora")
@@ -74,6 +76,7 @@ GOALS: dict[tuple[str, str], Goal] = {
     **{("import", m): Goal(0.35) for m in IMPORTED},
     **{("inject", m): Goal(0.5) for m in METHODS if m not in MOE_METHODS},
     ("init", "pissa"): Goal(0.5),
+    ("add_weighted_adapter", "svd"): Goal(0.5),
     ("train step", "lora"): Goal(0.90),
     ("train step", "vera"): Goal(0.85),
     ("train overhead", "lora"): Goal(0.6),
