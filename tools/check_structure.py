@@ -96,8 +96,9 @@ TIERS: dict[str, int] = {
     "pretrained": 8,
     "combine": 8,
     "foreign_hooks": 8,
-    # 9: the façade
+    # 9: the façade; combining saved adapters (no model)
     "model": 9,
+    "combine_files": 9,
     # 10: integration, the command line, the test kit
     "trainer": 10,
     "cli": 10,

@@ -290,15 +290,16 @@ def test_factor_wise_types_refuse_different_ranks() -> None:
 
 
 @pytest.mark.parametrize(
-    ("extra", "field"),
-    [({"use_dora": True}, "use_dora"), ({"lora_bias": True}, "lora_bias"),
-     ({"modules_to_save": ["lm_head"]}, "modules_to_save")],
+    ("extra", "message"),
+    [({"use_dora": True}, r"\['odd'\] are DoRA adapters and \['default'\] are not"),
+     ({"modules_to_save": ["lm_head"]}, "'odd' sets modules_to_save=.*cannot be combined"),
+     ({"bias": "all"}, "'odd' trains the model's own biases")],
 )  # fmt: skip
-def test_refused_kinds_of_adapter_say_why(extra: dict[str, Any], field: str) -> None:
+def test_refused_kinds_of_adapter_say_why(extra: dict[str, Any], message: str) -> None:
     model = two_adapters()
     model.add_adapter("odd", LoraConfig(r=4, target_modules=TARGETS, **extra))
     before = snapshot(model)
-    with pytest.raises(ConfigError, match=f"'odd' sets {field}=.*cannot be combined"):
+    with pytest.raises(ConfigError, match=message):
         model.add_weighted_adapter(["default", "odd"], WEIGHTS, "n", combination_type="cat")
     assert_unchanged(model, before)
 

@@ -12,7 +12,10 @@ Per adapted module, with ``s_i`` each source's scaling and ``ΔW_i = s_i · B_i 
 
 The new adapter's scaling is 1 at every module (α = r; with rsLoRA α = √r, where PEFT's α = r
 scales by √r: #3761), and its per-module ranks are written to ``rank_pattern`` /
-``alpha_pattern`` (PEFT writes them empty, so its result cannot be reloaded: #3737).
+``alpha_pattern`` (PEFT writes them empty, so its result cannot be reloaded: #3737). LoRA
+biases and DoRA magnitudes combine by task arithmetic (:mod:`.combine_compute`; PEFT drops the
+first and keeps the fresh magnitudes ``‖W‖``). :func:`combine_files` does the same from saved
+adapters alone (``adapt combine``).
 """
 
 from __future__ import annotations
@@ -21,47 +24,22 @@ import dataclasses
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from adapt.core import ConfigError
 from adapt.core.method import CombineOptions
+from adapt.core.progress import progress
 from adapt.core.protocols import ModelView
 
-from .combine_math import combine_tasks, svd_factors
+from .combine_compute import FACTOR_WISE, ON_DELTA, site_tensors
+from .combine_sites import PREFIX, Site, sites_from_files, sites_from_model
 from .config import LoraConfig
-from .layer import LoraLayer
 
-__all__ = ["FACTOR_WISE", "ON_DELTA", "TYPES", "combine"]
+__all__ = ["TYPES", "combine", "combine_files"]
 
-#: factor-wise types; the ΔW types (the task combination each applies before the SVD)
-FACTOR_WISE = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})
-ON_DELTA = {
-    "svd": "linear",
-    "ties_svd": "ties",
-    "dare_linear_svd": "dare_linear",
-    "dare_ties_svd": "dare_ties",
-    "magnitude_prune_svd": "magnitude_prune",
-}
 TYPES = (*sorted(FACTOR_WISE), "cat", *ON_DELTA)
-
-
-@dataclasses.dataclass
-class Site:
-    """One adapted module: its sources' factors there, with each source's weight and scaling."""
-
-    path: str
-    keys: tuple[str, str]  # the on-disk names of A and B
-    transposed: bool  # PEFT's ΔW of this layer is (B A)ᵀ (embeddings, transformers Conv1D)
-    factors: list[tuple[torch.Tensor, torch.Tensor]]  # (A, B) per source present
-    weights: list[float]
-    scalings: list[float]
-
-    @property
-    def ranks(self) -> list[int]:
-        return [a.shape[0] for a, _ in self.factors]
 
 
 def combine(
@@ -75,26 +53,72 @@ def combine(
     changes, and the function that computes its tensors (on-disk keys relative to the model)
     once it is added: PEFT draws DARE's masks after the new adapter's initialisation, so the
     same seed gives the same masks only in that order."""
+    kind = plan_kind(configs, sources, options)
+    sites = sites_from_model(model, sources, weights)
+    config, ranks = plan(kind, configs, sources, sites, options)
+
+    def tensors() -> dict[str, torch.Tensor]:
+        return compute(kind, sites, options, ranks, lora_bias=config.lora_bias)
+
+    return config, tensors
+
+
+def combine_files(
+    configs: Sequence[LoraConfig],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    options: CombineOptions,
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """:func:`combine` from saved adapters' configs and tensors (keys as on disk): the same
+    sites, plan and arithmetic, so the same bytes as the in-model combination, saved."""
+    sources = [f"#{i + 1}" for i in range(len(configs))]
+    kind = plan_kind(configs, sources, options)
+    sites = sites_from_files(configs, states, weights, sources)
+    config, ranks = plan(kind, configs, sources, sites, options)
+    out = compute(kind, sites, options, ranks, lora_bias=config.lora_bias, show_progress=True)
+    return config, {PREFIX + key: value for key, value in out.items()}
+
+
+def plan_kind(
+    configs: Sequence[LoraConfig], sources: Sequence[str], options: CombineOptions
+) -> str:
     refuse_unsupported(configs, sources)
     # one adapter: PEFT combines it linearly whatever the type (exact: w · ΔW, scaling 1)
     kind = "linear" if len(sources) == 1 else options.combination_type
     check_kind(kind, options)
-    sites = collect(model, sources, weights)
+    return kind
+
+
+def plan(
+    kind: str,
+    configs: Sequence[LoraConfig],
+    sources: Sequence[str],
+    sites: list[Site],
+    options: CombineOptions,
+) -> tuple[LoraConfig, dict[str, int]]:
     if not sites:
         raise ConfigError(f"add_weighted_adapter: adapters {list(sources)} adapt no module")
     svd_rank = options.svd_rank or max(max(site.ranks) for site in sites)
     ranks = {site.path: planned_rank(kind, site, svd_rank) for site in sites}
+    return new_config(configs, ranks), ranks
 
-    def tensors() -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for site in sites:
-                a, b = combine_site(kind, site, options, ranks[site.path])
-                out[f"{site.path}.{site.keys[0]}"] = a.contiguous()
-                out[f"{site.path}.{site.keys[1]}"] = b.contiguous()
-        return out
 
-    return new_config(configs, ranks), tensors
+def compute(
+    kind: str,
+    sites: list[Site],
+    options: CombineOptions,
+    ranks: dict[str, int],
+    *,
+    lora_bias: bool,
+    show_progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    bar = progress(sites, desc=f"combining ({kind})", unit="module", enable=None)
+    with torch.no_grad():
+        for site in bar if show_progress else sites:
+            tensors = site_tensors(kind, site, options, ranks[site.path], lora_bias=lora_bias)
+            out.update({f"{site.path}.{name}": value for name, value in tensors.items()})
+    return out
 
 
 def planned_rank(kind: str, site: Site, svd_rank: int) -> int:
@@ -117,13 +141,9 @@ def planned_rank(kind: str, site: Site, svd_rank: int) -> int:
 def refuse_unsupported(configs: Sequence[LoraConfig], sources: Sequence[str]) -> None:
     """Refuse what a combination cannot do right, naming the adapter and the reason."""
     reasons = (
-        ("use_dora", "DoRA's magnitude vectors normalise each adapter's own W + ΔW; a weighted "
-         "sum of them is not the magnitude of the combined weight"),
-        ("lora_bias", "its bias terms would need their own weighted sum, which PEFT drops"),
         ("target_parameters", "parameter targets (MoE experts) are not combined (as in PEFT)"),
         ("trainable_token_indices", "trainable tokens are not LoRA factors"),
         ("modules_to_save", "a combination has no rule for full module copies"),
-        ("variant", "a LoRA variant's extra state has no combination rule"),
     )  # fmt: skip
     for name, config in zip(sources, configs, strict=True):
         for field, reason in reasons:
@@ -132,6 +152,25 @@ def refuse_unsupported(configs: Sequence[LoraConfig], sources: Sequence[str]) ->
                     f"add_weighted_adapter: adapter {name!r} sets {field}={getattr(config, field)!r}"
                     f", which cannot be combined: {reason}; combine plain LoRA adapters"
                 )
+        if config.variant not in (None, "dora"):
+            raise ConfigError(
+                f"add_weighted_adapter: adapter {name!r} uses the LoRA variant "
+                f"{config.variant!r}, whose extra state has no combination rule; combine plain "
+                "LoRA or DoRA adapters"
+            )
+        if config.bias != "none":
+            raise ConfigError(
+                f"add_weighted_adapter: adapter {name!r} trains the model's own biases "
+                f"(bias={config.bias!r}); those are base weights, not adapter factors, and have "
+                "no combination rule; combine adapters trained with bias='none'"
+            )
+    dora = {name: config.use_dora for name, config in zip(sources, configs, strict=True)}
+    if len(set(dora.values())) > 1:
+        raise ConfigError(
+            f"add_weighted_adapter: adapters {[n for n, d in dora.items() if d]} are DoRA "
+            f"adapters and {[n for n, d in dora.items() if not d]} are not; DoRA's magnitudes "
+            "have no counterpart in a plain LoRA adapter: combine adapters of one kind"
+        )
 
 
 def check_kind(kind: str, options: CombineOptions) -> None:
@@ -145,100 +184,6 @@ def check_kind(kind: str, options: CombineOptions) -> None:
             f"add_weighted_adapter: combination_type {kind!r} prunes, so it needs density= "
             "(the fraction of entries kept, in [0, 1], e.g. density=0.5)"
         )
-
-
-def collect(model: ModelView, sources: Sequence[str], weights: Sequence[float]) -> list[Site]:
-    sites = []
-    for path, layer in model.adapter_layers():
-        if not isinstance(layer, LoraLayer):
-            continue
-        embedding = any(name in layer.lora_embedding_A for name in sources)
-        keys = (
-            ("lora_embedding_A", "lora_embedding_B")
-            if embedding
-            else ("lora_A.weight", "lora_B.weight")
-        )
-        site = Site(path, keys, embedding or _is_conv1d(layer), [], [], [])
-        for name, weight in zip(sources, weights, strict=True):
-            if name in layer.lora_A:
-                site.factors.append((_weight(layer.lora_A[name]), _weight(layer.lora_B[name])))
-            elif name in layer.lora_embedding_A:
-                site.factors.append((layer.lora_embedding_A[name], layer.lora_embedding_B[name]))
-            else:
-                continue
-            site.weights.append(weight)
-            site.scalings.append(layer.scaling[name])
-        if site.factors:
-            sites.append(site)
-    return sites
-
-
-def _weight(module: torch.nn.Module) -> torch.Tensor:
-    return cast(torch.Tensor, module.weight)
-
-
-def _is_conv1d(layer: LoraLayer) -> bool:
-    base: Any = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
-    return any(cls.__name__ == "Conv1D" for cls in type(base).__mro__)
-
-
-def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
-def combine_site(
-    kind: str, site: Site, options: CombineOptions, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` of the combined adapter at ``site`` (in the sources' dtype)."""
-    dtype = site.factors[0][0].dtype
-    if kind == "cat":
-        pairs = zip(site.factors, site.weights, site.scalings, strict=True)
-        a = torch.cat([a.to(_work_dtype(a)) * (w * s) for (a, _), w, s in pairs])
-        b = torch.cat([b for _, b in site.factors], dim=1)
-        return a.to(dtype), b.to(dtype)
-    if kind in FACTOR_WISE:
-        return factor_wise(kind, site, options)
-    return on_delta(ON_DELTA[kind], site, options, rank)
-
-
-def factor_wise(
-    kind: str, site: Site, options: CombineOptions
-) -> tuple[torch.Tensor, torch.Tensor]:
-    products = [w * s for w, s in zip(site.weights, site.scalings, strict=True)]
-    root = [math.sqrt(abs(p)) for p in products]
-    signed = [r if p >= 0 else -r for r, p in zip(root, products, strict=True)]
-    dtype = site.factors[0][0].dtype
-    out = []
-    for index, factor_weights in ((0, signed), (1, root)):
-        tasks = [pair[index].to(_work_dtype(pair[index])) for pair in site.factors]
-        density = 1.0 if options.density is None else options.density
-        mixed = combine_tasks(
-            kind, tasks, factor_weights, density, options.majority_sign_method, options.generator
-        )
-        out.append(mixed.to(dtype))
-    return out[0], out[1]
-
-
-def on_delta(
-    kind: str, site: Site, options: CombineOptions, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    a0, b0 = site.factors[0]
-    deltas = []
-    for (a, b), s in zip(site.factors, site.scalings, strict=True):
-        delta = (b.flatten(1).to(_work_dtype(b)) @ a.flatten(1).to(_work_dtype(a))) * s
-        deltas.append(delta.T if site.transposed else delta)  # PEFT's layout, for DARE's draws
-    density = 1.0 if options.density is None else options.density
-    mixed = combine_tasks(
-        kind, deltas, site.weights, density, options.majority_sign_method, options.generator
-    )
-    if site.transposed:
-        mixed = mixed.T
-    b, a = svd_factors(
-        mixed, rank, options.svd_clamp, options.svd_full_matrices, options.svd_driver
-    )
-    a = a.reshape((rank, *a0.shape[1:]))
-    b = b.reshape((b0.shape[0], rank, *b0.shape[2:]))
-    return a.to(a0.dtype), b.to(b0.dtype)
 
 
 def new_config(configs: Sequence[LoraConfig], ranks: dict[str, int]) -> LoraConfig:
@@ -259,6 +204,7 @@ def new_config(configs: Sequence[LoraConfig], ranks: dict[str, int]) -> LoraConf
         rank_pattern={re.escape(p): k for p, k in differing.items()},
         alpha_pattern={re.escape(p): alpha(k) for p, k in differing.items()},
         init_lora_weights=plain_init(first.init_lora_weights),
+        lora_bias=any(c.lora_bias for c in configs),
         loftq_config={},
         eva_config=None,
         corda_config=None,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["RANDOM", "SIGN_ELECTING", "combine_tasks", "svd_factors"]
+__all__ = ["RANDOM", "SIGN_ELECTING", "combine_tasks", "lowrank_svd_factors", "svd_factors"]
 
 #: the types that draw random masks (DARE), and those that elect signs (TIES)
 RANDOM = frozenset({"dare_linear", "dare_ties"})
@@ -88,8 +88,30 @@ def svd_factors(
     2-D ``delta`` (``B = U·S``, ``A = Vh``); with ``clamp``, both clamped to ±the ``clamp``
     quantile of their joined entries (PEFT's ``svd_clamp``)."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
-    b = u[:, :rank] * s[:rank]
-    a = vh[:rank, :]
+    return _clamped(u[:, :rank] * s[:rank], vh[:rank, :], clamp)
+
+
+def lowrank_svd_factors(
+    b_cat: torch.Tensor, a_cat: torch.Tensor, rank: int, clamp: float | None, driver: str | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`svd_factors` of ``ΔW = b_cat @ a_cat`` (ranks ≤ R = the inner size) without
+    forming ΔW: reduced QR of ``b_cat`` and ``a_catᵀ``, the SVD of the small core
+    ``R_b R_aᵀ`` (R × R), rotated back — the same singular triplets up to round-off (and the
+    signs, which no SVD fixes). None when ``rank`` exceeds the rank the route can give (then
+    the dense SVD pads with directions of zero singular value)."""
+    q_b, r_b = torch.linalg.qr(b_cat)
+    q_a, r_a = torch.linalg.qr(a_cat.T)
+    if rank > min(r_b.shape[0], r_a.shape[0]):
+        return None
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False, driver=driver)
+    b = q_b @ (u[:, :rank] * s[:rank])
+    a = vh[:rank, :] @ q_a.T
+    return _clamped(b, a, clamp)
+
+
+def _clamped(
+    b: torch.Tensor, a: torch.Tensor, clamp: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if clamp is not None:
         high = torch.quantile(torch.cat([b.reshape(-1), a.reshape(-1)]), clamp)
         b = b.clamp(-high, high)

@@ -13,7 +13,7 @@ from adapt.core.errors import warn_user
 from adapt.core.protocols import ModelView
 from adapt.core.targeting import QUERY_VALUE_TARGETS
 
-from .combine import combine
+from .combine import combine, combine_files
 from .config import LoraConfig, weight_init
 from .conversion import convert_for_initial
 from .layer_conv import LoraConv, grouped_conv_message
@@ -125,6 +125,17 @@ class LoraMethod(Method[LoraConfig]):
     ) -> tuple[AdapterConfig, Callable[[], dict[str, torch.Tensor]]]:
         configs = [self.config_of(model, name) for name in sources]
         return combine(model, configs, sources, weights, options)
+
+    def combine_checkpoints(
+        self,
+        configs: Sequence[AdapterConfig],
+        tensors: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        options: CombineOptions,
+    ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+        lora = [c for c in configs if isinstance(c, LoraConfig)]
+        assert len(lora) == len(configs)
+        return combine_files(lora, tensors, weights, options)
 
     def layer_kwargs(
         self, model: ModelView, config: LoraConfig, adapter_name: str, path: str

@@ -12,6 +12,7 @@ from .__about__ import __version__
 from ._namespace import check_namespace
 from .backends import DenseBackend, WeightBackend
 from .basis import SharedBasis
+from .combine_files import combine_saved_adapters
 from .config import ANY_VALUE, AdapterConfig
 from .errors import (
     AdaptError,
@@ -60,6 +61,7 @@ __all__ = [
     "adapt",
     "adapter_dtype_device",
     "add_scaled_product",
+    "combine_saved_adapters",
     "factor_grad",
     "get_registry",
     "load_config",

@@ -234,6 +234,26 @@ class Method(Generic[ConfigT]):
             f"combining adapters; combine adapters of a method that does (LoRA)"
         )
 
+    def combine_checkpoints(
+        self,
+        configs: Sequence[AdapterConfig],
+        tensors: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        options: CombineOptions,
+    ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+        """``adapt combine`` (:func:`adapt.core.combine_saved_adapters`): the combination of
+        saved adapters of this method, from their configs and tensors alone (no base model),
+        keyed as on disk (``base_model.model.<module>.<tensor>``); the result must be what
+        :meth:`combine_adapters` gives in a model holding those adapters, saved. Core has
+        checked that the adapters are of this method, of one base model and (unless asked
+        otherwise) adapt the same modules; shapes and everything else are the method's to
+        check. Default: refused."""
+        raise ConfigError(
+            f"adapt combine: the {self.name} method ({self.package}) cannot combine saved "
+            "adapters without the base model; load them into the model and call "
+            "add_weighted_adapter there, if the method supports it"
+        )
+
     def update_and_allocate(self, model: ModelView, global_step: int) -> None:
         raise AdapterStateError(
             f"update_and_allocate is for AdaLoRA adapters; the active adapter uses {self.name!r}"

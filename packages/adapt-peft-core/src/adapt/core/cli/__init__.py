@@ -1,6 +1,7 @@
-"""The ``adapt`` command line: ``plugins``, ``inspect PATH``, ``merge --base --adapter --out``.
+"""The ``adapt`` command line: ``plugins``, ``inspect PATH``, ``merge --base --adapter --out``,
+``combine --adapter A --adapter B --weights 0.7,0.3 --out DIR``.
 
-One module per command (:mod:`.plugins`, :mod:`.inspect`, :mod:`.merge`), the rank heat map
+One module per command (:mod:`.plugins`, :mod:`.inspect`, :mod:`.merge`, :mod:`.combine`), the rank heat map
 of ``inspect --plot`` (:mod:`.plot`), what ``inspect`` reads of a saved adapter and asks its
 method (:mod:`.layout`) and the table helper (:mod:`._format`). The commands import the rest
 of adapt-core when they run, so ``adapt --help`` stays fast.
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import AdaptError
+from .combine import add_combine
 from .inspect import cmd_inspect
 from .merge import cmd_merge
 from .plot import plot_ranks, rank_grid
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plugins)
     _add_inspect(sub)
     _add_merge(sub)
+    add_combine(sub)
     return parser
 
 
