@@ -71,7 +71,7 @@ def combine_files(
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """:func:`combine` from saved adapters' configs and tensors (keys as on disk): the same
     sites, plan and arithmetic, so the same bytes as the in-model combination, saved."""
-    sources = [f"#{i + 1}" for i in range(len(configs))]
+    sources = [f"#{i + 1}" for i in range(len(configs))]  # core says which folder is which
     kind = plan_kind(configs, sources, options)
     sites = sites_from_files(configs, states, weights, sources)
     config, ranks = plan(kind, configs, sources, sites, options)

@@ -153,6 +153,8 @@ def sites_from_files(
                     f"adapter {names[i]!r}: {path} has rank {a.shape[0]} in its tensors but "
                     f"{r} in its config (r / rank_pattern); the checkpoint is inconsistent"
                 )
+            if site.factors:
+                _same_shapes(site, (a, b), names[held[0][0]], names[i])
             site.factors.append((a, b))
             site.weights.append(weights[i])
             site.scalings.append(configs[i].scaling(r, alpha))
@@ -176,3 +178,20 @@ def _factors_of(
             "(an embedding in one, a linear layer in another?) or the file is damaged"
         )
     return tensors[keys[0]], tensors[keys[1]]
+
+
+def _same_shapes(
+    site: Site, pair: tuple[torch.Tensor, torch.Tensor], first: str, name: str
+) -> None:
+    """The sources' factors at one module fit the same base weight (rank aside)."""
+    (a0, b0), (a, b) = site.factors[0], pair
+    if a.shape[1:] != a0.shape[1:] or b.shape[0] != b0.shape[0] or b.shape[2:] != b0.shape[2:]:
+        raise CheckpointError(
+            f"{site.path}: adapter {first!r} fits a weight of shape {_fits(a0, b0)} there, "
+            f"adapter {name!r} one of shape {_fits(a, b)}; adapters trained on different base "
+            "models cannot be combined"
+        )
+
+
+def _fits(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
+    return (b.shape[0], *a.shape[1:])

@@ -19,7 +19,7 @@ import torch
 from .checkpoint import read_config, read_tensors, resolve_adapter_dir, write_adapter
 from .combine import check_weights
 from .config import AdapterConfig
-from .errors import CheckpointError, ConfigError
+from .errors import AdaptError, CheckpointError, ConfigError
 from .method import CombineOptions, Method
 from .registry import get_registry
 
@@ -70,7 +70,11 @@ def combine_saved_adapters(
         _check_keys(folder, state)
     if not union_targets:
         _same_modules(folders, tensors, method)
-    config, combined = method.combine_checkpoints(configs, tensors, values, options)
+    try:
+        config, combined = method.combine_checkpoints(configs, tensors, values, options)
+    except AdaptError as exc:  # the method numbers the adapters: say which folder is which
+        legend = ", ".join(f"#{i + 1} = {str(f)!r}" for i, f in enumerate(folders))
+        raise type(exc)(f"{exc} [{legend}]") from exc
     data = config.to_dict()
     data["inference_mode"] = True
     data["base_model_name_or_path"] = base

@@ -247,7 +247,8 @@ class Method(Generic[ConfigT]):
         :meth:`combine_adapters` gives in a model holding those adapters, saved. Core has
         checked that the adapters are of this method, of one base model and (unless asked
         otherwise) adapt the same modules; shapes and everything else are the method's to
-        check. Default: refused."""
+        check; messages name the adapters ``#1``, ``#2``, … in order (core appends which
+        folder is which). Default: refused."""
         raise ConfigError(
             f"adapt combine: the {self.name} method ({self.package}) cannot combine saved "
             "adapters without the base model; load them into the model and call "
