@@ -28,7 +28,7 @@ from interop_models import output as _out  # noqa: E402
 from interop_models import seeded_eval as _base  # noqa: E402
 from interop_models import tokens as _tokens  # noqa: E402
 
-from adapt.core import AdaptedModel, adapt  # noqa: E402
+from adapt.core import AdaptedModel, adapt, combine_saved_adapters  # noqa: E402
 from adapt.core.testing import tiny_gpt2  # noqa: E402
 from adapt.lora import LoraConfig  # noqa: E402
 from adapt.lora.combine import TYPES  # noqa: E402
@@ -222,11 +222,92 @@ def test_every_type_matches_peft_on_conv1d_and_conv_layers(tmp_path: Path, case:
         assert (_out(theirs, batch(theirs)) - mine).abs().max().item() < 1e-4, kind
 
 
-def test_svd_clamp_matches_peft(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["ties_svd", "svd"])
+def test_svd_clamp_matches_peft(tmp_path: Path, kind: str) -> None:
     ours, theirs = build(tmp_path)
-    combine_both(ours, theirs, "ties_svd", NAMES, density=0.7, svd_rank=5, svd_clamp=0.9)
-    MEASURED["ties_svd clamp=0.9"] = diff = worst_delta(ours, theirs, "ties_svd")
+    density = 0.7 if kind == "ties_svd" else None
+    combine_both(ours, theirs, kind, NAMES, density=density, svd_rank=5, svd_clamp=0.9)
+    MEASURED[f"{kind} clamp=0.9"] = diff = worst_delta(ours, theirs, kind)
     assert diff < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["cat", "svd", "ties"])
+def test_combined_on_disk_loads_in_peft(tmp_path: Path, kind: str) -> None:
+    """``combine_saved_adapters`` (no base model) gives what the in-model combination gives,
+    and PEFT loads it with the same logits."""
+    ours, _ = build(tmp_path / "sources")
+    folders = [tmp_path / "sources", *(tmp_path / "sources" / n for n in NAMES[1:])]
+    density = 0.5 if kind == "ties" else None
+    out = combine_saved_adapters(folders, WEIGHTS, tmp_path / "disk", combination_type=kind,
+                                 density=density, svd_rank=6)  # fmt: skip
+    ours.add_weighted_adapter(NAMES, WEIGHTS, kind, kind, density=density, svd_rank=6)
+    ours.set_adapter(kind)
+    expected = logits_of(ours)
+    in_peft = peft.PeftModel.from_pretrained(base(), out)
+    MEASURED[f"{kind} on disk, in PEFT (logits)"] = diff = (
+        (logits_of(in_peft) - expected).abs().max().item()
+    )
+    assert diff < 1e-5
+
+
+DORA_TARGETS = {"target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True}
+
+
+def trained_in_both(tmp: Path, extra: dict[str, Any], touch: str, names: list[str]) -> Any:
+    """adapt's adapters with ``touch`` tensors moved off their initial values, and PEFT's
+    model holding the very same (saved by adapt, loaded by PEFT)."""
+    ours, _ = build(tmp / "sources", extra=extra)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if touch in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1 * param.abs().mean())
+    ours.save_pretrained(tmp / "trained")
+    theirs = peft.PeftModel.from_pretrained(base(), tmp / "trained")
+    for name in names[1:]:
+        theirs.load_adapter(tmp / "trained" / name, name)
+    return ours, theirs
+
+
+def test_dora_magnitudes_where_peft_keeps_fresh_norms(tmp_path: Path) -> None:
+    """PEFT's combined DoRA adapter keeps the magnitude its creation gave (‖W‖), so even an
+    adapter combined with itself (0.5 + 0.5) is not itself; adapt's magnitudes are
+    m₀ + Σ wᵢ (mᵢ − m₀), and its result loads in PEFT with the same logits."""
+    ours, theirs = trained_in_both(tmp_path, DORA_TARGETS, "lora_magnitude_vector", ["default"])
+    for model in (ours, theirs):
+        model.set_adapter("default")
+    original = logits_of(ours)
+    assert (logits_of(theirs) - original).abs().max().item() < 1e-5
+    for model in (ours, theirs):
+        model.add_weighted_adapter(["default", "default"], [0.5, 0.5], "same", "cat")
+        model.set_adapter("same")
+    mine = (logits_of(ours) - original).abs().max().item()
+    peft_diff = (logits_of(theirs) - original).abs().max().item()
+    MEASURED["DoRA self-combination, adapt (logits vs source)"] = mine
+    MEASURED["DoRA self-combination, PEFT (logits vs source)"] = peft_diff
+    assert mine < 1e-5 and peft_diff > 1e-3
+    ours.save_pretrained(tmp_path / "out", selected_adapters=["same"])
+    in_peft = peft.PeftModel.from_pretrained(base(), tmp_path / "out" / "same")
+    assert (logits_of(in_peft) - original).abs().max().item() < 1e-5
+
+
+def test_lora_bias_combined_where_peft_drops_it(tmp_path: Path) -> None:
+    extra = {"target_modules": ["q_proj", "v_proj", "down_proj"], "lora_bias": True}
+    ours, theirs = trained_in_both(tmp_path, extra, "bias", NAMES)
+    combine_both(ours, theirs, "cat", NAMES)
+    worst = peft_bias = 0.0
+    for _, mine, peft_layer in sites(ours, theirs):
+        pairs = zip(NAMES, WEIGHTS, strict=True)
+        want = sum(w * mine.scaling[n] * mine.lora_B[n].bias for n, w in pairs)
+        worst = max(worst, (mine.lora_B["cat"].bias - want).abs().max().item())
+        peft_bias = max(peft_bias, (peft_layer.lora_B["cat"].bias - want).abs().max().item())
+    MEASURED["lora_bias cat: adapt bias vs Σ wᵢsᵢbᵢ"] = worst
+    MEASURED["lora_bias cat: PEFT bias vs Σ wᵢsᵢbᵢ"] = peft_bias
+    assert worst < 1e-6 and peft_bias > 1e-3
+    ours.set_adapter("cat")
+    ours.save_pretrained(tmp_path / "out", selected_adapters=["cat"])
+    in_peft = peft.PeftModel.from_pretrained(base(), tmp_path / "out" / "cat")
+    assert (logits_of(in_peft) - logits_of(ours)).abs().max().item() < 1e-4
 
 
 def test_print_measured() -> None:

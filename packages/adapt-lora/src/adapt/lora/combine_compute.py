@@ -1,8 +1,9 @@
 """The combined adapter's tensors at one module (:class:`~.combine_sites.Site`).
 
 * factors: ``cat`` stacks them (exact), the factor-wise types combine A and B separately (as
-  PEFT), the ``svd`` types combine the ``ΔWᵢ`` and truncate by SVD — plain ``svd`` through the
-  exact low-rank route (QR of the stacked factors, SVD of an R × R core), never forming ΔW;
+  PEFT), the ``svd`` types combine the ``ΔWᵢ`` and truncate by SVD — plain ``svd`` (without
+  ``svd_clamp``) through the exact low-rank route (QR of the stacked factors, SVD of an R × R
+  core), never forming ΔW;
 * LoRA biases (``lora_bias``): the adapter adds ``sᵢ·bᵢ`` to the output, so the combination's
   bias is ``Σ wᵢ sᵢ bᵢ`` (scaling 1), whatever the type;
 * DoRA magnitudes: task arithmetic on their change from the base's row norms ``m₀``:
@@ -88,7 +89,9 @@ def on_delta(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     a0, b0 = site.factors[0]
     factors = None
-    if kind == "linear":
+    if kind == "linear" and options.svd_clamp is None:
+        # the clamp's quantile depends on the singular vectors' signs, which only the dense
+        # SVD gives as PEFT has them: with svd_clamp, the dense route
         factors = _lowrank(site, options, rank)
     if factors is None:
         factors = _dense(kind, site, options, rank)
