@@ -317,7 +317,8 @@ def test_svd_driver_goes_to_torch_and_a_refusal_there_changes_nothing() -> None:
 def test_svd_clamp_bounds_both_factors() -> None:
     model = two_adapters()
     model.add_weighted_adapter(["default", "b"], WEIGHTS, "c", "svd", svd_clamp=0.8)
-    model.add_weighted_adapter(["default", "b"], WEIGHTS, "u", "svd")
+    # the reference through the same (dense) route: a clamp at the maximum clamps nothing
+    model.add_weighted_adapter(["default", "b"], WEIGHTS, "u", "svd", svd_clamp=1.0)
     for _, layer in model.adapter_layers():
         a, b = layer.lora_A["c"].weight, layer.lora_B["c"].weight
         a_u, b_u = layer.lora_A["u"].weight, layer.lora_B["u"].weight
@@ -336,8 +337,9 @@ def test_an_init_that_rewrites_the_base_is_not_rerun() -> None:
 
 
 def test_other_methods_refuse_by_default() -> None:
-    vera = pytest.importorskip("adapt.vera")
-    model = adapt(tiny_llama(), vera.VeraConfig(r=4, target_modules=TARGETS), "v")
+    adalora = pytest.importorskip("adapt.adalora")
+    config = adalora.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=TARGETS)
+    model = adapt(tiny_llama(), config, "v")
     before = snapshot(model)
     with pytest.raises(ConfigError, match="does not support combining"):
         model.add_weighted_adapter(["v"], [1.0], "n", combination_type="cat")
