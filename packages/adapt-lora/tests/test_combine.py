@@ -385,3 +385,16 @@ def test_combined_adapter_trains_merges_saves_and_reloads(tmp_path: Path) -> Non
     loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all(".mix" in n for n in grads)
+
+
+def test_all_linear_targets_stay_a_keyword() -> None:
+    torch.manual_seed(0)
+    kw: dict[str, Any] = dict(target_modules="all-linear", init_lora_weights=False)
+    model = adapt(tiny_llama(), LoraConfig(r=4, **kw))
+    model.add_adapter("b", LoraConfig(r=4, **kw))
+    model.add_adapter("c", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.add_weighted_adapter(["default", "b"], WEIGHTS, "same", combination_type="cat")
+    assert model.peft_config["same"].target_modules == "all-linear"
+    model.add_weighted_adapter(["default", "c"], WEIGHTS, "mixed", combination_type="cat")
+    mixed = model.peft_config["mixed"].target_modules
+    assert isinstance(mixed, list) and "model.layers.0.mlp.down_proj" in mixed

@@ -4,12 +4,15 @@ Core checks the call (names, weights, one method) and owns the all-or-nothing ad
 the method's (:meth:`~adapt.core.method.Method.combine_adapters`), so core knows no method. The
 result is an ordinary adapter: added from the config the method returns (the usual add path;
 its initialisation draws from the global RNG first, as in PEFT), then its tensors computed and
-loaded with every tensor checked; on any error the model is as it was.
+loaded with every tensor checked, together with the shared tensors the new adapter uses in the
+model (:meth:`~adapt.core.method.Method.extra_state`, e.g. VeRA's basis); on any error the model
+is as it was.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +50,11 @@ def add_weighted_adapter(
     injection.add_adapter(adapters, adapter_name, config)
     try:
         loaded = {PREFIX + key: value for key, value in compute().items()}
+        with warnings.catch_warnings():  # what it says about saving, save_pretrained says
+            warnings.simplefilter("ignore")
+            shared = method.extra_state(adapters.view, adapter_name)
+        for key, tensor in shared.items():  # the shared tensors it uses, as a load brings them
+            loaded.setdefault(f"base_model.{key}", tensor)
         state_dict.load_state_dict_into(adapters, loaded, adapter_name)
     except BaseException:
         injection.delete_adapter(adapters, adapter_name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -18,9 +18,11 @@ from adapt.core import (
     get_registry,
 )
 from adapt.core.errors import warn_user
+from adapt.core.method import CombineOptions
 from adapt.core.protocols import ModelView
 from adapt.core.targeting import QUERY_VALUE_TARGETS
 
+from . import combine
 from .config import VeraConfig
 
 BASIS_NAME = "vera_basis"
@@ -194,6 +196,36 @@ class VeraMethod(Method[VeraConfig]):
                     "projection_prng_key or basis size); load the adapter into a fresh model"
                 )
         return ["vera_A", "vera_B"]
+
+    def combine_adapters(
+        self,
+        model: ModelView,
+        sources: Sequence[str],
+        weights: Sequence[float],
+        options: CombineOptions,
+    ) -> tuple[AdapterConfig, Callable[[], dict[str, torch.Tensor]]]:
+        """The exact weighted sum of VeRA adapters (``combination_type="linear"``): see
+        :mod:`adapt.vera.combine`."""
+        configs = [self.config_of(model, name) for name in sources]
+        return combine.combine_adapters(model, configs, sources, weights, options)
+
+    def combine_checkpoints(
+        self,
+        configs: Sequence[AdapterConfig],
+        tensors: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        options: CombineOptions,
+    ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+        """``adapt combine`` of saved VeRA adapters: see :mod:`adapt.vera.combine`."""
+        checked = []
+        for config in configs:
+            if not isinstance(config, VeraConfig):
+                raise ConfigError(
+                    f"combine: the VeRA method combines VeraConfig adapters, got a "
+                    f"{type(config).__name__}"
+                )
+            checked.append(config)
+        return combine.combine_checkpoints(checked, tensors, weights, options)
 
 
 METHOD = VeraMethod()
