@@ -74,6 +74,7 @@ TIERS: dict[str, int] = {
     "checkpoint": 2,
     "method": 2,
     "layer_merging": 2,
+    "layer_mixed": 2,
     # 3: AdapterLayer and the modules_to_save wrapper
     "layer": 3,
     "modules_to_save": 3,

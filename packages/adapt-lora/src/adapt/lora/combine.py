@@ -222,8 +222,9 @@ def union_of_targets(configs: Sequence[LoraConfig], paths: list[str]) -> list[st
     """PEFT's union of ``target_modules`` (names merged, or regexes joined by ``|``); for a
     mix of the two, the adapted modules' paths."""
     targets = [c.target_modules for c in configs]
-    if all(t == targets[0] for t in targets):
-        return targets[0]  # one value (``"all-linear"`` included) stays as it is
+    first = targets[0]
+    if first is not None and all(t == first for t in targets):
+        return first  # one value (``"all-linear"`` included) stays as it is
     if any(t == "all-linear" for t in targets):
         return sorted(paths)  # a keyword, not a regex: it cannot be joined
     if all(isinstance(t, str) for t in targets):

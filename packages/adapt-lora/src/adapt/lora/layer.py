@@ -24,9 +24,11 @@ from adapt.core import (
     add_scaled_product,
 )
 from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
+from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import LoraConfig, weight_init
+from .gathered import gathered_effect
 from .init_state import restore_base
 from .layer_variants import VariantHost
 from .lora_bias import add_lora_bias, check_bias_merge, lora_bias_of
@@ -268,6 +270,11 @@ class LoraLinear(LoraLayer):
             in_place=self.may_add_in_place(result)
             and (result is not base_output or not self.lora_variant),
         )
+
+    def gathered_adapter_effect(
+        self, x: Any, gathered: Gathered, base_output: torch.Tensor
+    ) -> torch.Tensor | None:
+        return gathered_effect(self, x, gathered, base_output)  # mixed batches: one product
 
     def _merged_weight_forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         out = super()._merged_weight_forward(x, names)

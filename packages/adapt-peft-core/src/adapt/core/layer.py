@@ -38,7 +38,8 @@ from .deprecation import moved_names
 from .errors import AdapterStateError, PluginError
 from .kernels import add_scaled_product, factor_grad, matmul_factor, transposed_factor_is_faster
 from .layer_merging import LayerMerging
-from .routing import current_adapter_names, put_rows, rows_of, sample_groups
+from .layer_mixed import mixed_batch_forward
+from .routing import BatchRoute, Gathered, current_route
 from .typenames import describe
 
 __all__ = [
@@ -252,14 +253,13 @@ class AdapterLayer(LayerMerging, nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         batch_names = kwargs.pop("adapter_names", None)
-        if batch_names is None:
-            batch_names = current_adapter_names()
+        route = current_route() if batch_names is None else BatchRoute(batch_names)
         if self.disabled:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)  # type: ignore[no-any-return]
-        if batch_names is not None:
-            return self._mixed_batch_forward(x, batch_names, *args, **kwargs)
+        if route is not None:
+            return self._mixed_batch_forward(x, route, *args, **kwargs)
         pending = [n for n in self.active_adapters if n not in self.merged_adapters]
         if pending and not args and not kwargs:
             if self._merged_forward_pays(x):
@@ -331,39 +331,23 @@ class AdapterLayer(LayerMerging, nn.Module):
         factored ΔW override it with one ``addmm``."""
         return weight + self.delta_weight(adapter_name).to(weight.dtype)
 
+    def gathered_adapter_effect(
+        self, x: Any, gathered: Gathered, base_output: torch.Tensor
+    ) -> torch.Tensor | None:
+        """A mixed batch's adapter contributions in one go (``composition = "sum"``): for the
+        selected rows ``x`` (``gathered.select`` of the layer's input), what to add to each —
+        row ``i`` gets adapter ``gathered.adapters[gathered.slots[i]]``'s effect — or None to
+        take the per-adapter path (one :meth:`adapter_effect` per adapter). ``base_output`` is
+        the base layer's output for the whole batch (``gathered.select`` gives the rows'; never
+        change it). Methods implement it to serve many adapters at single-adapter cost
+        (stacked factors, one gathered product); it must equal the per-adapter path up to
+        float round-off. Default: None."""
+        return None
+
     def _mixed_batch_forward(
-        self, x: torch.Tensor, batch_names: Sequence[str], *args: Any, **kwargs: Any
+        self, x: torch.Tensor, route: BatchRoute, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        if self.merged:
-            raise AdapterStateError(
-                "a mixed-batch forward (adapter_names=...) needs unmerged adapters; call "
-                "unmerge_adapter() first"
-            )
-        if len(batch_names) != x.shape[0]:
-            raise ValueError(
-                f"adapter_names has {len(batch_names)} entries but the batch has {x.shape[0]} "
-                "samples; give one adapter name (or '__base__') per sample"
-            )
-        groups = list(sample_groups(batch_names, self.adapter_names, x.device))
-        inputs = (x, *args) if self.takes_all_inputs else x
-        seen = inputs
-        if self._transforms_input:
-            for name, index in groups:
-                seen = put_rows(seen, index, self.adapter_input(rows_of(inputs, index), name))
-        result: torch.Tensor = self._base_forward(seen, args, kwargs)
-        base_out = result
-        for name, index in groups:
-            effect = self.adapter_effect(
-                rows_of(inputs, index), name, base_out.index_select(0, index)
-            )
-            if effect is None:
-                continue
-            if self.composition == "product":
-                rows = (result.index_select(0, index) * effect).to(result.dtype)
-                result = result.index_copy(0, index, rows)
-            else:
-                result = result.index_add(0, index, effect.to(result.dtype))
-        return result
+        return mixed_batch_forward(self, x, route, args, kwargs)
 
     def iter_adapter_parameters(self, adapter_name: str) -> Iterator[torch.Tensor]:
         yield from self.adapter_tensors(adapter_name).values()

@@ -1,0 +1,140 @@
+"""Mixed batches on a LoRA linear layer at single-adapter cost: one gathered product.
+
+The adapters a batch uses are stacked once — ``A`` as ``(N, r, in)``, ``s·B`` as
+``(N, out, r)`` (ranks zero-padded to the largest: the padding adds exact zeros), LoRA biases
+``s·b`` as ``(N, out)``, DoRA scales ``c = m / ‖W + s·BA‖`` as ``(N, out)`` (1 for plain
+adapters) — and each sample's factors are gathered by its slot: two batched products
+(``bmm``) for the whole batch, whatever the number of adapters, instead of one pair of products
+and one scattered sum per adapter. DoRA's effect is ``c ⊙ s·BAx + (c − 1) ⊙ x Wᵀ``, the base
+output without its bias. In no-grad forwards the stacks are cached on the layer for the last
+mix of adapters while no factor, scaling or magnitude changes (each tensor's version counter is
+part of the key); with gradients they are built (differentiably) per forward.
+
+Falls back to the per-adapter path (None) for what it does not cover: active dropout,
+variants other than DoRA, embeddings (a different layer class), merged adapters.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+import torch.nn.functional as F
+
+from adapt.core.routing import Gathered
+
+from .dora import DoraVariant
+from .lora_bias import lora_bias_of
+
+if TYPE_CHECKING:
+    from .layer import LoraLayer
+
+__all__ = ["gathered_effect"]
+
+CACHE = "_lora_gathered_stacks"
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, module.weight)
+
+
+def supported(layer: LoraLayer, names: tuple[str, ...]) -> bool:
+    if layer.merged_adapters:
+        return False
+    for name in names:
+        if name not in layer.lora_A or layer.dropout_active(name):
+            return False
+        variant = layer.lora_variant.get(name)
+        if variant is not None and not isinstance(variant, DoraVariant):
+            return False
+    return True
+
+
+def _key(layer: LoraLayer, names: tuple[str, ...]) -> tuple[Any, ...]:
+    tensors: list[torch.Tensor] = []
+    for name in names:
+        tensors += [_weight(layer.lora_A[name]), _weight(layer.lora_B[name])]
+        bias = lora_bias_of(layer, name)
+        if bias is not None:
+            tensors.append(bias)
+        if name in layer.lora_variant:
+            tensors += [
+                layer.lora_variant[name].magnitude(layer, name),  # type: ignore[attr-defined]
+                _weight(layer.get_base_layer()),
+            ]
+    stamp = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+    return names, stamp, tuple(layer.scaling[n] for n in names)
+
+
+def stacks(layer: LoraLayer, names: tuple[str, ...]) -> dict[str, torch.Tensor | None]:
+    """The stacked factors (cached in no-grad forwards, see the module doc)."""
+    if torch.is_grad_enabled():
+        return _build(layer, names)
+    key = _key(layer, names)
+    cached = getattr(layer, CACHE, None)
+    if cached is not None and cached[0] == key:
+        return cast("dict[str, torch.Tensor | None]", cached[1])
+    built = _build(layer, names)
+    setattr(layer, CACHE, (key, built))  # one mix per layer: the last one
+    return built
+
+
+def _build(layer: LoraLayer, names: tuple[str, ...]) -> dict[str, torch.Tensor | None]:
+    rank = max(layer.r[n] for n in names)
+    a_list, b_list = [], []
+    for name in names:
+        a, b = _weight(layer.lora_A[name]), _weight(layer.lora_B[name])
+        pad = rank - a.shape[0]
+        a_list.append(F.pad(a, (0, 0, 0, pad)) if pad else a)
+        b = b * layer.scaling[name]
+        b_list.append(F.pad(b, (0, pad)) if pad else b)
+    out: dict[str, torch.Tensor | None] = {"A": torch.stack(a_list), "B": torch.stack(b_list)}
+    biases = [lora_bias_of(layer, n) for n in names]
+    out["bias"] = None
+    if any(b is not None for b in biases):
+        zeros = torch.zeros(layer.out_features, dtype=b_list[0].dtype, device=b_list[0].device)
+        out["bias"] = torch.stack(
+            [
+                zeros if b is None else b * layer.scaling[n]
+                for b, n in zip(biases, names, strict=True)
+            ]
+        )
+    out["c"] = None
+    if any(n in layer.lora_variant for n in names):
+        ones = torch.ones(layer.out_features, dtype=b_list[0].dtype, device=b_list[0].device)
+        scales = [
+            layer.lora_variant[n].scale(layer, n).to(ones.dtype)  # type: ignore[attr-defined]
+            if n in layer.lora_variant
+            else ones
+            for n in names
+        ]
+        out["c"] = torch.stack(scales)
+    return out
+
+
+def gathered_effect(
+    layer: LoraLayer, x: torch.Tensor, gathered: Gathered, base_output: torch.Tensor
+) -> torch.Tensor | None:
+    """Every selected row's adapter effect at once (see the module doc), or None."""
+    names = gathered.adapters
+    if x.dim() < 2 or not supported(layer, names):
+        return None
+    parts = stacks(layer, names)
+    a, b = cast(torch.Tensor, parts["A"]), cast(torch.Tensor, parts["B"])
+    slots = gathered.slots
+    rows = x.shape[0]
+    flat = x.to(a.dtype).reshape(rows, -1, x.shape[-1])  # (rows, tokens, in)
+    h = torch.bmm(flat, a.index_select(0, slots).transpose(1, 2))
+    y = torch.bmm(h, b.index_select(0, slots).transpose(1, 2))  # (rows, tokens, out)
+    bias = parts["bias"]
+    if bias is not None:
+        y = y + bias.index_select(0, slots).unsqueeze(1).to(y.dtype)
+    c = parts["c"]
+    if c is not None:
+        base = gathered.select(base_output).reshape(rows, -1, y.shape[-1])
+        base_bias = layer.bias
+        if base_bias is not None:
+            base = base - base_bias.to(base.dtype)
+        c_rows = c.index_select(0, slots).unsqueeze(1).to(y.dtype)
+        y = c_rows * y + (c_rows - 1) * base.to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
