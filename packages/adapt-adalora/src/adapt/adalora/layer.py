@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from adapt.core import AdapterLayer, ConfigError, adapter_dtype_device, add_scaled_product
+from adapt.core.kernels import gathered_low_rank, stack_factors
+from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import AdaLoraConfig
@@ -123,6 +125,23 @@ class AdaLoraLayer(AdapterLayer):
         h = x @ (a * self.lora_E[name]).T
         in_place = self.may_add_in_place(result)
         return add_scaled_product(result, h, self.lora_B[name], self.scale(name), in_place=in_place)
+
+    def gathered_adapter_effect(
+        self, x: Any, gathered: Gathered, base_output: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Mixed batches: every row's ``s·B (E ⊙ A) x`` in two batched products."""
+        names = gathered.adapters
+        if any(self.dropout_active(n) for n in names) or not isinstance(x, torch.Tensor):
+            return None
+        a, b = stack_factors(
+            [self.lora_A[n] * self.lora_E[n] for n in names],
+            [self.lora_B[n] * self.scale(n) for n in names],
+        )
+        return gathered_low_rank(x, a, b, gathered.slots)
+
+    def dropout_active(self, adapter_name: str) -> bool:
+        dropout = self.lora_dropout[adapter_name]
+        return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         a = self.lora_A[adapter_name]

@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.nn.functional as F
 
+from adapt.core.kernels import gathered_low_rank, stack_factors
 from adapt.core.routing import Gathered
 
 from .dora import DoraVariant
@@ -80,15 +80,10 @@ def stacks(layer: LoraLayer, names: tuple[str, ...]) -> dict[str, torch.Tensor |
 
 
 def _build(layer: LoraLayer, names: tuple[str, ...]) -> dict[str, torch.Tensor | None]:
-    rank = max(layer.r[n] for n in names)
-    a_list, b_list = [], []
-    for name in names:
-        a, b = _weight(layer.lora_A[name]), _weight(layer.lora_B[name])
-        pad = rank - a.shape[0]
-        a_list.append(F.pad(a, (0, 0, 0, pad)) if pad else a)
-        b = b * layer.scaling[name]
-        b_list.append(F.pad(b, (0, pad)) if pad else b)
-    out: dict[str, torch.Tensor | None] = {"A": torch.stack(a_list), "B": torch.stack(b_list)}
+    a_list = [_weight(layer.lora_A[n]) for n in names]
+    b_list = [_weight(layer.lora_B[n]) * layer.scaling[n] for n in names]
+    a, b = stack_factors(a_list, b_list)
+    out: dict[str, torch.Tensor | None] = {"A": a, "B": b}
     biases = [lora_bias_of(layer, n) for n in names]
     out["bias"] = None
     if any(b is not None for b in biases):
@@ -123,9 +118,7 @@ def gathered_effect(
     a, b = cast(torch.Tensor, parts["A"]), cast(torch.Tensor, parts["B"])
     slots = gathered.slots
     rows = x.shape[0]
-    flat = x.to(a.dtype).reshape(rows, -1, x.shape[-1])  # (rows, tokens, in)
-    h = torch.bmm(flat, a.index_select(0, slots).transpose(1, 2))
-    y = torch.bmm(h, b.index_select(0, slots).transpose(1, 2))  # (rows, tokens, out)
+    y = gathered_low_rank(x, a, b, slots).reshape(rows, -1, b.shape[1])  # (rows, tokens, out)
     bias = parts["bias"]
     if bias is not None:
         y = y + bias.index_select(0, slots).unsqueeze(1).to(y.dtype)

@@ -93,3 +93,28 @@ def add_scaled_product(
         alpha=scale,
     )
     return summed.view(result.shape)
+
+
+def stack_factors(
+    a: list[torch.Tensor], b: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-rank factors of several adapters stacked for :func:`gathered_low_rank`: ``A``s
+    (rᵢ × in) as ``(N, r, in)`` and ``B``s (out × rᵢ) as ``(N, out, r)``, ranks zero-padded to
+    the largest ``r`` (the padding contributes exact zeros); differentiable."""
+    rank = max(t.shape[0] for t in a)
+    a_pad = [F.pad(t, (0, 0, 0, rank - t.shape[0])) if t.shape[0] < rank else t for t in a]
+    b_pad = [F.pad(t, (0, rank - t.shape[1])) if t.shape[1] < rank else t for t in b]
+    return torch.stack(a_pad), torch.stack(b_pad)
+
+
+def gathered_low_rank(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """``(x[i] A[slots[i]]ᵀ) B[slots[i]]ᵀ`` for every row ``i`` of ``x`` (rows on dim 0, any
+    token dims, features last): each row's adapter's low-rank product, all rows in two batched
+    products whatever the number of adapters (``a``, ``b`` from :func:`stack_factors`)."""
+    rows = x.shape[0]
+    flat = x.to(a.dtype).reshape(rows, -1, x.shape[-1])
+    h = torch.bmm(flat, a.index_select(0, slots).transpose(1, 2))
+    y = torch.bmm(h, b.index_select(0, slots).transpose(1, 2))
+    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapt.core import AdapterLayer, SharedBasis, adapter_dtype_device, add_scaled_product
+from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import VeraConfig
@@ -127,6 +128,27 @@ class VeraLinear(VeraLayer):
         return add_scaled_product(
             result, lambda_d * h, lambda_b[:, None] * b, in_place=self.may_add_in_place(result)
         )
+
+    def gathered_adapter_effect(
+        self, x: Any, gathered: Gathered, base_output: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Mixed batches at single-adapter cost: the adapters share the basis, so ``A_s x`` and
+        the product with ``B_s`` are one GEMM each for the whole batch; only the λ differ per
+        row (λ_d zero-padded to the largest r: the basis rows beyond an adapter's r get 0)."""
+        names = gathered.adapters
+        for name in names:
+            dropout = self.vera_dropout[name]
+            if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+                return None
+        r = max(self.r[n] for n in names)
+        lambda_d = torch.stack([F.pad(self.vera_lambda_d[n], (0, r - self.r[n])) for n in names])
+        lambda_b = torch.stack([self.vera_lambda_b[n] for n in names])
+        rows = x.shape[0]
+        h = self.basis.project_input(x, self.in_features, r, lambda_d.dtype)
+        h = h.reshape(rows, -1, r) * lambda_d.index_select(0, gathered.slots).unsqueeze(1)
+        b = self.basis.B[: self.out_features, :r].to(device=h.device, dtype=h.dtype)
+        y = F.linear(h, b) * lambda_b.index_select(0, gathered.slots).unsqueeze(1)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         lambda_b = self.vera_lambda_b[adapter_name]
