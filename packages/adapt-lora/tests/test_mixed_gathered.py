@@ -144,3 +144,17 @@ def test_half_precision_base_and_autocast(dtype: torch.dtype) -> None:
         mixed = model(input_ids=ids(), adapter_names=NAMES).logits.float()
         ref = one_by_one(model, ids(), NAMES).float()
     assert (mixed - ref).abs().max().item() < 5e-2 * ref.abs().max().item()
+
+
+def test_mixed_batches_after_preparing_for_hotswap() -> None:
+    from adapt.lora import prepare_model_for_compiled_hotswap
+
+    model = model_of()
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    with torch.no_grad():
+        mixed = model(input_ids=ids(), adapter_names=NAMES).logits
+        assert (mixed - one_by_one(model, ids(), NAMES)).abs().max().item() < 1e-5
+        layer = model.model.model.layers[0].self_attn.q_proj
+        layer.scaling["a1"].fill_(0.0)  # in place, as a hot swap does: the stacks follow
+        mixed = model(input_ids=ids(), adapter_names=NAMES).logits
+        assert (mixed - one_by_one(model, ids(), NAMES)).abs().max().item() < 1e-5

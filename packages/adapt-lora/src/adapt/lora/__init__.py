@@ -12,6 +12,7 @@ from .config import LoraConfig
 from .corda import preprocess_corda
 from .dora import DoraVariant
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
+from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .layer import LoraEmbedding, LoraLayer, LoraLinear
 from .layer_conv import LoraConv
 from .loftq import replace_lora_weights_loftq
@@ -36,7 +37,9 @@ __all__ = [
     "__version__",
     "get_eva_state_dict",
     "get_variant",
+    "hotswap_adapter",
     "initialize_lora_eva_weights",
+    "prepare_model_for_compiled_hotswap",
     "preprocess_corda",
     "register_variant",
     "replace_lora_weights_loftq",

@@ -63,7 +63,16 @@ def _key(layer: LoraLayer, names: tuple[str, ...]) -> tuple[Any, ...]:
                 _weight(layer.get_base_layer()),
             ]
     stamp = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-    return names, stamp, tuple(layer.scaling[n] for n in names)
+    scalings = tuple(_scalar_stamp(layer.scaling[n]) for n in names)
+    return names, stamp, scalings
+
+
+def _scalar_stamp(value: Any) -> Any:
+    """A scaling as a cache key: floats as they are, tensors (hot-swap slots, filled in
+    place) by identity and version."""
+    if isinstance(value, torch.Tensor):
+        return id(value), value._version
+    return value
 
 
 def stacks(layer: LoraLayer, names: tuple[str, ...]) -> dict[str, torch.Tensor | None]:

@@ -16,6 +16,7 @@ from adapt.core.targeting import QUERY_VALUE_TARGETS
 from .combine import combine, combine_files
 from .config import LoraConfig, weight_init
 from .conversion import convert_for_initial
+from .hotswap import checkpoint_tensors
 from .layer_conv import LoraConv, grouped_conv_message
 from .parameters import LoraParameter
 from .tokens import TrainableTokensLayer, token_targets
@@ -125,6 +126,13 @@ class LoraMethod(Method[LoraConfig]):
     ) -> tuple[AdapterConfig, Callable[[], dict[str, torch.Tensor]]]:
         configs = [self.config_of(model, name) for name in sources]
         return combine(model, configs, sources, weights, options)
+
+    def checkpoint_state(
+        self, model: ModelView, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Hot-swapped or padded adapters are written at their true ranks (see
+        :mod:`.hotswap`); everything else as it is."""
+        return checkpoint_tensors(model, adapter_name, tensors)
 
     def combine_checkpoints(
         self,
