@@ -75,6 +75,7 @@ TIERS: dict[str, int] = {
     "method": 2,
     "layer_merging": 2,
     "layer_mixed": 2,
+    "fixed_mixing": 2,
     # 3: AdapterLayer and the modules_to_save wrapper
     "layer": 3,
     "modules_to_save": 3,

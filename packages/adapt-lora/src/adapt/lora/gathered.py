@@ -79,13 +79,30 @@ def stacks(layer: LoraLayer, names: tuple[str, ...]) -> dict[str, torch.Tensor |
     """The stacked factors (cached in no-grad forwards, see the module doc)."""
     if torch.is_grad_enabled():
         return _build(layer, names)
-    key = _key(layer, names)
     cached = getattr(layer, CACHE, None)
+    if torch.compiler.is_compiling():
+        # a prepared model (prepare_mixed_batches_for_compile): refreshed before the graph runs
+        if cached is not None and cached[0][0] == names:
+            return cast("dict[str, torch.Tensor | None]", cached[1])
+        return _build(layer, names)
+    key = _key(layer, names)
     if cached is not None and cached[0] == key:
         return cast("dict[str, torch.Tensor | None]", cached[1])
     built = _build(layer, names)
-    setattr(layer, CACHE, (key, built))  # one mix per layer: the last one
+    if cached is not None and _same_shapes(cached[1], built):
+        for name, tensor in built.items():  # in place: a compiled graph holds these tensors
+            if tensor is not None:
+                cast(torch.Tensor, cached[1][name]).copy_(tensor)
+        built = cached[1]
+    setattr(layer, CACHE, (_key(layer, names), built))  # one mix per layer: the last one
     return built
+
+
+def _same_shapes(old: dict[str, torch.Tensor | None], new: dict[str, torch.Tensor | None]) -> bool:
+    def shape(t: torch.Tensor | None) -> Any:
+        return None if t is None else (t.shape, t.dtype, t.device)
+
+    return old.keys() == new.keys() and all(shape(old[k]) == shape(new[k]) for k in old)
 
 
 def _build(layer: LoraLayer, names: tuple[str, ...]) -> dict[str, torch.Tensor | None]:

@@ -28,7 +28,7 @@ from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import LoraConfig, weight_init
-from .gathered import gathered_effect
+from .gathered import gathered_effect, stacks, supported
 from .init_state import restore_base
 from .layer_variants import VariantHost
 from .lora_bias import add_lora_bias, check_bias_merge, lora_bias_of
@@ -275,6 +275,10 @@ class LoraLinear(LoraLayer):
         self, x: Any, gathered: Gathered, base_output: torch.Tensor
     ) -> torch.Tensor | None:
         return gathered_effect(self, x, gathered, base_output)  # mixed batches: one product
+
+    def refresh_gathered(self, adapters: tuple[str, ...]) -> None:
+        if supported(self, adapters):
+            stacks(self, adapters)
 
     def _merged_weight_forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         out = super()._merged_weight_forward(x, names)

@@ -14,6 +14,8 @@ import torch
 
 from .adapters import AdapterSet
 from .errors import AdapterStateError
+from .fixed_mixing import ATTRIBUTE as FIXED_MIXING
+from .fixed_mixing import FixedMixing
 from .routing import BASE, route_batch
 
 
@@ -47,3 +49,40 @@ _disable: Any = torch.compiler.disable  # untyped in torch
 call_mixed: Callable[[AdapterSet, Callable[..., Any], Sequence[str], Any, Any], Any] = _disable(
     _call_eager
 )
+
+
+def prepare_fixed(adapters: AdapterSet) -> FixedMixing:
+    """Fix the adapters mixed batches may name and give every layer the routing tensors."""
+    if any(layer.merged for _, layer in adapters.layers()):
+        raise AdapterStateError(
+            "prepare_mixed_batches_for_compile needs unmerged adapters; call unmerge_adapter() "
+            "first"
+        )
+    mixing = FixedMixing(list(adapters.configs))
+    for _, layer in adapters.layers():
+        setattr(layer, FIXED_MIXING, mixing)
+    return mixing
+
+
+def _enter_fixed(adapters: AdapterSet, mixing: FixedMixing, names: Sequence[str]) -> None:
+    check_batch_names(adapters, names)
+    layers = [layer for _, layer in adapters.layers()]
+    if any(getattr(layer, FIXED_MIXING, None) is not mixing for layer in layers):
+        raise AdapterStateError(
+            "the model's adapter layers changed since prepare_mixed_batches_for_compile(); "
+            "call it again"
+        )
+    device = next((p.device for layer in layers for p in layer.parameters()), torch.device("cpu"))
+    mixing.fill(names, layers, device)
+    with torch.no_grad():
+        for layer in layers:
+            layer.refresh_gathered(mixing.key_of(layer))
+    mixing.on = True
+
+
+def _exit_fixed(mixing: FixedMixing) -> None:
+    mixing.on = False
+
+
+enter_fixed: Callable[[AdapterSet, FixedMixing, Sequence[str]], None] = _disable(_enter_fixed)
+exit_fixed: Callable[[FixedMixing], None] = _disable(_exit_fixed)

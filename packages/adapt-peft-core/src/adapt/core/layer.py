@@ -36,6 +36,8 @@ from . import fastpath
 from .backends import WeightBackend, require_backend
 from .deprecation import moved_names
 from .errors import AdapterStateError, PluginError
+from .fixed_mixing import ATTRIBUTE as FIXED_MIXING
+from .fixed_mixing import fixed_mixed_forward
 from .kernels import add_scaled_product, factor_grad, matmul_factor, transposed_factor_is_faster
 from .layer_merging import LayerMerging
 from .layer_mixed import mixed_batch_forward
@@ -258,6 +260,9 @@ class AdapterLayer(LayerMerging, nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)  # type: ignore[no-any-return]
+        mixing = getattr(self, FIXED_MIXING, None)
+        if mixing is not None and mixing.on:
+            return fixed_mixed_forward(self, x, mixing, args, kwargs)
         if route is not None:
             return self._mixed_batch_forward(x, route, *args, **kwargs)
         pending = [n for n in self.active_adapters if n not in self.merged_adapters]
@@ -343,6 +348,12 @@ class AdapterLayer(LayerMerging, nn.Module):
         (stacked factors, one gathered product); it must equal the per-adapter path up to
         float round-off. Default: None."""
         return None
+
+    def refresh_gathered(self, adapters: tuple[str, ...]) -> None:
+        """Called outside a compiled graph before each mixed forward of a model prepared with
+        ``prepare_mixed_batches_for_compile``: bring whatever :meth:`gathered_adapter_effect`
+        caches for ``adapters`` up to date (it may then read it without checks when compiling).
+        Default: nothing."""
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, route: BatchRoute, *args: Any, **kwargs: Any

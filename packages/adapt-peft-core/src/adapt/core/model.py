@@ -23,6 +23,7 @@ from .adapters import AdapterSet, ModelHost
 from .config import AdapterConfig
 from .deprecation import moved_names
 from .errors import AdapterStateError
+from .fixed_mixing import FixedMixing
 from .foreign_hooks import ForeignHooks
 from .layer import AdapterLayer
 from .merge import MergeReport
@@ -62,6 +63,7 @@ class AdaptedModel(ForeignHooks):
         self.base_model = ModelHost(model)
         self._adapters = AdapterSet(self.base_model, is_trainable=is_trainable)
         self._adapters.view = self
+        self._fixed_mixing: FixedMixing | None = None
         self.add_adapter(adapter_name, config)
         expose_forward_signature(self, model.forward, AdaptedModel.forward)
         guard_direct_save(model)
@@ -130,12 +132,28 @@ class AdaptedModel(ForeignHooks):
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        mixing = self._fixed_mixing
         if adapter_names is None:
             output = self.model(*args, **kwargs)
+        elif mixing is not None:
+            batches.enter_fixed(self._adapters, mixing, adapter_names)
+            try:
+                output = self.model(*args, **kwargs)
+            finally:
+                batches.exit_fixed(mixing)
         else:
             output = batches.call_mixed(self._adapters, self.model, adapter_names, args, kwargs)
         output = self._adapters.postprocess(output)
         return output
+
+    def prepare_mixed_batches_for_compile(self) -> None:
+        """Serve mixed batches (``adapter_names=``) with fixed shapes, so a compiled model runs
+        a new mix of adapters without recompiling (the mix becomes index tensors filled in
+        place). Fixes the adapters a batch may name to those the model has now: call it again
+        after adding or deleting adapters (and before compiling, or expect one recompile).
+        Every row then computes through every layer's gathered path (``__base__`` rows get
+        exact zeros added); eval mode (no active dropout) is required."""
+        self._fixed_mixing = batches.prepare_fixed(self._adapters)
 
     def generate(
         self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
