@@ -577,8 +577,9 @@ def _check_listing(session: nox.Session, listing: str, projects: list[dict]) -> 
 @nox.session
 def bench(session: nox.Session) -> None:
     """tools/bench/bench.py: adapt against HF PEFT in one run (import, injection, training step,
-    inference, merge, load, AdaLoRA allocation, peak memory); prints a table of medians and
-    ratios against the performance goals. Not part of CI; `-- --quick` is the smoke run, other
+    inference, mixed batches, merge, load, AdaLoRA allocation, peak memory); prints a table of
+    medians and ratios against the performance goals (the mixed case's curve goes to
+    bench-out/). Not part of CI; `-- --quick` is the smoke run, other
     arguments go to bench.py (see tools/bench/README.md)."""
     setup(session)
     constraints = install_torch(session)
@@ -588,6 +589,7 @@ def bench(session: nox.Session) -> None:
         f"transformers=={TRANSFORMERS_LATEST}",
         f"peft=={PEFT}",
         "accelerate",
+        "matplotlib",  # the plot of the mixed case's curve
         *editable(PACKAGES),
     )
     session.run("python", str(ROOT / "tools" / "bench" / "bench.py"), *session.posargs)

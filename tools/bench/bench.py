@@ -15,7 +15,7 @@ available (``--device`` overrides), on CPU otherwise.
 This file is the entry script and owns the command line: the options, the order of the cases,
 the header, the final table, the JSON file, and the dispatch of ``--memory-worker`` (the
 subprocesses of the memory case re-run this script). The rest is the package ``adapt_bench`` beside it
-(harness, workloads, cases, memory, report: see its docstring and README.md).
+(harness, workloads, cases, mixed, memory, report: see its docstring and README.md).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from adapt_bench.cases import (
 )
 from adapt_bench.config import CASES, METHODS
 from adapt_bench.memory import case_memory, run_worker
+from adapt_bench.mixed import case_mixed
 from adapt_bench.report import environment, print_table
 from adapt_bench.timing import Bench
 
@@ -60,6 +61,7 @@ CASE_FUNCS: dict[str, Callable[[Bench, Sequence[str]], None]] = {
     "combine": case_combine,
     "train": case_train,
     "infer": case_infer,
+    "mixed": case_mixed,
     "merge": case_merge,
     "load": case_load,
     "allocate": case_allocate,
@@ -103,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
         "imports), steadier on a shared machine; implies --threads 1 unless given",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-out"),
+        help="folder of the files a case writes (the mixed case's curve: table, plot, samples); "
+        "default: bench-out/",
+    )
+    parser.add_argument(
+        "--curve-max",
+        type=int,
+        default=None,
+        metavar="N",
+        help="mixed case: largest adapter count of the curve (default: all of the sizes' "
+        "counts, up to 64); 0 skips the curve",
+    )
     parser.add_argument(
         "--memory-worker", nargs=2, metavar=("LIB", "METHOD"), help=argparse.SUPPRESS
     )

@@ -52,6 +52,8 @@ class Bench:
                     "import_reps": args.reps,
                     "infer_reps": args.reps,
                     "allocate_reps": args.reps,
+                    "mixed_reps": args.reps,
+                    "curve_reps": args.reps,
                 }
             )
         if args.device == "auto":
