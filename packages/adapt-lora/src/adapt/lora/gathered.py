@@ -39,18 +39,16 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
 
 
 def supported(layer: LoraLayer, names: tuple[str, ...]) -> bool:
-    if layer.merged_adapters:
+    if layer.merged_adapters or not set(names) <= layer.lora_A.keys():
         return False
-    for name in names:
-        if name not in layer.lora_A or layer.dropout_active(name):
-            return False
-        variant = layer.lora_variant.get(name)
-        if variant is not None and not isinstance(variant, DoraVariant):
-            return False
-    return True
+    if layer.training and any(layer.dropout_active(n) for n in names):
+        return False
+    variants = layer.lora_variant
+    return not any(n in variants and not isinstance(variants[n], DoraVariant) for n in names)
 
 
-def _key(layer: LoraLayer, names: tuple[str, ...]) -> tuple[Any, ...]:
+def _tensors(layer: LoraLayer, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """Every tensor the stacks of ``names`` are made of."""
     tensors: list[torch.Tensor] = []
     for name in names:
         tensors += [_weight(layer.lora_A[name]), _weight(layer.lora_B[name])]
@@ -62,9 +60,15 @@ def _key(layer: LoraLayer, names: tuple[str, ...]) -> tuple[Any, ...]:
                 layer.lora_variant[name].magnitude(layer, name),  # type: ignore[attr-defined]
                 _weight(layer.get_base_layer()),
             ]
-    stamp = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-    scalings = tuple(_scalar_stamp(layer.scaling[n]) for n in names)
-    return names, stamp, scalings
+    return tensors
+
+
+def _stamp(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    return [(t._version, t.data_ptr()) for t in tensors]
+
+
+def _scalings(layer: LoraLayer, names: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(_scalar_stamp(layer.scaling[n]) for n in names)
 
 
 def _scalar_stamp(value: Any) -> Any:
@@ -75,26 +79,48 @@ def _scalar_stamp(value: Any) -> Any:
     return value
 
 
+def invalidate(layer: LoraLayer) -> None:
+    """Forget the cached stacks (an adapter was added to or deleted from the layer)."""
+    if getattr(layer, CACHE, None) is not None:
+        setattr(layer, CACHE, None)
+
+
+def _fresh(cached: Any, layer: LoraLayer, names: tuple[str, ...]) -> bool:
+    """Whether the cache holds the stacks of ``names`` made of tensors unchanged since (same
+    versions and storage; the tensors themselves are kept: the layer's adapters did not change,
+    or :func:`invalidate` would have cleared it) and the same scalings."""
+    if cached is None or cached["names"] != names:
+        return False
+    if cached["scalings"] != _scalings(layer, names):
+        return False
+    return all(
+        t._version == v and t.data_ptr() == p
+        for t, (v, p) in zip(cached["tensors"], cached["stamp"], strict=True)
+    )
+
+
 def stacks(layer: LoraLayer, names: tuple[str, ...]) -> dict[str, torch.Tensor | None]:
     """The stacked factors (cached in no-grad forwards, see the module doc)."""
     if torch.is_grad_enabled():
         return _build(layer, names)
-    cached = getattr(layer, CACHE, None)
+    cached: Any = getattr(layer, CACHE, None)
     if torch.compiler.is_compiling():
         # a prepared model (prepare_mixed_batches_for_compile): refreshed before the graph runs
-        if cached is not None and cached[0][0] == names:
-            return cast("dict[str, torch.Tensor | None]", cached[1])
+        if cached is not None and cached["names"] == names:
+            return cast("dict[str, torch.Tensor | None]", cached["built"])
         return _build(layer, names)
-    key = _key(layer, names)
-    if cached is not None and cached[0] == key:
-        return cast("dict[str, torch.Tensor | None]", cached[1])
+    if _fresh(cached, layer, names):
+        return cast("dict[str, torch.Tensor | None]", cached["built"])
     built = _build(layer, names)
-    if cached is not None and _same_shapes(cached[1], built):
+    if cached is not None and cached["names"] == names and _same_shapes(cached["built"], built):
         for name, tensor in built.items():  # in place: a compiled graph holds these tensors
             if tensor is not None:
-                cast(torch.Tensor, cached[1][name]).copy_(tensor)
-        built = cached[1]
-    setattr(layer, CACHE, (_key(layer, names), built))  # one mix per layer: the last one
+                cast(torch.Tensor, cached["built"][name]).copy_(tensor)
+        built = cached["built"]
+    tensors = _tensors(layer, names)
+    entry = {"names": names, "tensors": tensors, "stamp": _stamp(tensors),
+             "scalings": _scalings(layer, names), "built": built}  # fmt: skip
+    setattr(layer, CACHE, entry)  # one mix per layer: the last one
     return built
 
 

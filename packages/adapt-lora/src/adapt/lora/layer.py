@@ -28,7 +28,7 @@ from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import LoraConfig, weight_init
-from .gathered import gathered_effect, stacks, supported
+from .gathered import gathered_effect, invalidate, stacks, supported
 from .init_state import restore_base
 from .layer_variants import VariantHost
 from .lora_bias import add_lora_bias, check_bias_merge, lora_bias_of
@@ -109,6 +109,7 @@ class LoraLayer(VariantHost):
             add_lora_bias(self, adapter_name, config.init_lora_weights)
         self.reset_lora_parameters(adapter_name, config.init_lora_weights)
         self.attach_variant(adapter_name, config)
+        invalidate(self)  # mixed batches: the stacked factors
 
     def merge_bias(self, bias: torch.Tensor, adapter_name: str) -> torch.Tensor:
         extra = lora_bias_of(self, adapter_name)
@@ -179,6 +180,7 @@ class LoraLayer(VariantHost):
         self.detach_variant(adapter_name)
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(adapter_name, None)
+        invalidate(self)
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return self.lora_output(self.lora_dropout[adapter_name](x), adapter_name)

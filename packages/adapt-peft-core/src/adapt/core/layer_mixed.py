@@ -40,6 +40,12 @@ def mixed_batch_forward(
     gathered = route.gathered(layer.adapter_names, x.device)
     if gathered is None:
         return result
+    if gathered.rows is None and len(gathered.adapters) == 1:
+        # the whole batch on one adapter: the single-adapter path (fused, in place)
+        name = gathered.adapters[0]
+        if layer._add_sees_base:
+            return layer.add_adapter_output(result, inputs, name, base_output=result)  # type: ignore[no-any-return]
+        return layer.add_adapter_output(result, inputs, name)  # type: ignore[no-any-return]
     effect = layer.gathered_adapter_effect(
         rows_of(inputs, gathered.rows) if gathered.rows is not None else inputs,
         gathered,
