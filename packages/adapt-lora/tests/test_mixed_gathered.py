@@ -158,3 +158,13 @@ def test_mixed_batches_after_preparing_for_hotswap() -> None:
         layer.scaling["a1"].fill_(0.0)  # in place, as a hot swap does: the stacks follow
         mixed = model(input_ids=ids(), adapter_names=NAMES).logits
         assert (mixed - one_by_one(model, ids(), NAMES)).abs().max().item() < 1e-5
+
+
+def test_stacks_follow_an_adapter_deleted_and_added_again() -> None:
+    model = model_of()
+    with torch.no_grad():
+        model(input_ids=ids(), adapter_names=NAMES)  # the stacks are cached now
+        model.delete_adapter("a1")
+        model.add_adapter("a1", LoraConfig(r=5, target_modules=LINEAR, init_lora_weights=False))
+        mixed = model(input_ids=ids(), adapter_names=NAMES).logits
+        assert (mixed - one_by_one(model, ids(), NAMES)).abs().max().item() < 1e-5
