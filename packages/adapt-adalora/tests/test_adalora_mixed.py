@@ -80,3 +80,26 @@ def test_bf16_autocast() -> None:
         out = model(input_ids=ids(), adapter_names=NAMES).logits.float()
         ref = one_by_one(model).float()
     assert (out - ref).abs().max().item() < 5e-2 * ref.abs().max().item()
+
+
+@pytest.mark.compile
+def test_compiled_mixes_do_not_recompile() -> None:
+    torch._dynamo.reset()
+    model = model_of()
+    mixes = [NAMES, ["a1"] * 6, ["__base__", "a2", "a2", "a0", "a1", "a1"]]
+    with torch.no_grad():
+        eager = [model(input_ids=ids(), adapter_names=m).logits for m in mixes]
+    model.prepare_mixed_batches_for_compile()
+    graphs = [0]
+
+    def backend(gm: torch.fx.GraphModule, inputs: Any) -> Any:
+        graphs[0] += 1
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for _ in range(2):
+            for mix, want in zip(mixes, eager, strict=True):
+                out = compiled(input_ids=ids(), adapter_names=mix).logits
+                assert (out - want).abs().max().item() < 1e-5
+    assert graphs[0] == 1

@@ -1,5 +1,6 @@
 """Mixed batches under ``torch.compile`` without recompiles when the mix changes
-(``prepare_mixed_batches_for_compile``): LoRA, DoRA, VeRA and AdaLoRA adapters; graphs counted
+(``prepare_mixed_batches_for_compile``): LoRA, DoRA and LoRA-bias adapters (VeRA's and AdaLoRA's
+in their packages' tests); graphs counted
 with a counting backend; outputs equal the eager mixed batch; ``__base__`` rows equal the base
 model; the errors that tell what to do."""
 
@@ -37,31 +38,10 @@ def lora(extra: dict[str, Any]) -> AdaptedModel:
     return model
 
 
-def vera(extra: dict[str, Any]) -> AdaptedModel:
-    from adapt.vera import VeraConfig
-
-    model = adapt(tiny_llama(), VeraConfig(r=16, target_modules=LINEAR), "a0")
-    model.add_adapter("a1", VeraConfig(r=8, target_modules=LINEAR))
-    model.add_adapter("a2", VeraConfig(r=16, target_modules=LINEAR[:3]))
-    return model
-
-
-def adalora(extra: dict[str, Any]) -> AdaptedModel:
-    from adapt.adalora import AdaLoraConfig
-
-    kw: dict[str, Any] = dict(target_modules=LINEAR, total_step=10, target_r=2)
-    model = adapt(tiny_llama(), AdaLoraConfig(init_r=4, **kw), "a0")
-    model.add_adapter("a1", AdaLoraConfig(init_r=6, inference_mode=True, **kw))
-    model.add_adapter("a2", AdaLoraConfig(init_r=3, inference_mode=True, **kw))
-    return model
-
-
 CASES: dict[str, tuple[Callable[[dict[str, Any]], AdaptedModel], dict[str, Any]]] = {
     "lora": (lora, {}),
     "dora": (lora, {"use_dora": True}),
     "lora_bias": (lora, {"lora_bias": True}),
-    "vera": (vera, {}),
-    "adalora": (adalora, {}),
 }
 
 

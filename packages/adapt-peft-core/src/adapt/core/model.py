@@ -162,6 +162,13 @@ class AdaptedModel(ForeignHooks):
         generate = inner.generate
         if adapter_names is None:
             return generate(*args, **kwargs)
+        mixing = self._fixed_mixing
+        if mixing is not None:  # prepared: every step through the fixed-shape path
+            batches.enter_fixed(self._adapters, mixing, adapter_names)
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                batches.exit_fixed(mixing)
         batches.check_batch_names(self._adapters, adapter_names)
         with route_batch(list(adapter_names)):
             return generate(*args, **kwargs)
