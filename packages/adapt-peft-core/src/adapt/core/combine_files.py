@@ -20,6 +20,7 @@ from .checkpoint import read_config, read_tensors, resolve_adapter_dir, write_ad
 from .combine import check_weights
 from .config import AdapterConfig
 from .errors import AdaptError, CheckpointError, ConfigError
+from .files import split_key
 from .method import CombineOptions, Method
 from .registry import get_registry
 
@@ -153,14 +154,8 @@ def _check_keys(folder: Path, state: dict[str, torch.Tensor]) -> None:
 
 
 def _modules(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> set[str]:
-    modules = set()
-    for key in state:
-        if not key.startswith(PREFIX):
-            continue  # shared tensors (base_model.vera_A): not a module
-        parts = key.removeprefix(PREFIX).split(".")
-        cut = next((i for i, p in enumerate(parts) if p.startswith(prefixes)), len(parts) - 1)
-        modules.add(".".join(parts[:cut]))
-    return modules
+    # shared tensors (base_model.vera_A) are not a module's
+    return {split_key(key, prefixes)[0] for key in state if key.startswith(PREFIX)}
 
 
 def _same_modules(

@@ -1,5 +1,6 @@
 """Crash-safe file writes, once: a temporary file beside the target, fsynced, renamed over it,
-and the folder fsynced so the rename itself is durable (tier 1: no adapt imports but errors).
+and the folder fsynced so the rename itself is durable (tier 1: no adapt imports but errors);
+and how an adapter file's tensor names split into module and tensor (:func:`split_key`).
 """
 
 from __future__ import annotations
@@ -66,3 +67,11 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)  # make the rename itself durable
+
+
+def split_key(key: str, prefixes: tuple[str, ...]) -> tuple[str, str]:
+    """``base_model.model.<module>.<tensor>`` → ``(module, tensor)``: the tensor part begins at
+    the first segment that starts with one of ``prefixes``, else it is the last segment."""
+    parts = key.removeprefix("base_model.model.").split(".")
+    cut = next((i for i, p in enumerate(parts) if p.startswith(prefixes)), len(parts) - 1)
+    return ".".join(parts[:cut]), ".".join(parts[cut:])

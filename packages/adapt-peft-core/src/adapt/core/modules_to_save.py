@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .routing import current_adapter_names, sample_groups
+from .routing import current_route
 
 
 class ModulesToSave(nn.Module):
@@ -40,12 +40,12 @@ class ModulesToSave(nn.Module):
         return self._current()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        names = current_adapter_names()
-        if names is None or self.disabled:
+        route = current_route()
+        if route is None or self.disabled:
             return self._current()(*args, **kwargs)
         x = args[0]
         result = self.original_module(*args, **kwargs)
-        for name, index in sample_groups(names, set(self.modules_to_save.keys()), x.device):
+        for name, index in route.groups(self.modules_to_save.keys(), x.device):
             sub = self.modules_to_save[name](x.index_select(0, index), *args[1:], **kwargs)
             result = result.index_copy(0, index, sub.to(result.dtype))
         return result

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Collection, Container, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -121,17 +121,6 @@ def route_batch(adapter_names: Sequence[str] | None) -> Iterator[None]:
         with _lock:
             _routes_in_flight -= 1
         _batch_route.reset(token)
-
-
-def sample_groups(
-    batch_names: Sequence[str], known: Container[str], device: torch.device
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(adapter name, sample indices)`` for each adapter of ``known`` named in a mixed batch,
-    in order of first appearance; samples of :data:`BASE` and of unknown names are left out."""
-    for name in dict.fromkeys(batch_names):
-        if name == BASE or name not in known:
-            continue
-        yield name, torch.tensor([i for i, n in enumerate(batch_names) if n == name], device=device)
 
 
 def rows_of(inputs: Any, index: torch.Tensor) -> Any:

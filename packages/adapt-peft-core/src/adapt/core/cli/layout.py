@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..files import split_key
+
 if TYPE_CHECKING:
     from ..method import Method
 
@@ -91,14 +93,6 @@ def tensor_shapes(weights: Path) -> Shapes:
     except Exception as exc:
         raise CheckpointError(f"{weights} is corrupt and cannot be read: {exc}") from exc
     return shapes
-
-
-def split_key(key: str, prefixes: tuple[str, ...]) -> tuple[str, str]:
-    """``base_model.model.<module>.<tensor>`` → ``(module, tensor)``: the tensor part begins at
-    the first segment that starts with one of ``prefixes``, else it is the last segment."""
-    parts = key.removeprefix("base_model.model.").split(".")
-    cut = next((i for i, p in enumerate(parts) if p.startswith(prefixes)), len(parts) - 1)
-    return ".".join(parts[:cut]), ".".join(parts[cut:])
 
 
 def by_module(shapes: Shapes, prefixes: tuple[str, ...]) -> tuple[dict[str, Shapes], Shapes]:
