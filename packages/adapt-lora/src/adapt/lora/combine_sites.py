@@ -14,6 +14,7 @@ from typing import Any, cast
 import torch
 
 from adapt.core import CheckpointError
+from adapt.core.files import split_key
 from adapt.core.protocols import ModelView
 
 from .config import LoraConfig
@@ -112,15 +113,14 @@ def _is_conv1d(layer: LoraLayer) -> bool:
 def _split(key: str) -> tuple[str, str]:
     """``base_model.model.<module>.<tensor>`` → ``(module, tensor)``, the tensor part from the
     first ``lora_`` segment."""
-    parts = key.removeprefix(PREFIX).split(".")
-    cut = next((i for i, p in enumerate(parts) if p.startswith("lora_")), None)
-    if cut is None or not key.startswith(PREFIX):
+    module, tensor = split_key(key, ("lora_",))
+    if not key.startswith(PREFIX) or not tensor.startswith("lora_"):
         raise CheckpointError(
             f"tensor {key!r} is not a LoRA tensor (base_model.model.<module>.lora_...); the "
             "adapter holds tensors a combination has no rule for (modules_to_save, trained "
             "biases?)"
         )
-    return ".".join(parts[:cut]), ".".join(parts[cut:])
+    return module, tensor
 
 
 def _by_module(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
