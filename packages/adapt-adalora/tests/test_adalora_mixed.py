@@ -103,3 +103,37 @@ def test_compiled_mixes_do_not_recompile() -> None:
                 out = compiled(input_ids=ids(), adapter_names=mix).logits
                 assert (out - want).abs().max().item() < 1e-5
     assert graphs[0] == 1
+
+
+def test_whole_batch_mixes_add_onto_the_base_output_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No ``__base__`` row: the product goes straight onto the base output
+    (``add_gathered_adapter_effect``); logits and gradients as the per-adapter path's."""
+    from adapt.adalora.layer import SVDLinear
+
+    names = ["a0", "a2", "a1", "a2", "a0", "a1"]
+    calls = [0]
+    original = SVDLinear.add_gathered_adapter_effect
+
+    def counting(self: Any, *args: Any) -> Any:
+        out = original(self, *args)
+        calls[0] += out is not None
+        return out
+
+    def run(model: AdaptedModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.train()
+        out = model(input_ids=ids(), adapter_names=names, labels=ids())
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.detach(), grads
+
+    monkeypatch.setattr(SVDLinear, "add_gathered_adapter_effect", counting)
+    fast_logits, fast = run(model_of())
+    assert calls[0] == 2 * len(TARGETS)
+    monkeypatch.setattr(SVDLinear, "add_gathered_adapter_effect", lambda *a, **k: None)
+    monkeypatch.setattr(SVDLinear, "gathered_adapter_effect", lambda *a, **k: None)
+    slow_logits, slow = run(model_of())
+    assert (fast_logits - slow_logits).abs().max().item() < 1e-5
+    assert fast.keys() == slow.keys() and fast
+    assert all(torch.allclose(fast[k], slow[k], atol=1e-6) for k in fast)

@@ -168,3 +168,38 @@ def test_stacks_follow_an_adapter_deleted_and_added_again() -> None:
         model.add_adapter("a1", LoraConfig(r=5, target_modules=LINEAR, init_lora_weights=False))
         mixed = model(input_ids=ids(), adapter_names=NAMES).logits
         assert (mixed - one_by_one(model, ids(), NAMES)).abs().max().item() < 1e-5
+
+
+def test_whole_batch_mixes_add_the_product_onto_the_base_output_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No ``__base__`` row: plain adapters' product goes straight onto the base output
+    (``add_gathered_effect``); same logits as one by one, gradients as the per-adapter path."""
+    names = ["a0", "a3", "a1", "a3", "a2"]
+    calls = [0]
+    original = gathered.add_gathered_effect
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        calls[0] += out is not None
+        return out
+
+    monkeypatch.setattr("adapt.lora.layer.add_gathered_effect", counting)
+    model = model_of()
+    with torch.no_grad():
+        mixed = model(input_ids=ids(5), adapter_names=names).logits
+        assert calls[0] == 2 * 7
+        assert (mixed - one_by_one(model, ids(5), names)).abs().max().item() < 1e-5
+
+    def grads(fast: bool) -> dict[str, torch.Tensor]:
+        model = model_of()
+        if not fast:
+            monkeypatch.setattr("adapt.lora.layer.add_gathered_effect", lambda *a, **k: None)
+            monkeypatch.setattr("adapt.lora.layer.gathered_effect", lambda *a, **k: None)
+        model.train()
+        model(input_ids=ids(5), adapter_names=names, labels=ids(5)).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast, slow = grads(True), grads(False)
+    assert fast.keys() == slow.keys() and fast
+    assert all(torch.allclose(fast[k], slow[k], atol=1e-6) for k in fast)

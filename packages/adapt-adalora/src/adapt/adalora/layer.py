@@ -130,6 +130,18 @@ class AdaLoraLayer(AdapterLayer):
         self, x: Any, gathered: Gathered, base_output: torch.Tensor
     ) -> torch.Tensor | None:
         """Mixed batches: every row's ``s·B (E ⊙ A) x`` in two batched products."""
+        return self._gathered(x, gathered, None)
+
+    def add_gathered_adapter_effect(
+        self, result: torch.Tensor, x: Any, gathered: Gathered
+    ) -> torch.Tensor | None:
+        if not result.is_contiguous():
+            return None
+        return self._gathered(x, gathered, result)
+
+    def _gathered(
+        self, x: Any, gathered: Gathered, out: torch.Tensor | None
+    ) -> torch.Tensor | None:
         names = gathered.adapters
         if any(self.dropout_active(n) for n in names) or not isinstance(x, torch.Tensor):
             return None
@@ -137,7 +149,9 @@ class AdaLoraLayer(AdapterLayer):
             [self.lora_A[n] * self.lora_E[n] for n in names],
             [self.lora_B[n] * self.scale(n) for n in names],
         )
-        return gathered_low_rank(x, a, b, gathered.slots)
+        if out is not None and out.dtype != b.dtype:
+            return None
+        return gathered_low_rank(x, a, b, gathered.slots, out=out)
 
     def dropout_active(self, adapter_name: str) -> bool:
         dropout = self.lora_dropout[adapter_name]

@@ -29,7 +29,7 @@ from .lora_bias import lora_bias_of
 if TYPE_CHECKING:
     from .layer import LoraLayer
 
-__all__ = ["gathered_effect"]
+__all__ = ["add_gathered_effect", "gathered_effect"]
 
 CACHE = "_lora_gathered_stacks"
 
@@ -183,3 +183,18 @@ def gathered_effect(
         c_rows = c.index_select(0, slots).unsqueeze(1).to(y.dtype)
         y = c_rows * y + (c_rows - 1) * base.to(y.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def add_gathered_effect(
+    layer: LoraLayer, result: torch.Tensor, x: torch.Tensor, gathered: Gathered
+) -> torch.Tensor | None:
+    """Plain adapters' gathered product added into the base output in place (one ``baddbmm_``
+    instead of a product-sized buffer and a sum), or None (DoRA, LoRA biases, other dtypes)."""
+    names = gathered.adapters
+    if x.dim() < 2 or not result.is_contiguous() or not supported(layer, names):
+        return None
+    parts = stacks(layer, names)
+    a, b = cast(torch.Tensor, parts["A"]), cast(torch.Tensor, parts["B"])
+    if parts["bias"] is not None or parts["c"] is not None or result.dtype != b.dtype:
+        return None
+    return gathered_low_rank(x, a, b, gathered.slots, out=result)

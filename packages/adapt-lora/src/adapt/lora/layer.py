@@ -28,7 +28,7 @@ from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import LoraConfig, weight_init
-from .gathered import gathered_effect, invalidate, stacks, supported
+from .gathered import add_gathered_effect, gathered_effect, invalidate, stacks, supported
 from .init_state import restore_base
 from .layer_variants import VariantHost
 from .lora_bias import add_lora_bias, check_bias_merge, lora_bias_of
@@ -277,6 +277,11 @@ class LoraLinear(LoraLayer):
         self, x: Any, gathered: Gathered, base_output: torch.Tensor
     ) -> torch.Tensor | None:
         return gathered_effect(self, x, gathered, base_output)  # mixed batches: one product
+
+    def add_gathered_adapter_effect(
+        self, result: torch.Tensor, x: Any, gathered: Gathered
+    ) -> torch.Tensor | None:
+        return add_gathered_effect(self, result, x, gathered)
 
     def refresh_gathered(self, adapters: tuple[str, ...]) -> None:
         if supported(self, adapters):

@@ -108,13 +108,23 @@ def stack_factors(
 
 
 def gathered_low_rank(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    slots: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(x[i] A[slots[i]]ᵀ) B[slots[i]]ᵀ`` for every row ``i`` of ``x`` (rows on dim 0, any
     token dims, features last): each row's adapter's low-rank product, all rows in two batched
-    products whatever the number of adapters (``a``, ``b`` from :func:`stack_factors`)."""
+    products whatever the number of adapters (``a``, ``b`` from :func:`stack_factors`).
+    With ``out`` (contiguous, ``x``'s rows and tokens, ``b``'s dtype) the product is added into
+    it in place (``baddbmm_``) and ``out`` returned: no product-sized buffer, no extra pass."""
     rows = x.shape[0]
     flat = x.to(a.dtype).reshape(rows, -1, x.shape[-1])
     h = torch.bmm(flat, a.index_select(0, slots).transpose(1, 2))
-    y = torch.bmm(h, b.index_select(0, slots).transpose(1, 2))
+    b_rows = b.index_select(0, slots).transpose(1, 2)
+    if out is not None:
+        out.view(rows, -1, out.shape[-1]).baddbmm_(h, b_rows)
+        return out
+    y = torch.bmm(h, b_rows)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -344,9 +344,16 @@ class AdapterLayer(LayerMerging, nn.Module):
         row ``i`` gets adapter ``gathered.adapters[gathered.slots[i]]``'s effect — or None to
         take the per-adapter path (one :meth:`adapter_effect` per adapter). ``base_output`` is
         the base layer's output for the whole batch (``gathered.select`` gives the rows'; never
-        change it). Methods implement it to serve many adapters at single-adapter cost
-        (stacked factors, one gathered product); it must equal the per-adapter path up to
-        float round-off. Default: None."""
+        change it). For many adapters at single-adapter cost (stacked factors, one gathered
+        product); equal to the per-adapter path up to float round-off. Default: None."""
+        return None
+
+    def add_gathered_adapter_effect(
+        self, result: torch.Tensor, x: Any, gathered: Gathered
+    ) -> torch.Tensor | None:
+        """That sum added into ``result`` in place (no effect-sized buffer) and returned, or
+        None for :meth:`gathered_adapter_effect`; called for whole batches (``gathered.rows``
+        None) where :meth:`may_add_in_place` allows. Default: None."""
         return None
 
     def refresh_gathered(self, adapters: tuple[str, ...]) -> None:

@@ -46,6 +46,11 @@ def mixed_batch_forward(
         if layer._add_sees_base:
             return layer.add_adapter_output(result, inputs, name, base_output=result)  # type: ignore[no-any-return]
         return layer.add_adapter_output(result, inputs, name)  # type: ignore[no-any-return]
+    in_place = layer.may_add_in_place(result)
+    if gathered.rows is None and in_place:
+        added = layer.add_gathered_adapter_effect(result, inputs, gathered)
+        if added is not None:
+            return added  # type: ignore[no-any-return]
     effect = layer.gathered_adapter_effect(
         rows_of(inputs, gathered.rows) if gathered.rows is not None else inputs,
         gathered,
@@ -54,7 +59,6 @@ def mixed_batch_forward(
     if effect is None:
         return add_per_adapter(layer, result, inputs, route, x.device)
     effect = effect.to(result.dtype)
-    in_place = layer.may_add_in_place(result)
     if gathered.rows is None:
         return result.add_(effect) if in_place else result + effect
     if in_place:
