@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapt.core import AdapterLayer, SharedBasis, adapter_dtype_device, add_scaled_product
+from adapt.core.amp import autocast_dtype
 from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import VeraConfig
+from .training import VeraMergedFunction, merged_training_pays
 
 
 class VeraLayer(AdapterLayer):
@@ -88,6 +90,34 @@ class VeraLinear(VeraLayer):
         a, b = self.sliced_basis(adapter_name, lambda_d.dtype, lambda_d.device)
         x = self.vera_dropout[adapter_name](x.to(lambda_d.dtype))
         out: torch.Tensor = lambda_b * F.linear(lambda_d * F.linear(x, a), b)
+        return out
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """Training on a plain float32 ``nn.Linear`` base: the step through ``W + ΔW`` where it
+        is cheaper (:mod:`adapt.vera.training`); None otherwise (inference, frozen λ, active
+        dropout, autocast or half precision, small batches)."""
+        lambda_b = self.vera_lambda_b[adapter_name]
+        lambda_d = self.vera_lambda_d[adapter_name]
+        dropout = self.vera_dropout[adapter_name]
+        if (
+            not torch.is_grad_enabled()
+            or not (lambda_b.requires_grad or lambda_d.requires_grad)
+            or (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0)
+            or autocast_dtype(x.device.type) is not None
+            or x.dtype not in (torch.float32, torch.float64)
+            or lambda_d.dtype != x.dtype
+            or not merged_training_pays(
+                x.numel() // x.shape[-1], self.in_features, self.out_features
+            )
+        ):
+            return None
+        base = self.base_layer
+        assert isinstance(base, nn.Linear)
+        h = self.basis.project_input(x, self.in_features, self.r[adapter_name], x.dtype)
+        a, b = self.sliced_basis(adapter_name, x.dtype, x.device)
+        out: torch.Tensor = VeraMergedFunction.apply(  # type: ignore[no-untyped-call]
+            x, base.weight, base.bias, lambda_b, lambda_d, a, b, h
+        )
         return out
 
     def add_adapter_output(

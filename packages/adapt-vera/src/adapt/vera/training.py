@@ -1,0 +1,86 @@
+"""VeRA's training step with less arithmetic: the forward through ``W + ΔW``.
+
+The definition, ``y = x Wᵀ + λ_b ⊙ (B_s (λ_d ⊙ A_s x))``, costs per layer two thin products
+forward (``h = x A_sᵀ``, then ``B_s``) and two backward (``g B_s`` for λ_d and for the input
+gradient, then ``A_s``), each ``rows · r · features``. With ``ΔW = (λ_b ⊙ B_s)(λ_d ⊙ A_s)``
+formed once per step (``r · in · out``) the same step is
+
+* forward ``y = x (W + ΔW)ᵀ``: the base layer's own product, on the merged weight;
+* input gradient ``g (W + ΔW)``: the base layer's own backward product, on the same weight;
+* both λ gradients from one ``P = gᵀ h`` (``out × r``; ``h = x A_sᵀ`` is the basis
+  projection, shared by the layers that read one input): ``∂λ_b = (P ⊙ B_s) λ_d`` and
+  ``∂λ_d = λ_bᵀ (P ⊙ B_s)``.
+
+Exact in exact arithmetic; float32 only (in half precision ``W + ΔW`` would round a small ΔW
+away, so autocast keeps the definition's order). Whether it pays depends on the rows and the
+layer's shape (:func:`merged_training_pays`): the merged weight costs ``r · in · out`` and saves
+``rows · r · (out + in_shared)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["VeraMergedFunction", "merged_training_pays"]
+
+#: the fraction of ``h = x A_sᵀ``'s cost a layer counts as its own: q/k/v share one input
+#: (1/3 each), gate/up (1/2), o/down have their own (1); the middle is used
+SHARED_INPUT_FRACTION = 0.5
+#: how much the saving must beat forming ``W + ΔW`` by: 1 (single-layer steps measured on
+#: CPU, float32, r 256, 1024 rows: the merged step's extra cost 0.25–0.5 × the definition's
+#: for 512 → 512, 512 → 1376, 1376 → 512 and 1024 → 2752; 0.8–0.9 × at the break-even point
+#: of the rule, 256 rows of 512 → 512)
+MARGIN = 1.0
+
+
+def merged_training_pays(rows: int, n_in: int, n_out: int) -> bool:
+    """Whether a training step of a VeRA layer (``n_in`` → ``n_out``, ``rows`` input rows)
+    is cheaper through ``W + ΔW`` (see the module doc): it saves ``rows · r · (out + f·in)``
+    multiply-adds and spends ``r · in · out`` (``r`` cancels)."""
+    saved = rows * (n_out + SHARED_INPUT_FRACTION * n_in)
+    return saved > MARGIN * n_in * n_out
+
+
+class VeraMergedFunction(torch.autograd.Function):
+    """``x (W + (λ_b ⊙ B_s)(λ_d ⊙ A_s))ᵀ + bias`` for a frozen dense ``W`` (``out × in``) and
+    frozen basis slices ``A_s`` (``r × in``), ``B_s`` (``out × r``), with ``h = x A_sᵀ`` given
+    (computed once for the layers sharing ``x``; no gradient flows through it here): gradients
+    for ``x``, the bias, λ_b and λ_d as in the module doc."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lambda_b: torch.Tensor,
+        lambda_d: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        h: torch.Tensor,
+    ) -> torch.Tensor:
+        merged = torch.addmm(weight, lambda_b[:, None] * b, lambda_d[:, None] * a)
+        ctx.save_for_backward(merged, h, b, lambda_b, lambda_d)
+        ctx.has_bias = bias is not None
+        return F.linear(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        merged, h, b, lambda_b, lambda_d = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_bias = grad_lb = grad_ld = None
+        if needs[0]:
+            grad_x = (g2 @ merged).view(*grad.shape[:-1], merged.shape[1])
+        if ctx.has_bias and needs[2]:
+            grad_bias = g2.sum(0)
+        if needs[3] or needs[4]:
+            p = torch.mm(g2.t(), h.reshape(-1, h.shape[-1])).mul_(b)  # Pᵀ ⊙ B_s, (out, r)
+            if needs[3]:
+                grad_lb = p @ lambda_d
+            if needs[4]:
+                grad_ld = lambda_b @ p
+        return grad_x, None, grad_bias, grad_lb, grad_ld, None, None, None

@@ -1,0 +1,145 @@
+"""VeRA's training step through ``W + ΔW`` (:mod:`adapt.vera.training`): the same output and
+the same gradients as the definition's order, where it is taken and where it is not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapt.core import adapt
+from adapt.vera import VeraConfig
+from adapt.vera.training import VeraMergedFunction, merged_training_pays
+
+transformers = pytest.importorskip("transformers")
+
+from vera_testutils import LLAMA_TARGETS, tiny_llama  # noqa: E402
+
+
+def definition(x: Any, w: Any, bias: Any, lb: Any, ld: Any, a: Any, b: Any) -> torch.Tensor:
+    out: torch.Tensor = F.linear(x, w, bias) + lb * F.linear(ld * F.linear(x, a), b)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_function_equals_the_definition(dtype: torch.dtype, with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, grad: bool = False) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(grad)
+
+    x, w, a, b = rand(3, 50, 24, grad=True), rand(40, 24), rand(16, 24), rand(40, 16)
+    bias = rand(40, grad=True) if with_bias else None
+    lb, ld = rand(40, grad=True), rand(16, grad=True)
+    g = rand(3, 50, 40)
+    leaves = [t for t in (x, bias, lb, ld) if t is not None]
+    ref = definition(x, w, bias, lb, ld, a, b)
+    ref_grads = torch.autograd.grad(ref, leaves, g)
+    h = F.linear(x, a)
+    out = VeraMergedFunction.apply(x, w, bias, lb, ld, a, b, h)  # type: ignore[no-untyped-call]
+    grads = torch.autograd.grad(out, leaves, g)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert (out - ref).abs().max().item() < tol
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert (got - want).abs().max().item() < tol * max(1.0, want.abs().max().item())
+
+
+def test_cost_rule() -> None:
+    assert merged_training_pays(1024, 512, 512)  # the bench model's attention
+    assert merged_training_pays(1024, 1024, 2752)  # a wide up projection, 4 × 256 rows
+    assert not merged_training_pays(1024, 2752, 1024)  # its down projection: no
+    assert not merged_training_pays(16, 512, 512)  # few rows: the definition's order
+
+
+def model_and_batch() -> tuple[Any, torch.Tensor]:
+    torch.manual_seed(0)
+    model = adapt(tiny_llama(), VeraConfig(r=16, target_modules=LLAMA_TARGETS))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vera_lambda" in name:
+                param.normal_(std=0.5)  # trained-like: both λ non-zero
+    ids = torch.randint(3, 64, (4, 48), generator=torch.Generator().manual_seed(1))
+    return model.train(), ids
+
+
+def step(model: Any, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    original = VeraMergedFunction.apply
+
+    def counting(*args: Any) -> Any:
+        calls[0] += 1
+        return original(*args)
+
+    monkeypatch.setattr(VeraMergedFunction, "apply", counting)
+    return calls
+
+
+def test_model_step_equals_the_definitions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny Llama step (q/k/v and gate/up sharing their inputs' projection): the merged
+    path is taken and gives the loss and every λ gradient of the definition's order."""
+    model, ids = model_and_batch()
+    calls = count_calls(monkeypatch)
+    loss, grads = step(model, ids)
+    assert calls[0] > 0
+    monkeypatch.setattr("adapt.vera.layer.merged_training_pays", lambda *a: False)
+    calls[0] = 0
+    ref_loss, ref = step(model, ids)
+    assert calls[0] == 0
+    assert abs(loss - ref_loss) < 1e-5
+    assert grads.keys() == ref.keys() and len(grads) == 2 * 7 * 2
+    for name, want in ref.items():
+        assert (grads[name] - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("case", ["no_grad", "autocast", "dropout", "frozen", "few_rows"])
+def test_not_taken_where_it_would_not_be_right_or_cheaper(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, ids = model_and_batch()
+    if case == "dropout":
+        model = adapt(tiny_llama(), VeraConfig(r=16, vera_dropout=0.1, target_modules=["q_proj"]))
+        model.train()
+    if case == "frozen":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+    if case == "few_rows":
+        ids = ids[:1, :4]
+    calls = count_calls(monkeypatch)
+    if case == "no_grad":
+        with torch.no_grad():
+            model(input_ids=ids)
+    elif case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+    else:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert calls[0] == 0
+
+
+@pytest.mark.compile
+def test_under_torch_compile_without_graph_breaks() -> None:
+    """The merged step compiles into one graph (aot_eager: autograd included) and gives the
+    eager gradients."""
+    import torch._dynamo
+
+    model, ids = model_and_batch()
+    _, eager = step(model, ids)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    _, got = step(compiled, ids)
+    for name, want in eager.items():
+        key = name if name in got else f"_orig_mod.{name}"
+        assert (got[key] - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())
