@@ -45,13 +45,16 @@ def adalora_layers(model: ModelView, adapter_name: str) -> dict[str, AdaLoraLaye
 
 
 def orthogonal_regulariser(model: ModelView, adapter_name: str) -> torch.Tensor:
-    """Mean over the adapter's A and B matrices of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F."""
-    total: torch.Tensor | None = None
-    count = 0
+    """Mean over the adapter's A and B matrices of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F.
+
+    The matrices of one shape are stacked and their terms computed together (one batched
+    product, one batched norm) instead of a handful of small autograd nodes per matrix."""
     layers = adalora_layers(model, adapter_name).values()
     refuse_unreadable_regulariser(
         t for layer in layers for t in (layer.lora_A[adapter_name], layer.lora_B[adapter_name])
     )
+    groups: dict[tuple[str, torch.Size, torch.dtype, torch.device], list[torch.Tensor]] = {}
+    count = 0
     for layer in layers:
         for attr in ("lora_A", "lora_B"):
             p = getattr(layer, attr)[adapter_name]
@@ -60,10 +63,17 @@ def orthogonal_regulariser(model: ModelView, adapter_name: str) -> torch.Tensor:
                 continue
             # FSDP2: outside its own unit's forward a parameter is a DTensor shard; gather it
             p = full_tensor(p)
-            cov = p @ p.T if attr == "lora_A" else p.T @ p
-            eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-            term = torch.linalg.matrix_norm(cov - eye)
-            total = term if total is None else total + term
+            groups.setdefault((attr, p.shape, p.dtype, p.device), []).append(p)
+    total: torch.Tensor | None = None
+    for (attr, _, dtype, device), mats in groups.items():
+        stacked = torch.stack(mats)
+        if attr == "lora_A":
+            cov = torch.bmm(stacked, stacked.transpose(1, 2))
+        else:
+            cov = torch.bmm(stacked.transpose(1, 2), stacked)
+        eye = torch.eye(cov.shape[-1], dtype=dtype, device=device)
+        term = torch.linalg.matrix_norm(cov - eye).sum()
+        total = term if total is None else total + term
     if total is None:
         return torch.zeros(())
     return total / count
