@@ -73,7 +73,9 @@ def sites_from_model(
                 continue
             site.factors.append(pair)
             site.weights.append(weight)
-            site.scalings.append(layer.scaling[name])
+            site.scalings.append(
+                float(layer.scaling[name])
+            )  # a 0-d tensor once prepared for hot-swap
             site.biases.append(bias if isinstance(bias, torch.Tensor) else None)
             magnitudes = layer.variant_tensors(MAGNITUDE) if _has_dora(layer) else None
             held = magnitudes is not None and name in magnitudes

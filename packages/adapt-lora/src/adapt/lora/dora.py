@@ -83,6 +83,15 @@ def _stamp(*tensors: torch.Tensor) -> tuple[Any, ...]:
     return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
 
+def _scaling_stamp(value: float | torch.Tensor) -> Any:
+    """A scaling as part of a cache key: a float as it is; a 0-d tensor (a hot-swap slot,
+    filled in place) by identity and version, since the tensor object itself stays the same
+    (and equal to itself) across a refill."""
+    if isinstance(value, torch.Tensor):
+        return id(value), value._version
+    return value
+
+
 class DoraVariant(LoraVariant):
     """DoRA for every LoRA layer type: Linear and ``Conv1D`` (also on quantised bases),
     Embedding, Conv1d/2d/3d."""
@@ -140,7 +149,10 @@ class DoraVariant(LoraVariant):
         return _cached(
             layer,
             (adapter_name, "norm"),
-            lambda: (_stamp(a, b, _base_weight(layer, a)), layer.scaling[adapter_name]),
+            lambda: (
+                _stamp(a, b, _base_weight(layer, a)),
+                _scaling_stamp(layer.scaling[adapter_name]),
+            ),
             lambda: self._compute_norm(layer, adapter_name),
         )
 

@@ -6,7 +6,8 @@ base output, a second copy of it scaled, and the LoRA output scaled again. The b
 one activation-sized tensor (``y = x Wᵀ + s·h Bᵀ``, for the magnitude's gradient) and writes
 the input gradient once. ``c`` stays in float32: under autocast ``y ⊙ c`` is computed at
 float32 and rounded once into ``y``'s dtype (``c`` itself is never rounded to half precision,
-where a scale near 1 would lose its digits).
+where a scale near 1 would lose its digits). The LoRA scale ``s`` may be a 0-d tensor (a layer
+prepared for compiled hot-swapping), as in :mod:`adapt.lora.lora_kernels`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .lora_kernels import lora_linear_grads
+from .lora_kernels import Scale, lora_linear_grads, scaled_addmm_
 
 
 def _scaled(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -25,12 +26,12 @@ def _scaled(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def _unscaled(
-    x2: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+    x2: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: Scale
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, y)``: ``h = x Aᵀ`` and ``y = x Wᵀ + s·h Bᵀ`` (one output buffer)."""
     h = x2 @ a.t()
     y = x2 @ weight.t()
-    y.addmm_(h, b.t(), alpha=scale)
+    scaled_addmm_(y, h, b.t(), scale)
     return h, y
 
 
@@ -41,7 +42,7 @@ def dora_linear_no_grad(
     a: torch.Tensor,
     b: torch.Tensor,
     c: torch.Tensor,
-    scale: float,
+    scale: Scale,
 ) -> torch.Tensor:
     """The forward without autograd state, in place on one output buffer."""
     _, y = _unscaled(x.reshape(-1, x.shape[-1]), weight, a, b, scale)
@@ -63,7 +64,7 @@ class DoraLinearFunction(torch.autograd.Function):
         a: torch.Tensor,
         b: torch.Tensor,
         c: torch.Tensor,
-        scale: float,
+        scale: Scale,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         h, y = _unscaled(x2, weight, a, b, scale)
@@ -96,7 +97,7 @@ def dora_linear(
     a: torch.Tensor,
     b: torch.Tensor,
     c: torch.Tensor,
-    scale: float,
+    scale: Scale,
 ) -> torch.Tensor:
     """``c ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``: the autograd node when gradients are on, else the
     in-place forward."""

@@ -289,15 +289,15 @@ def _pad(layer: LoraLayer, name: str, width: int) -> None:
 
 def _scalings_to_tensors(layer: LoraLayer) -> None:
     """Hold each scaling as a 0-d tensor (filled in place by a swap: a compiled graph reads it
-    as an input instead of guarding on a Python float). The layer's fused kernels take the
-    scale as a Python number (addmm's ``alpha``), so they are switched off here."""
+    as an input instead of guarding on a Python float). The layer's fused kernels take such a
+    scale as it is (they multiply a small factor by it instead of passing it as a GEMM's
+    ``alpha``), so the layer keeps its fast path."""
     table = cast(dict[str, Any], layer.scaling)
     for name, value in table.items():
         if not isinstance(value, torch.Tensor):
             factor = _first_factor(layer, name)
             dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
             table[name] = torch.tensor(float(value), dtype=dtype, device=factor.device)
-    layer.fuse_adapter_output = False
 
 
 def _check_compiled(model: nn.Module, check_compiled: str) -> None:

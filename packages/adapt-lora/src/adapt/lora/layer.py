@@ -24,6 +24,7 @@ from adapt.core import (
     add_scaled_product,
 )
 from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
+from adapt.core.kernels import scale_smaller
 from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
@@ -308,7 +309,11 @@ class LoraLinear(LoraLayer):
         weight_a = _weight(self.lora_A[adapter_name])
         if not weight.dtype == weight_a.dtype == weight_b.dtype:
             return super().add_delta_weight(weight, adapter_name)
-        return torch.addmm(weight, weight_b, weight_a, alpha=self.scaling[adapter_name])
+        scale: float | torch.Tensor = self.scaling[adapter_name]
+        if isinstance(scale, torch.Tensor):  # hot-swap slot: never read on the host
+            weight_b, weight_a = scale_smaller(weight_b, weight_a, scale)
+            return torch.addmm(weight, weight_b, weight_a)
+        return torch.addmm(weight, weight_b, weight_a, alpha=scale)
 
 
 class LoraEmbedding(LoraLayer):

@@ -1,4 +1,11 @@
-"""LoRA on a frozen dense ``nn.Linear`` in one autograd node (the fast training path)."""
+"""LoRA on a frozen dense ``nn.Linear`` in one autograd node (the fast training path).
+
+The scale ``s`` is a Python float, or a 0-d tensor (a layer prepared for compiled hot-swapping,
+whose scaling is filled in place): a float goes into the GEMMs as their ``alpha``; a tensor,
+which a GEMM's ``alpha`` cannot take without ``.item()`` (a device sync, and a graph break under
+``torch.compile``), multiplies the smaller operand instead (:func:`scaled_addmm_`). The scale
+is never trained: its gradient is None.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,21 @@ from typing import Any
 import torch
 
 from adapt.core import factor_grad, matmul_factor
+from adapt.core.kernels import scale_smaller
+
+#: A LoRA scale: a Python number, or a 0-d tensor read only on the device.
+Scale = float | torch.Tensor
+
+
+def scaled_addmm_(
+    out: torch.Tensor, p: torch.Tensor, q: torch.Tensor, scale: Scale
+) -> torch.Tensor:
+    """``out += scale · (p @ q)`` in place: one ``addmm_`` with ``alpha=scale`` for a float;
+    for a 0-d tensor the smaller of ``p`` and ``q`` is scaled first."""
+    if isinstance(scale, torch.Tensor):
+        p, q = scale_smaller(p, q, scale)
+        return out.addmm_(p, q)
+    return out.addmm_(p, q, alpha=scale)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -22,12 +44,12 @@ class LoraLinearFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         weight_a: torch.Tensor,
         weight_b: torch.Tensor,
-        scale: float,
+        scale: Scale,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         h = x2 @ weight_a.t()
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        out.addmm_(h, weight_b.t(), alpha=scale)
+        scaled_addmm_(out, h, weight_b.t(), scale)
         ctx.save_for_backward(x2, weight, weight_a, weight_b, h)
         ctx.scale = scale
         ctx.x_shape = x.shape
@@ -55,13 +77,14 @@ def lora_linear_grads(
     """The gradients of ``y = x Wᵀ + s·h Bᵀ`` (``h = x Aᵀ``) for ``g = ∂L/∂y`` (rows × out):
     ``(x, W: None, bias, A, B)``, each only where ``ctx.needs_input_grad`` asks; the bias gets
     ``g_bias`` summed (its gradient may differ from ``g``: DoRA scales ``y``, not the bias).
-    The input gradient is one buffer, ``g W + s·(g B) A``."""
-    scale: float = ctx.scale
+    The input gradient is one buffer, ``g W + s·(g B) A``; ``s`` (``ctx.scale``) may be a 0-d
+    tensor (see the module doc)."""
+    scale: Scale = ctx.scale
     needs = ctx.needs_input_grad
     g_b = matmul_factor(g, weight_b)  # (rows, r)
     grad_x = grad_bias = grad_a = grad_b = None
     if needs[0]:
-        grad_x = (g @ weight).addmm_(g_b, weight_a, alpha=scale).view(ctx.x_shape)
+        grad_x = scaled_addmm_(g @ weight, g_b, weight_a, scale).view(ctx.x_shape)
     if ctx.has_bias and needs[2]:
         grad_bias = g_bias.sum(0)
     if needs[3]:

@@ -46,11 +46,27 @@ def factor_grad(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return g.t() @ h
 
 
+def scale_smaller(
+    p: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, q)`` with the one of fewer elements multiplied by the 0-d tensor ``scale``, so
+    that ``p @ q`` (in any layout) becomes ``scale · (p @ q)``.
+
+    GEMMs take their ``alpha`` as a Python number only; a scale held as a tensor (hot-swap
+    slots, filled in place) would need ``.item()``, a device sync and, under
+    ``torch.compile``, a graph break. Scaling the smaller operand instead costs one small
+    elementwise pass (a thin factor, or the rank-sized activations when there are fewer rows)
+    and keeps the operand's dtype (a 0-d tensor does not promote)."""
+    if p.numel() <= q.numel():
+        return p * scale, q
+    return p, q * scale
+
+
 def add_scaled_product(
     result: torch.Tensor,
     h: torch.Tensor,
     weight: torch.Tensor,
-    scale: float = 1.0,
+    scale: float | torch.Tensor = 1.0,
     *,
     in_place: bool = False,
 ) -> torch.Tensor:
@@ -60,8 +76,13 @@ def add_scaled_product(
     agree this is one ``addmm`` (product, scale and sum in a single kernel, and no
     activation-sized temporaries); otherwise the product is computed in ``h``'s dtype and cast.
     With ``in_place`` (see :meth:`AdapterLayer.may_add_in_place`) a 2-D or 3-D ``result`` is
-    updated and returned, saving the allocation of a new output.
+    updated and returned, saving the allocation of a new output. A ``scale`` given as a 0-d
+    tensor is never read on the host: the smaller of ``h`` and ``weight`` is multiplied by it
+    (:func:`scale_smaller`) and the GEMM runs with ``alpha=1``.
     """
+    if isinstance(scale, torch.Tensor):
+        h, weight = scale_smaller(h, weight, scale)
+        scale = 1.0
     out_features = weight.shape[0]
     fusable = (
         result.dtype == h.dtype == weight.dtype
