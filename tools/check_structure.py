@@ -65,6 +65,7 @@ TIERS: dict[str, int] = {
     "config": 1,
     "targeting": 1,
     "basis": 1,
+    "lowrank_linear": 1,
     "files": 1,
     "param_forward": 1,
     "param_targeting": 1,

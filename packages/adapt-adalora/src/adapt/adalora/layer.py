@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from adapt.core import AdapterLayer, ConfigError, adapter_dtype_device, add_scaled_product
+from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
 from adapt.core.kernels import gathered_low_rank, stack_factors
+from adapt.core.lowrank_linear import LowRankLinearFunction
 from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
@@ -199,3 +201,27 @@ class SVDLinear(AdaLoraLayer):
 
     base_types: ClassVar[tuple[type | str, ...]] = (nn.Linear, CONV1D_TRANSFORMERS)
     delta_weight_forward: ClassVar[bool] = True
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """Training on a plain ``nn.Linear`` base: base and adapter in one autograd node
+        (:class:`~adapt.core.lowrank_linear.LowRankLinearFunction` with ``E ⊙ A`` as the
+        down factor; autograd carries its gradient on to A and E), the input gradient written
+        once; None for inference and active dropout (the general path)."""
+        if not torch.is_grad_enabled() or self.dropout_active(adapter_name):
+            return None
+        a = self.lora_A[adapter_name] * self.lora_E[adapter_name]
+        b = self.lora_B[adapter_name]
+        base = self.base_layer
+        assert isinstance(base, nn.Linear)
+        scale = self.scale(adapter_name)
+        amp = autocast_dtype(x.device.type)
+        if amp is not None:
+            # autocast does not reach into a custom Function: cast as F.linear would
+            args = [cast_floating(t, amp) for t in (x, base.weight, base.bias, a, b)]
+            with autocast_off(x.device.type):
+                out: torch.Tensor = LowRankLinearFunction.apply(*args, scale)  # type: ignore[no-untyped-call]
+            return out
+        if not x.dtype == a.dtype == b.dtype:
+            return None
+        out = LowRankLinearFunction.apply(x, base.weight, base.bias, a, b, scale)  # type: ignore[no-untyped-call]
+        return out

@@ -30,16 +30,17 @@ def may_add_in_place(base: nn.Module, result: torch.Tensor) -> bool:
     )
 
 
-def plain_linear(base: nn.Module, x: torch.Tensor) -> bool:
+def plain_linear(base: nn.Module, x: torch.Tensor, autocast: bool = False) -> bool:
     """Whether ``base(x)`` is exactly ``F.linear(x, weight, bias)``: a plain, frozen
-    ``nn.Linear`` without hooks, its weight in ``x``'s dtype."""
+    ``nn.Linear`` without hooks, its weight in ``x``'s dtype — or in any floating dtype when
+    ``autocast`` is on for ``x``'s device (F.linear then casts both)."""
     return (
         type(base) is nn.Linear
         and not base._forward_hooks
         and not base._forward_pre_hooks
         and not global_forward_hooks()
         and x.dim() >= 2
-        and x.dtype == base.weight.dtype
+        and (x.dtype == base.weight.dtype or (autocast and x.is_floating_point()))
         and not base.weight.requires_grad
     )
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fastpath
+from .amp import autocast_dtype
 from .backends import WeightBackend, require_backend
 from .deprecation import moved_names
 from .errors import AdapterStateError, PluginError
@@ -101,10 +102,9 @@ class AdapterLayer(LayerMerging, nn.Module):
         self.base_layer = base_layer
         self.backend: WeightBackend = backend
         self.in_features, self.out_features = backend.shape(base_layer)
-        #: Whether :meth:`add_adapter_output` may fuse (round differently from the definition's
-        #: order). Off on quantised bases: their kernels round activations coarsely (bf16 on the
-        #: CPU), so a float32 round-off difference there could change an output visibly, and
-        #: outputs stay bit-identical to PEFT's.
+        #: Whether :meth:`add_adapter_output` may fuse (round unlike the definition's order).
+        #: Off on quantised bases: their kernels round activations coarsely (bf16 on the CPU),
+        #: so float32 round-off could change outputs visibly; they stay bit-identical to PEFT's.
         self.fuse_adapter_output = not backend.lossy
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -112,9 +112,8 @@ class AdapterLayer(LayerMerging, nn.Module):
         self._references: dict[str, Any] = {}
 
     def use_shared(self, name: str, obj: Any) -> None:
-        """Keep a plain reference to ``obj`` under ``name``: state the model owns once and
-        many layers read (VeRA's basis, registered on the model), not a submodule of this
-        layer, so it is neither saved nor moved through it."""
+        """Keep a plain reference to ``obj`` (state the model owns once and many layers read,
+        e.g. VeRA's basis): not a submodule, so neither saved nor moved through this layer."""
         self._references[name] = obj
 
     def shared(self, name: str) -> Any:
@@ -303,10 +302,11 @@ class AdapterLayer(LayerMerging, nn.Module):
         return self.base_layer(seen, *args, **kwargs)
 
     def plain_linear_base(self, x: torch.Tensor) -> bool:
-        """Whether the base is a plain ``nn.Linear`` (no hooks, dense weight in ``x``'s dtype,
-        frozen): its forward is exactly ``F.linear(x, weight, bias)``, so a method may compute
-        base and adapter together (:meth:`fused_forward`)."""
-        return self.fuse_adapter_output and fastpath.plain_linear(self.base_layer, x)
+        """Whether the base is a plain, frozen ``nn.Linear`` without hooks, its weight in ``x``'s
+        dtype or autocast on (casting both): ``base(x)`` is ``F.linear(x, weight, bias)``, so a
+        method may compute base and adapter together (:meth:`fused_forward`)."""
+        amp = autocast_dtype(x.device.type) is not None
+        return self.fuse_adapter_output and fastpath.plain_linear(self.base_layer, x, amp)
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
         """``base(x)`` plus the adapter's output computed together, for a plain-``nn.Linear``
