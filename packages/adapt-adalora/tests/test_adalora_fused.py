@@ -50,10 +50,14 @@ def count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_fused_step_equals_the_general_path(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_step_equals_the_general_path(
+    autocast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = count_calls(monkeypatch)
     loss, grads = step(model_of(), autocast)
-    assert calls[0] == 2 * len(LLAMA_TARGETS)  # every layer of both blocks (autocast: bf16 inputs too)
+    assert calls[0] == 2 * len(
+        LLAMA_TARGETS
+    )  # every layer of both blocks (autocast: bf16 inputs too)
     monkeypatch.setattr(SVDLinear, "fused_forward", lambda *a: None)
     ref_loss, ref = step(model_of(), autocast)
     tol = 2e-2 if autocast else 1e-5
