@@ -15,7 +15,7 @@ available (``--device`` overrides), on CPU otherwise.
 This file is the entry script and owns the command line: the options, the order of the cases,
 the header, the final table, the JSON file, and the dispatch of ``--memory-worker`` (the
 subprocesses of the memory case re-run this script). The rest is the package ``adapt_bench`` beside it
-(harness, workloads, cases, mixed, memory, report: see its docstring and README.md).
+(harness, workloads, cases, overhead, mixed, memory, report: see its docstring and README.md).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from adapt_bench.cases import (
 from adapt_bench.config import CASES, METHODS
 from adapt_bench.memory import case_memory, run_worker
 from adapt_bench.mixed import case_mixed
+from adapt_bench.overhead import case_overhead
 from adapt_bench.report import environment, print_table
 from adapt_bench.timing import Bench
 
@@ -60,6 +61,7 @@ CASE_FUNCS: dict[str, Callable[[Bench, Sequence[str]], None]] = {
     "init": case_init,
     "combine": case_combine,
     "train": case_train,
+    "overhead": case_overhead,
     "infer": case_infer,
     "mixed": case_mixed,
     "merge": case_merge,
@@ -121,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "counts, up to 64); 0 skips the curve",
     )
     parser.add_argument(
-        "--memory-worker", nargs=2, metavar=("LIB", "METHOD"), help=argparse.SUPPRESS
+        "--memory-worker", nargs=2, metavar=("LIB", "ITEMS"), help=argparse.SUPPRESS
     )
     parser.add_argument("--size", default="full", help=argparse.SUPPRESS)
     return parser

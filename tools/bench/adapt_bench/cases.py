@@ -1,10 +1,11 @@
-"""The timed cases: import, inject, train (step, floor, overhead), infer (unmerged, merged,
-base), merge_and_unload, from_pretrained and AdaLoRA's update_and_allocate. Each one runs both
-libraries through ``alternate`` and adds its rows to the ``Bench``. Peak memory is in
-``adapt_bench.memory``."""
+"""The timed cases: import, inject, train (step, floor, overhead: ``train_rows``, shared with
+the overhead case of ``adapt_bench.overhead``), infer (unmerged, merged, base),
+merge_and_unload, from_pretrained and AdaLoRA's update_and_allocate. Each one runs both
+libraries through ``alternate`` and adds its rows to the ``Bench``; peak memory: ``.memory``."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import resource
@@ -20,6 +21,7 @@ from .config import IMPORTED, INITS, LIBS, MOE_METHODS, TARGETS
 from .report import make_row, median
 from .timing import Bench, alternate
 from .workloads import (
+    Ctx,
     base_for,
     empty_llama,
     floor_fn,
@@ -199,32 +201,53 @@ def case_train(b: Bench, methods: Sequence[str]) -> None:
         moe = m in MOE_METHODS
         if moe not in floors:
             floors[moe] = floor_fn(base_for(b, m), ids)
-        floor_step = floors[moe]
         models = {lib: inject(lib, base_for(b, m), m).train() for lib in LIBS}
-        counts = {lib: trainable(models[lib]) for lib in LIBS}
-        if counts["adapt"] != counts["peft"]:
-            b.notes.append(f"train/{m}: trainable parameters differ: {counts}")
-        check = same_work(models, ids)
-        if check != "same loss":
-            b.notes.append(f"train/{m}: {check}")
-        steps = {lib: train_step_fn(models[lib], ids) for lib in LIBS}
-        steps["floor"] = floor_step
-        samples = alternate(
-            {k: (lambda rep, f=f: b.timed(f)) for k, f in steps.items()}, b.sizes.reps
-        )
-        a, p, fl = samples["adapt"], samples["peft"], samples["floor"]
-        b.add(make_row("train step", m, "s", median(a), median(p), note=check, samples=samples))
-        b.add(make_row("train floor", m, "s", median(fl), None, note="frozen base fwd+bwd"))
-        oa = [x - f for x, f in zip(a, fl, strict=True)]
-        op = [x - f for x, f in zip(p, fl, strict=True)]
-        b.add(
-            make_row(
-                "train overhead", m, "s", median(oa), median(op),
-                note="step − floor", samples={"adapt": oa, "peft": op},
-            )
-        )  # fmt: skip
-        del models, steps
+        train_rows(b, m, models, floors[moe], ids)
+        del models
         gc.collect()
+
+
+def train_rows(
+    b: Bench,
+    method: str,
+    models: dict[str, Any],
+    floor_step: Callable[[], None],
+    ids: Any,
+    *,
+    names: Sequence[str] = ("train step", "train floor", "train overhead"),
+    reps: int | None = None,
+    ctx: Ctx = contextlib.nullcontext,
+    rtol: float = 1e-4,
+    tag: str = "train",
+) -> None:
+    """Time adapt's and PEFT's training step (``models``, one per library) and the floor in
+    one alternation (``reps``, default ``b.sizes.reps``), every forward under ``ctx``; add
+    the rows ``names`` (step, floor, overhead = step − floor paired per repetition). Before
+    timing: the trainable-parameter counts and the same-loss check (to ``rtol``); a
+    difference goes into the notes (prefixed ``tag/method``) and the step row's note."""
+    counts = {lib: trainable(models[lib]) for lib in LIBS}
+    if counts["adapt"] != counts["peft"]:
+        b.notes.append(f"{tag}/{method}: trainable parameters differ: {counts}")
+    check = same_work(models, ids, ctx, rtol)
+    if check != "same loss":
+        b.notes.append(f"{tag}/{method}: {check}")
+    steps = {lib: train_step_fn(models[lib], ids, ctx) for lib in LIBS}
+    steps["floor"] = floor_step
+    samples = alternate(
+        {k: (lambda rep, f=f: b.timed(f)) for k, f in steps.items()}, reps or b.sizes.reps
+    )
+    a, p, fl = samples["adapt"], samples["peft"], samples["floor"]
+    step_case, floor_case, overhead_case = names
+    b.add(make_row(step_case, method, "s", median(a), median(p), note=check, samples=samples))
+    b.add(make_row(floor_case, method, "s", median(fl), None, note="frozen base fwd+bwd"))
+    oa = [x - f for x, f in zip(a, fl, strict=True)]
+    op = [x - f for x, f in zip(p, fl, strict=True)]
+    b.add(
+        make_row(
+            overhead_case, method, "s", median(oa), median(op),
+            note="step − floor", samples={"adapt": oa, "peft": op},
+        )
+    )  # fmt: skip
 
 
 def case_infer(b: Bench, methods: Sequence[str]) -> None:

@@ -1,8 +1,10 @@
 """Peak memory of one training step. ``case_memory`` (in the main process) spawns a fresh
 worker per (library, method) — ``--quick``: one per library for all methods — by re-running the
-entry script ``bench.py`` with the hidden ``--memory-worker LIB METHODS`` option, and turns the
-workers' JSON into rows. ``run_worker`` / ``memory_worker`` are the worker side: CUDA's
-``max_memory_allocated``, or on CPU the torch profiler's allocator record plus the RSS peak."""
+entry script ``bench.py`` with the hidden ``--memory-worker LIB ITEMS`` option, and turns the
+workers' JSON into rows. An item is a method, or ``method/shape/precision`` for the overhead
+case (``run_memory_workers``, e.g. ``lora/h1024/bf16``). ``run_worker`` / ``memory_worker``
+are the worker side: CUDA's ``max_memory_allocated``, or on CPU the torch profiler's
+allocator record plus the RSS peak."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Any
 from .config import LIBS
 from .report import make_row, median
 from .timing import Bench
-from .workloads import base_for, inject, train_step_fn
+from .workloads import autocast_for, base_for, inject, shape_base, shape_batch, train_step_fn
 
 # The workers re-run the entry script (it dispatches --memory-worker to run_worker).
 ENTRY = Path(__file__).resolve().parent.parent / "bench.py"
@@ -30,75 +32,105 @@ ENTRY = Path(__file__).resolve().parent.parent / "bench.py"
 # ----------------------------------------------------------------------------- main process
 
 
+#: What one worker measures: (method, shape, precision) — see ``adapt_bench.overhead``.
+Item = tuple[str, str, str]
+
+
 def case_memory(b: Bench, methods: Sequence[str]) -> None:
     """Peak memory of one training step, in a fresh subprocess per (library, method)
     (``--quick``: one subprocess per library for all methods)."""
+    items = [(m, "h512", "fp32") for m in methods]
+    results = run_memory_workers(b, [items] if b.args.quick else [[i] for i in items])
+    for item in items:
+        for key, case, note in (
+            ("tensor_peak", "peak mem", tensor_note(b)),
+            ("rss_peak", "peak mem (RSS)", "VmHWM − VmRSS, info"),
+        ):
+            by_lib = {lib: results[(lib, *item)] for lib in LIBS}
+            add_memory_row(b, case, item[0], by_lib, key, note)
+
+
+def tensor_note(b: Bench) -> str:
+    """What the tensor peak of the device is (the note of its rows)."""
+    return "CUDA max_memory_allocated" if b.device.type == "cuda" else "CPU allocator (profiler)"
+
+
+def run_memory_workers(
+    b: Bench, groups: Sequence[Sequence[Item]], reps: int | None = None
+) -> dict[tuple[str, str, str, str], list[dict[str, Any]]]:
+    """Run one worker per library for each group of items ``(method, shape, precision)``,
+    the two libraries side by side (memory does not depend on timing), ``reps`` times
+    (default ``memory_reps``); returns the workers' results by ``(lib, method, shape,
+    precision)``."""
     size = "quick" if b.args.quick else "full"
     env = dict(os.environ)
     # glibc: serve every allocation >= 64 KiB with its own mmap and unmap it on free, so the
     # resident set follows live tensor memory instead of glibc's retained heap (RSS figure).
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    groups = [list(methods)] if b.args.quick else [[m] for m in methods]
-    results: dict[tuple[str, str], list[dict[str, Any]]] = {
-        (lib, m): [] for lib in LIBS for m in methods
-    }
     threads = ["--threads", str(b.args.threads)] if b.args.threads else []
+    results: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {
+        (lib, *item): [] for lib in LIBS for group in groups for item in group
+    }
 
-    def spawn(lib: str, group: list[str]) -> subprocess.Popen[str]:
-        cmd = [sys.executable, str(ENTRY), "--memory-worker", lib, ",".join(group)]
+    def spawn(lib: str, spec: str) -> subprocess.Popen[str]:
+        cmd = [sys.executable, str(ENTRY), "--memory-worker", lib, spec]
         cmd += ["--size", size, "--device", str(b.device), *threads]
         return subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
 
     for group in groups:
-        for _ in range(b.sizes.memory_reps):
-            # memory does not depend on timing: the two workers run side by side
-            procs = {lib: spawn(lib, group) for lib in LIBS}
+        spec = ",".join("/".join(item) for item in group)  # lora/h512/fp32,vera/h512/fp32
+        for _ in range(b.sizes.memory_reps if reps is None else reps):
+            procs = {lib: spawn(lib, spec) for lib in LIBS}
             for lib, proc in procs.items():
                 out, err = proc.communicate()
                 if proc.returncode:
-                    raise RuntimeError(f"memory worker {lib}/{group} failed:\n{err[-3000:]}")
-                for result in json.loads(out.strip().splitlines()[-1]):
-                    results[(lib, result["method"])].append(result)
-    tensor_note = (
-        "CUDA max_memory_allocated" if b.device.type == "cuda" else "CPU allocator (profiler)"
-    )
-    for m in methods:
-        for key, case, note in (
-            ("tensor_peak", "peak mem", tensor_note),
-            ("rss_peak", "peak mem (RSS)", "VmHWM − VmRSS, info"),
-        ):
-            vals = {
-                lib: [r[key] for r in results[(lib, m)] if r.get(key) is not None] for lib in LIBS
-            }
-            if not all(vals.values()):
-                continue
-            b.add(
-                make_row(
-                    case, m, "B", median(vals["adapt"]), median(vals["peft"]),
-                    note=note, samples=vals,
-                )
-            )  # fmt: skip
+                    raise RuntimeError(f"memory worker {lib} {spec} failed:\n{err[-3000:]}")
+                for r in json.loads(out.strip().splitlines()[-1]):
+                    results[(lib, r["method"], r["shape"], r["precision"])].append(r)
+    return results
+
+
+def add_memory_row(
+    b: Bench, case: str, method: str, results: dict[str, list[dict[str, Any]]], key: str, note: str
+) -> None:
+    """One row of the medians of ``key`` over each library's worker ``results`` (none when a
+    side has no value, e.g. the RSS figure on CUDA)."""
+    vals = {lib: [r[key] for r in results[lib] if r.get(key) is not None] for lib in LIBS}
+    if not all(vals.values()):
+        return
+    b.add(
+        make_row(
+            case, method, "B", median(vals["adapt"]), median(vals["peft"]),
+            note=note, samples=vals,
+        )
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- worker process
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    """``bench.py --memory-worker LIB METHODS``: measure each method, print the results as
-    one JSON line (the last line of stdout is what ``case_memory`` reads)."""
-    lib, methods = args.memory_worker
+    """``bench.py --memory-worker LIB ITEMS``: measure each item (``method`` or
+    ``method/shape/precision``, comma-separated), print the results as one JSON line (the last
+    line of stdout is what ``run_memory_workers`` reads)."""
+    lib, items = args.memory_worker
     results = []
-    for method in methods.split(","):
-        results.append(memory_worker(lib, method, args.size, args.device))
+    for item in items.split(","):
+        method, shape, precision = [*item.split("/"), "h512", "fp32"][:3]
+        results.append(memory_worker(lib, method, args.size, args.device, shape, precision))
         gc.collect()
     print(json.dumps(results))
     return 0
 
 
-def memory_worker(lib: str, method: str, size: str, device: str) -> dict[str, Any]:
-    """Measure one (library, method) training step; runs in a worker process.
+def memory_worker(
+    lib: str, method: str, size: str, device: str, shape: str = "h512", precision: str = "fp32"
+) -> dict[str, Any]:
+    """Measure one (library, method) training step on the model and batch of ``shape``, its
+    forward under the autocast of ``precision`` (``workloads.autocast_for``); runs in a worker
+    process.
 
     Steady state: one warm-up step first (it creates AdamW's state), gradients set to None,
     then the measured step. CUDA: ``max_memory_allocated`` − ``memory_allocated`` before the
@@ -112,11 +144,12 @@ def memory_worker(lib: str, method: str, size: str, device: str) -> dict[str, An
         quick=size == "quick", reps=None, device=device, threads=None, clock="wall"
     )
     b = Bench(args)
-    ids = b.batch()
-    model = inject(lib, base_for(b, method), method).train()
-    b._base = None  # only the adapted copy stays alive
+    base = base_for(b, method) if shape == "h512" else shape_base(b, shape)
+    ids = shape_batch(b, shape)
+    model = inject(lib, base, method, shape=shape).train()
+    b._base = base = None  # only the adapted copy stays alive
     gc.collect()
-    step = train_step_fn(model, ids)
+    step = train_step_fn(model, ids, autocast_for(b.device.type, precision))
     step()  # warm-up: AdamW state, lazy initialisation
     opt_zero = [p for p in model.parameters() if p.requires_grad]
 
@@ -126,6 +159,7 @@ def memory_worker(lib: str, method: str, size: str, device: str) -> dict[str, An
         gc.collect()
 
     out: dict[str, Any] = {"lib": lib, "method": method, "trainable": len(opt_zero)}
+    out.update(shape=shape, precision=precision)
     clear_grads()
     if b.device.type == "cuda":
         out["tensor_peak"] = cuda_step_peak(step)

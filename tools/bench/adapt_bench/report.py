@@ -56,6 +56,11 @@ def make_row(
         value = row.ratio if goal.on == "ratio" else row.adapt
         row.goal = goal.text()
         row.met = None if value is None else value <= goal.limit
+        if goal.on == "ratio" and (adapt is None or adapt < 0 or not peft or peft < 0):
+            # a difference (step − floor) below zero is noise, not a result: no verdict
+            row.met = None
+            noise = "NOISE: a negative difference"
+            row.note = f"{row.note}; {noise}" if row.note else noise
     return row
 
 

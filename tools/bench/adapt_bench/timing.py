@@ -54,6 +54,7 @@ class Bench:
                     "allocate_reps": args.reps,
                     "mixed_reps": args.reps,
                     "curve_reps": args.reps,
+                    "wide_reps": args.reps,
                 }
             )
         if args.device == "auto":
