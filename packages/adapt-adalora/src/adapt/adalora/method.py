@@ -47,13 +47,14 @@ def adalora_layers(model: ModelView, adapter_name: str) -> dict[str, AdaLoraLaye
 def orthogonal_regulariser(model: ModelView, adapter_name: str) -> torch.Tensor:
     """Mean over the adapter's A and B matrices of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F.
 
-    The matrices of one shape are stacked and their terms computed together (one batched
-    product, one batched norm) instead of a handful of small autograd nodes per matrix."""
+    Each matrix's ``r × r`` product is computed on the parameter itself (autograd keeps a
+    reference, no copy); the products of one size are stacked and their terms taken together
+    (one subtraction, one batched norm) instead of a handful of small nodes per matrix."""
     layers = adalora_layers(model, adapter_name).values()
     refuse_unreadable_regulariser(
         t for layer in layers for t in (layer.lora_A[adapter_name], layer.lora_B[adapter_name])
     )
-    groups: dict[tuple[str, torch.Size, torch.dtype, torch.device], list[torch.Tensor]] = {}
+    covs: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
     count = 0
     for layer in layers:
         for attr in ("lora_A", "lora_B"):
@@ -63,16 +64,12 @@ def orthogonal_regulariser(model: ModelView, adapter_name: str) -> torch.Tensor:
                 continue
             # FSDP2: outside its own unit's forward a parameter is a DTensor shard; gather it
             p = full_tensor(p)
-            groups.setdefault((attr, p.shape, p.dtype, p.device), []).append(p)
+            cov = p @ p.T if attr == "lora_A" else p.T @ p
+            covs.setdefault((cov.shape[0], cov.dtype, cov.device), []).append(cov)
     total: torch.Tensor | None = None
-    for (attr, _, dtype, device), mats in groups.items():
-        stacked = torch.stack(mats)
-        if attr == "lora_A":
-            cov = torch.bmm(stacked, stacked.transpose(1, 2))
-        else:
-            cov = torch.bmm(stacked.transpose(1, 2), stacked)
-        eye = torch.eye(cov.shape[-1], dtype=dtype, device=device)
-        term = torch.linalg.matrix_norm(cov - eye).sum()
+    for (size, dtype, device), group in covs.items():
+        eye = torch.eye(size, dtype=dtype, device=device)
+        term = torch.linalg.matrix_norm(torch.stack(group) - eye).sum()
         total = term if total is None else total + term
     if total is None:
         return torch.zeros(())
