@@ -173,16 +173,16 @@ def test_add_delta_weight_is_w_plus_delta() -> None:
 
 
 def _fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    from adapt.lora import layer as lora_layer
+    from adapt.lora.lora_kernels import LoraLinearFunction
 
     calls: list[int] = []
-    real = lora_layer.LoraLinearFunction.apply
+    real = LoraLinearFunction.apply
 
     def spy(*args: Any) -> Any:
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(lora_layer.LoraLinearFunction, "apply", spy)
+    monkeypatch.setattr(LoraLinearFunction, "apply", spy)
     return calls
 
 

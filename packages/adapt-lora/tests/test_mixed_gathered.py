@@ -49,16 +49,17 @@ def one_by_one(model: AdaptedModel, tokens: torch.Tensor, names: list[str]) -> t
     return torch.cat(rows)
 
 
-def count_gathered(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def count_gathered(monkeypatch: pytest.MonkeyPatch, name: str = "gathered_effect") -> list[int]:
+    """Count the calls of ``adapt.lora.gathered.<name>`` (as the layers call it) that served."""
     calls = [0]
-    original = gathered.gathered_effect
+    original = getattr(gathered, name)
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         calls[0] += out is not None
         return out
 
-    monkeypatch.setattr("adapt.lora.layer.gathered_effect", counting)
+    monkeypatch.setattr(f"adapt.lora.layer.{name}", counting)
     return calls
 
 
@@ -176,15 +177,7 @@ def test_whole_batch_mixes_add_the_product_onto_the_base_output_in_place(
     """No ``__base__`` row: plain adapters' product goes straight onto the base output
     (``add_gathered_effect``); same logits as one by one, gradients as the per-adapter path."""
     names = ["a0", "a3", "a1", "a3", "a2"]
-    calls = [0]
-    original = gathered.add_gathered_effect
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        calls[0] += out is not None
-        return out
-
-    monkeypatch.setattr("adapt.lora.layer.add_gathered_effect", counting)
+    calls = count_gathered(monkeypatch, "add_gathered_effect")
     model = model_of()
     with torch.no_grad():
         mixed = model(input_ids=ids(5), adapter_names=names).logits

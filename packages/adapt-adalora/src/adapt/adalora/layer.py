@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from adapt.core import AdapterLayer, ConfigError, adapter_dtype_device, add_scaled_product
-from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
 from adapt.core.kernels import gathered_low_rank, stack_factors
-from adapt.core.lowrank_linear import LowRankLinearFunction
+from adapt.core.lowrank_linear import low_rank_linear
 from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
@@ -137,7 +136,7 @@ class AdaLoraLayer(AdapterLayer):
     def add_gathered_adapter_effect(
         self, result: torch.Tensor, x: Any, gathered: Gathered
     ) -> torch.Tensor | None:
-        if not result.is_contiguous():
+        if not result.is_contiguous() or result.dtype != self.lora_B[gathered.adapters[0]].dtype:
             return None
         return self._gathered(x, gathered, result)
 
@@ -151,8 +150,6 @@ class AdaLoraLayer(AdapterLayer):
             [self.lora_A[n] * self.lora_E[n] for n in names],
             [self.lora_B[n] * self.scale(n) for n in names],
         )
-        if out is not None and out.dtype != b.dtype:
-            return None
         return gathered_low_rank(x, a, b, gathered.slots, out=out)
 
     def dropout_active(self, adapter_name: str) -> bool:
@@ -204,24 +201,12 @@ class SVDLinear(AdaLoraLayer):
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
         """Training on a plain ``nn.Linear`` base: base and adapter in one autograd node
-        (:class:`~adapt.core.lowrank_linear.LowRankLinearFunction` with ``E ⊙ A`` as the
+        (:func:`~adapt.core.lowrank_linear.low_rank_linear` with ``E ⊙ A`` as the
         down factor; autograd carries its gradient on to A and E), the input gradient written
         once; None for inference and active dropout (the general path)."""
         if not torch.is_grad_enabled() or self.dropout_active(adapter_name):
             return None
-        a = self.lora_A[adapter_name] * self.lora_E[adapter_name]
-        b = self.lora_B[adapter_name]
         base = self.base_layer
         assert isinstance(base, nn.Linear)
-        scale = self.scale(adapter_name)
-        amp = autocast_dtype(x.device.type)
-        if amp is not None:
-            # autocast does not reach into a custom Function: cast as F.linear would
-            args = [cast_floating(t, amp) for t in (x, base.weight, base.bias, a, b)]
-            with autocast_off(x.device.type):
-                out: torch.Tensor = LowRankLinearFunction.apply(*args, scale)  # type: ignore[no-untyped-call]
-            return out
-        if not x.dtype == a.dtype == b.dtype:
-            return None
-        out = LowRankLinearFunction.apply(x, base.weight, base.bias, a, b, scale)  # type: ignore[no-untyped-call]
-        return out
+        a = self.lora_A[adapter_name] * self.lora_E[adapter_name]
+        return low_rank_linear(x, base, a, self.lora_B[adapter_name], self.scale(adapter_name))

@@ -73,9 +73,8 @@ def sites_from_model(
                 continue
             site.factors.append(pair)
             site.weights.append(weight)
-            site.scalings.append(
-                float(layer.scaling[name])
-            )  # a 0-d tensor once prepared for hot-swap
+            # float: a layer prepared for hot-swapping holds its scaling as a 0-d tensor
+            site.scalings.append(float(layer.scaling[name]))
             site.biases.append(bias if isinstance(bias, torch.Tensor) else None)
             magnitudes = layer.variant_tensors(MAGNITUDE) if _has_dora(layer) else None
             held = magnitudes is not None and name in magnitudes

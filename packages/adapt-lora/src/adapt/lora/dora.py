@@ -27,6 +27,7 @@ from torch import nn
 
 from adapt.core import AdapterStateError, adapter_dtype_device
 from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
+from adapt.core.lowrank_linear import scaling_stamp
 from adapt.core.typenames import describe
 
 from .dora_kernels import dora_linear
@@ -81,15 +82,6 @@ def _stamp(*tensors: torch.Tensor) -> tuple[Any, ...]:
     """What identifies the values of ``tensors`` now: in-place changes bump ``_version``, and
     ``.data`` replaced (``module.to(...)``) moves the storage."""
     return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-
-
-def _scaling_stamp(value: float | torch.Tensor) -> Any:
-    """A scaling as part of a cache key: a float as it is; a 0-d tensor (a hot-swap slot,
-    filled in place) by identity and version, since the tensor object itself stays the same
-    (and equal to itself) across a refill."""
-    if isinstance(value, torch.Tensor):
-        return id(value), value._version
-    return value
 
 
 class DoraVariant(LoraVariant):
@@ -151,7 +143,7 @@ class DoraVariant(LoraVariant):
             (adapter_name, "norm"),
             lambda: (
                 _stamp(a, b, _base_weight(layer, a)),
-                _scaling_stamp(layer.scaling[adapter_name]),
+                scaling_stamp(layer.scaling[adapter_name]),
             ),
             lambda: self._compute_norm(layer, adapter_name),
         )

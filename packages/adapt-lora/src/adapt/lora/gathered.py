@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from adapt.core.kernels import gathered_low_rank, stack_factors
+from adapt.core.lowrank_linear import scaling_stamp
 from adapt.core.routing import Gathered
 
 from .dora import DoraVariant
@@ -68,15 +69,7 @@ def _stamp(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
 
 
 def _scalings(layer: LoraLayer, names: tuple[str, ...]) -> tuple[Any, ...]:
-    return tuple(_scalar_stamp(layer.scaling[n]) for n in names)
-
-
-def _scalar_stamp(value: Any) -> Any:
-    """A scaling as a cache key: floats as they are, tensors (hot-swap slots, filled in
-    place) by identity and version."""
-    if isinstance(value, torch.Tensor):
-        return id(value), value._version
-    return value
+    return tuple(scaling_stamp(layer.scaling[n]) for n in names)
 
 
 def invalidate(layer: LoraLayer) -> None:
@@ -193,8 +186,10 @@ def add_gathered_effect(
     names = gathered.adapters
     if x.dim() < 2 or not result.is_contiguous() or not supported(layer, names):
         return None
+    # decided before the stacks are built (with gradients they are built per call)
+    plain = all(n not in layer.lora_variant and lora_bias_of(layer, n) is None for n in names)
+    if not plain or result.dtype != _weight(layer.lora_B[names[0]]).dtype:
+        return None
     parts = stacks(layer, names)
     a, b = cast(torch.Tensor, parts["A"]), cast(torch.Tensor, parts["B"])
-    if parts["bias"] is not None or parts["c"] is not None or result.dtype != b.dtype:
-        return None
     return gathered_low_rank(x, a, b, gathered.slots, out=result)

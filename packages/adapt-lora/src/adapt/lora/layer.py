@@ -23,8 +23,8 @@ from adapt.core import (
     adapter_dtype_device,
     add_scaled_product,
 )
-from adapt.core.amp import autocast_dtype, autocast_off, cast_floating
 from adapt.core.kernels import scale_smaller
+from adapt.core.lowrank_linear import low_rank_linear
 from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
@@ -33,7 +33,6 @@ from .gathered import add_gathered_effect, gathered_effect, invalidate, stacks, 
 from .init_state import restore_base
 from .layer_variants import VariantHost
 from .lora_bias import add_lora_bias, check_bias_merge, lora_bias_of
-from .lora_kernels import LoraLinearFunction
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -226,26 +225,10 @@ class LoraLinear(LoraLayer):
             return None
         if not torch.is_grad_enabled():
             return None  # inference: the in-place sum below is as fast, without a custom node
-        weight_a = _weight(self.lora_A[adapter_name])
-        weight_b = _weight(self.lora_B[adapter_name])
         base = self.base_layer
         assert isinstance(base, nn.Linear)
-        scale = self.scaling[adapter_name]
-        device_type = x.device.type
-        amp = autocast_dtype(device_type)
-        if amp is not None:
-            # autocast does not reach into a custom Function: cast as it would for F.linear
-            # (x, W, b, A, B to its dtype), then run the Function with autocast off
-            args = [cast_floating(t, amp) for t in (x, base.weight, base.bias, weight_a, weight_b)]
-            with autocast_off(device_type):
-                out: torch.Tensor = LoraLinearFunction.apply(*args, scale)  # type: ignore[no-untyped-call]
-            return out
-        if not x.dtype == weight_a.dtype == weight_b.dtype:
-            return None
-        out = LoraLinearFunction.apply(  # type: ignore[no-untyped-call]
-            x, base.weight, base.bias, weight_a, weight_b, scale
-        )
-        return out
+        weight_a, weight_b = _weight(self.lora_A[adapter_name]), _weight(self.lora_B[adapter_name])
+        return low_rank_linear(x, base, weight_a, weight_b, self.scaling[adapter_name])
 
     def add_adapter_output(
         self,

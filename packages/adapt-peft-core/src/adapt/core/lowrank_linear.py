@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .amp import autocast_dtype, autocast_off, cast_floating
 from .kernels import factor_grad, matmul_factor, scale_smaller
 
 #: A low-rank scale: a Python number, or a 0-d tensor read only on the device.
@@ -93,3 +94,37 @@ def low_rank_linear_grads(
     if needs[4]:
         grad_b = factor_grad(g, h).mul_(scale)
     return grad_x, None, grad_bias, grad_a, grad_b
+
+
+def low_rank_linear(
+    x: torch.Tensor,
+    base: torch.nn.Linear,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    scale: Scale,
+) -> torch.Tensor | None:
+    """``base(x) + s·(x Aᵀ) Bᵀ`` through :class:`LowRankLinearFunction`. Under autocast every
+    floating operand is cast to autocast's dtype first (autocast does not reach into a custom
+    Function: this is the cast it would make for ``F.linear``) and the Function runs with
+    autocast off; otherwise None unless ``x``, A and B share a dtype (the general path)."""
+    device_type = x.device.type
+    amp = autocast_dtype(device_type)
+    if amp is not None:
+        args = [cast_floating(t, amp) for t in (x, base.weight, base.bias, weight_a, weight_b)]
+        with autocast_off(device_type):
+            out: torch.Tensor = LowRankLinearFunction.apply(*args, scale)  # type: ignore[no-untyped-call]
+        return out
+    if not x.dtype == weight_a.dtype == weight_b.dtype:
+        return None
+    out = LowRankLinearFunction.apply(  # type: ignore[no-untyped-call]
+        x, base.weight, base.bias, weight_a, weight_b, scale
+    )
+    return out
+
+
+def scaling_stamp(value: Scale) -> Any:
+    """A scale as part of a cache key: a float as it is; a 0-d tensor (a hot-swap slot, filled
+    in place, the same object before and after) by identity and version."""
+    if isinstance(value, torch.Tensor):
+        return id(value), value._version
+    return value
