@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .amp import autocast_dtype, autocast_off, cast_floating
-from .kernels import factor_grad, matmul_factor, scale_smaller
+from .amp import autocast_dtype, cast_floating
+from .kernels import factor_grad, rank_major_is_faster, scale_smaller
 
 #: A low-rank scale: a Python number, or a 0-d tensor read only on the device.
 Scale = float | torch.Tensor
@@ -49,7 +49,11 @@ class LowRankLinearFunction(torch.autograd.Function):
         scale: Scale,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ weight_a.t()
+        r = weight_a.shape[0]
+        if rank_major_is_faster(r, x2.shape[1], x2, "input"):
+            h = (weight_a @ x2.t()).t()  # a transposed view of the (r, rows) product
+        else:
+            h = x2 @ weight_a.t()
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         scaled_addmm_(out, h, weight_b.t(), scale)
         ctx.save_for_backward(x2, weight, weight_a, weight_b, h)
@@ -83,7 +87,10 @@ def low_rank_linear_grads(
     tensor (see the module doc)."""
     scale: Scale = ctx.scale
     needs = ctx.needs_input_grad
-    g_b = matmul_factor(g, weight_b)  # (rows, r)
+    if rank_major_is_faster(weight_b.shape[1], g.shape[1], g, "output"):
+        g_b = (weight_b.t() @ g.t()).t()  # (rows, r), a view of the (r, rows) product
+    else:
+        g_b = g @ weight_b
     grad_x = grad_bias = grad_a = grad_b = None
     if needs[0]:
         grad_x = scaled_addmm_(g @ weight, g_b, weight_a, scale).view(ctx.x_shape)
@@ -105,14 +112,14 @@ def low_rank_linear(
 ) -> torch.Tensor | None:
     """``base(x) + s·(x Aᵀ) Bᵀ`` through :class:`LowRankLinearFunction`. Under autocast every
     floating operand is cast to autocast's dtype first (autocast does not reach into a custom
-    Function: this is the cast it would make for ``F.linear``) and the Function runs with
-    autocast off; otherwise None unless ``x``, A and B share a dtype (the general path)."""
+    Function: this is the cast it would make for ``F.linear``); otherwise None unless ``x``, A and B share a dtype (the general path)."""
     device_type = x.device.type
     amp = autocast_dtype(device_type)
     if amp is not None:
+        # every operand cast: autocast's casts inside the Function are then no-ops (and the
+        # in-place product is not one autocast touches), so it need not be switched off
         args = [cast_floating(t, amp) for t in (x, base.weight, base.bias, weight_a, weight_b)]
-        with autocast_off(device_type):
-            out: torch.Tensor = LowRankLinearFunction.apply(*args, scale)  # type: ignore[no-untyped-call]
+        out: torch.Tensor = LowRankLinearFunction.apply(*args, scale)  # type: ignore[no-untyped-call]
         return out
     if not x.dtype == weight_a.dtype == weight_b.dtype:
         return None

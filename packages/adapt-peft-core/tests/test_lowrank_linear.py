@@ -1,0 +1,105 @@
+"""``LowRankLinearFunction`` (LoRA's and AdaLoRA's training node) against the definition
+``x Wᵀ + b + s·(x Aᵀ) Bᵀ`` in every layout its products take (``rank_major_is_faster``):
+float32 and bfloat16, ranks on both sides of the rules, widths the bfloat16 rule singles out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapt.core.kernels import rank_major_is_faster
+from adapt.core.lowrank_linear import LowRankLinearFunction, low_rank_linear
+
+CASES = [
+    (r, n_in, n_out)
+    for r in (1, 4, 8, 16, 32)
+    for n_in, n_out in ((24, 40), (1024, 48), (40, 2048))
+]
+
+
+def _tensors(
+    r: int, n_in: int, n_out: int, dtype: torch.dtype, bias: bool
+) -> list[torch.Tensor | None]:
+    g = torch.Generator().manual_seed(r * 7 + n_in)
+    x = torch.randn(2, 3, n_in, generator=g)
+    w = torch.randn(n_out, n_in, generator=g) / n_in**0.5
+    b = torch.randn(n_out, generator=g) if bias else None
+    a = torch.randn(r, n_in, generator=g) / n_in**0.5
+    bb = torch.randn(n_out, r, generator=g)
+    return [None if t is None else t.to(dtype) for t in (x, w, b, a, bb)]
+
+
+def _grads(
+    fn: object, tensors: list[torch.Tensor | None], upstream: torch.Tensor
+) -> list[torch.Tensor]:
+    leaves = [
+        None if t is None else t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)
+    ]
+    out = fn(*leaves)  # type: ignore[operator]
+    (out.float() * upstream).sum().backward()
+    return [out] + [t.grad for t in leaves if t is not None and t.grad is not None]
+
+
+def _definition(x, w, b, a, bb, scale=0.5):  # type: ignore[no-untyped-def]
+    return F.linear(x, w, b) + scale * ((x @ a.t()) @ bb.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("r", "n_in", "n_out"), CASES)
+def test_values_and_gradients_equal_the_definition(
+    dtype: torch.dtype, r: int, n_in: int, n_out: int
+) -> None:
+    tensors = _tensors(r, n_in, n_out, dtype, bias=r % 2 == 0)
+    upstream = torch.randn(2, 3, n_out, generator=torch.Generator().manual_seed(1))
+    got = _grads(lambda *t: LowRankLinearFunction.apply(*t, 0.5), tensors, upstream)
+    # the reference in float64: the Function's float32 / bfloat16 products against exact ones
+    ref = _grads(_definition, [None if t is None else t.double() for t in tensors], upstream)
+    assert len(got) == len(ref)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 4e-2, "atol": 4e-2}
+    for g, want in zip(got, ref, strict=True):
+        assert g.dtype == dtype and g.shape == want.shape
+        scale = want.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(g.double() / scale, want / scale, **tol)
+
+
+def test_the_layout_rules() -> None:
+    f32, bf16 = torch.empty(1), torch.empty(1, dtype=torch.bfloat16)
+    # float32: g B and gᵀ h rank-major for 2 ≤ r ≤ 8, x Aᵀ never
+    assert [rank_major_is_faster(r, 512, f32, "output") for r in (1, 2, 8, 16)] == [
+        False, True, True, False,
+    ]  # fmt: skip
+    assert not rank_major_is_faster(8, 512, f32, "input")
+    assert rank_major_is_faster(8, 512, f32, "factor")
+    # bfloat16: r ≤ 8 anywhere, r = 16 at widths 1024 / 2048, factor gradients to r = 32
+    assert rank_major_is_faster(8, 1376, bf16, "input")
+    assert rank_major_is_faster(16, 1024, bf16, "output")
+    assert not rank_major_is_faster(16, 1536, bf16, "input")
+    assert rank_major_is_faster(32, 512, bf16, "factor")
+    assert not rank_major_is_faster(64, 512, bf16, "factor")
+    # other dtypes and devices: the plain layout
+    assert not rank_major_is_faster(8, 512, torch.empty(1, dtype=torch.float16), "output")
+    assert not rank_major_is_faster(8, 512, torch.empty(1, device="meta"), "output")
+
+
+def test_under_autocast_the_node_computes_in_the_autocast_dtype() -> None:
+    """``low_rank_linear`` casts every operand (autocast does not reach into a custom
+    Function); the result and the input gradient are those of the same expression run with
+    autocast's own casts."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 1024).requires_grad_(False)
+    a = (torch.randn(8, 64) / 8).requires_grad_()
+    b = torch.randn(1024, 8).requires_grad_()
+    x = torch.randn(5, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = low_rank_linear(x, base, a, b, 2.0)
+        want = base(x) + 2.0 * F.linear(F.linear(x, a), b)
+    assert got is not None and got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    upstream = torch.randn(5, 1024)
+    grads = [torch.autograd.grad((y.float() * upstream).sum(), (x, a, b)) for y in (got, want)]
+    for g, w in zip(*grads, strict=True):
+        assert g.dtype == w.dtype == torch.float32
+        scale = w.abs().max()
+        torch.testing.assert_close(g / scale, w / scale, rtol=3e-2, atol=3e-2)
