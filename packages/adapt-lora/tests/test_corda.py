@@ -380,3 +380,30 @@ def test_refusal_names_a_mode_mismatch_when_given_the_config() -> None:
     layer.update_layer("default", config("kpm", target_modules=["q_proj"]), r=4, lora_alpha=8)
     assert corda_refusal(layer, "default", config("kpm")) is None
     assert "KPM decomposition" in str(corda_refusal(layer, "default", config("ipm")))
+
+
+# ------------------------------------------------------------------------ half precision
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_base_keeps_its_dtype_and_trains_under_autocast(
+    dtype: torch.dtype,
+) -> None:
+    """The statistics and the decomposition are float32 whatever the base's dtype; the
+    residual goes back into the base in its own dtype; the output at init is the base's up to
+    that rounding; a step under bf16 autocast trains only the adapters."""
+    expected = logits(tiny_llama().to(dtype)).float()
+    model = corda_model("ipm", base=tiny_llama().to(dtype))
+    for path, layer in lora_layers(model).items():
+        assert layer.base_layer.weight.dtype == dtype, path
+        assert torch.isfinite(layer.lora_A["default"].weight).all(), path
+    assert rel(logits(model).float(), expected) < 2e-2
+    model.train()
+    ids = token_ids(2, 12, vocab_size=128, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())

@@ -138,3 +138,37 @@ def test_refusals_leave_the_model_as_it_was() -> None:
     model = adapt(base, config())
     with pytest.raises(TargetError, match="cannot also be a LoRA target"):
         model.add_adapter("x", LoraConfig(r=2, target_modules=["embed_tokens"]))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_half_precision_embeddings_train_under_autocast(tied: bool) -> None:
+    """A bf16 model trained under bf16 autocast: the delta rows are float32 (adapter weights of
+    a half-precision base are, as in PEFT), the embedding's output keeps the model's dtype, the
+    output at init is the base's, a step changes only the listed rows, and merge / unmerge give
+    the unmerged output back."""
+    base = tiny_llama(tie_word_embeddings=tied).to(torch.bfloat16)
+    weight = base.model.embed_tokens.weight.detach().clone()
+    reference = base(IDS).logits
+    model = adapt(base, config())
+    emb = model.model.model.embed_tokens
+    delta = emb.trainable_tokens_delta["default"]
+    assert delta.dtype == torch.float32
+    assert emb(IDS).dtype == torch.bfloat16
+    assert torch.equal(model(IDS).logits, reference)
+    model.train()
+    optimiser = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    assert delta.grad is not None and torch.isfinite(delta.grad).all()
+    optimiser.step()
+    rows = emb(IDS.new_tensor([[0, 1, 2, 3, 5, 7, 8, 9]]))[0]
+    changed = [(rows[i] != weight[t]).any().item() for i, t in enumerate([0, 1, 2, 3, 5, 7, 8, 9])]
+    assert changed == [False, True, False, False, True, True, False, False]
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(IDS).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(IDS).logits, unmerged, rtol=2e-2, atol=2e-2)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(IDS).logits, unmerged, rtol=2e-2, atol=2e-2)
