@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import IMPORTED, INITS, LIBS, MOE_METHODS, TARGETS
-from .report import make_row, median
+from .report import make_row, median, min_based
 from .timing import Bench, alternate
 from .workloads import (
     Ctx,
@@ -245,7 +245,7 @@ def train_rows(
     b.add(
         make_row(
             overhead_case, method, "s", median(oa), median(op),
-            note="step − floor", samples={"adapt": oa, "peft": op},
+            note=f"step − floor; {min_based(a, p, fl)}", samples={"adapt": oa, "peft": op},
         )
     )  # fmt: skip
 

@@ -80,7 +80,7 @@ FULL = Sizes(
     mixed_batch=32, mixed_seq=64, mixed_adapters=(8, 32), mixed_reps=7,
     curve_batch=64, curve_adapters=(1, 2, 4, 8, 16, 32, 64), curve_reps=3,
     wide_hidden=1024, wide_intermediate=2752, wide_layers=4, wide_heads=8, wide_kv_heads=4,
-    wide_batch=4, wide_seq=256, wide_reps=5,
+    wide_batch=4, wide_seq=256, wide_reps=7,
 )  # fmt: skip
 QUICK = Sizes(
     hidden=128, intermediate=344, layers=2, heads=4, vocab=256, batch=2, seq=32,

@@ -64,6 +64,14 @@ def make_row(
     return row
 
 
+def min_based(a: list[float], p: list[float], fl: list[float]) -> str:
+    """The overhead ratio from each series' fastest repetition, ``(min a − min fl) / (min p −
+    min fl)``: contention on a shared machine only adds time, so minima are its steadiest
+    estimate where the paired differences are noisy."""
+    oa, op = min(a) - min(fl), min(p) - min(fl)
+    return f"min-based {oa / op:.2f}" if op > 0 and oa >= 0 else "min-based: noise"
+
+
 def paired_ratios(samples: dict[str, list[float]]) -> list[float]:
     """adapt / PEFT per repetition, when both sides were measured in the same repetitions."""
     a, p = samples.get("adapt", []), samples.get("peft", [])
