@@ -55,9 +55,10 @@ def rank_major_is_faster(r: int, width: int, tensor: torch.Tensor, product: str)
 
 def matmul_factor(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``g @ weight`` for a 2-D ``g`` ``(rows, n)`` and a thin factor ``weight`` ``(n, r)``
-    (the input-side gradient of a product with ``weightᵀ``), in the faster layout."""
-    if transposed_factor_is_faster(weight):
-        return g @ weight.t().contiguous().t()
+    (the input-side gradient of a product with ``weightᵀ``), in the faster layout
+    (:func:`rank_major_is_faster`: then a transposed view of the ``(r, rows)`` product)."""
+    if rank_major_is_faster(weight.shape[1], g.shape[-1], g, "output"):
+        return (weight.t() @ g.t()).t()
     return g @ weight
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .amp import autocast_dtype, cast_floating
-from .kernels import factor_grad, rank_major_is_faster, scale_smaller
+from .kernels import factor_grad, matmul_factor, rank_major_is_faster, scale_smaller
 
 #: A low-rank scale: a Python number, or a 0-d tensor read only on the device.
 Scale = float | torch.Tensor
@@ -87,10 +87,7 @@ def low_rank_linear_grads(
     tensor (see the module doc)."""
     scale: Scale = ctx.scale
     needs = ctx.needs_input_grad
-    if rank_major_is_faster(weight_b.shape[1], g.shape[1], g, "output"):
-        g_b = (weight_b.t() @ g.t()).t()  # (rows, r), a view of the (r, rows) product
-    else:
-        g_b = g @ weight_b
+    g_b = matmul_factor(g, weight_b)  # (rows, r)
     grad_x = grad_bias = grad_a = grad_b = None
     if needs[0]:
         grad_x = scaled_addmm_(g @ weight, g_b, weight_a, scale).view(ctx.x_shape)
@@ -112,7 +109,8 @@ def low_rank_linear(
 ) -> torch.Tensor | None:
     """``base(x) + s·(x Aᵀ) Bᵀ`` through :class:`LowRankLinearFunction`. Under autocast every
     floating operand is cast to autocast's dtype first (autocast does not reach into a custom
-    Function: this is the cast it would make for ``F.linear``); otherwise None unless ``x``, A and B share a dtype (the general path)."""
+    Function: this is the cast it would make for ``F.linear``); otherwise None unless ``x``, A
+    and B share a dtype (the general path)."""
     device_type = x.device.type
     amp = autocast_dtype(device_type)
     if amp is not None:
