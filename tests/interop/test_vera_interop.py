@@ -163,3 +163,43 @@ def test_adapt_vera_beyond_peft_still_loads_in_peft(case: str, tmp_path: Path) -
     diff = (_logits(theirs) - want).abs().max().item()
     print(f"vera {case}: adapt-saved, loaded in PEFT: max abs diff {diff:.3g}")
     assert diff <= TOL
+
+
+def _autocast_step(model: nn.Module, ids: torch.Tensor, autocast: bool) -> tuple[float, dict]:
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def test_bf16_autocast_step_matches_peft() -> None:
+    """The same λ in both (trained-like, non-zero), one step under bf16 autocast: adapt's loss
+    and λ gradients (the folded-λ node) are as close to PEFT's float32 step as PEFT's own
+    bf16-autocast step is (both round to bfloat16, in different orders)."""
+    base = llama()
+    config = {"r": 16, "target_modules": LLAMA_TARGETS, "init_weights": False}
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(**config)).train()
+    ours = adapt(copy.deepcopy(base), VeraConfig(**config)).train()
+    with torch.no_grad():
+        mine = dict(ours.named_parameters())
+        for name, param in theirs.named_parameters():
+            if "vera_lambda" in name:
+                param.normal_(std=0.5)
+                mine[name].copy_(param)
+    ids = token_ids(4, 24, seed=5)
+    ref_loss, ref = _autocast_step(theirs, ids, autocast=False)
+    peft_loss, peft_grads = _autocast_step(theirs, ids, autocast=True)
+    loss, grads = _autocast_step(ours, ids, autocast=True)
+    assert grads.keys() == ref.keys() and len(grads) == 2 * 2 * len(LLAMA_TARGETS)
+    print(f"vera bf16 step: loss adapt {loss:.5f}, peft {peft_loss:.5f}, fp32 {ref_loss:.5f}")
+    assert abs(loss - ref_loss) <= max(2 * abs(peft_loss - ref_loss), 5e-3 * abs(ref_loss))
+    worst = max(_rel(grads[n], ref[n]) for n in ref)
+    peft_worst = max(_rel(peft_grads[n], ref[n]) for n in ref)
+    print(f"vera bf16 step: worst λ-gradient error adapt {worst:.3g}, peft {peft_worst:.3g}")
+    assert worst <= max(2 * peft_worst, 2e-2)

@@ -20,7 +20,7 @@ from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import VeraConfig
-from .training import VeraMergedFunction, merged_training_pays
+from .training import VeraMergedFunction, VeraScaledBasisFunction, merged_training_pays
 
 
 class VeraLayer(AdapterLayer):
@@ -142,6 +142,11 @@ class VeraLinear(VeraLayer):
             h = F.linear(dropout(x.to(dtype)), a)
         b = self.basis.B[: self.out_features, : self.r[name]]
         b = b.to(device=lambda_b.device, dtype=dtype)
+        if self.folds_lambdas(x, result, h, dtype):
+            fused: torch.Tensor = VeraScaledBasisFunction.apply(  # type: ignore[no-untyped-call]
+                result, h, lambda_b, lambda_d, b, self.may_add_in_place(result)
+            )
+            return fused
         if result.dtype != dtype or not self.fuse_adapter_output:
             # the definition's order: a half-precision output is rounded once, and quantised
             # bases (whose kernels round activations coarsely) see PEFT's exact values
@@ -157,6 +162,19 @@ class VeraLinear(VeraLayer):
             return summed
         return add_scaled_product(
             result, lambda_d * h, lambda_b[:, None] * b, in_place=self.may_add_in_place(result)
+        )
+
+    def folds_lambdas(
+        self, x: torch.Tensor, result: torch.Tensor, h: torch.Tensor, dtype: torch.dtype
+    ) -> bool:
+        """Whether the adapter runs as :class:`~adapt.vera.training.VeraScaledBasisFunction`:
+        under bf16 autocast (``result`` and ``h`` in bfloat16, float32 λ) on a base whose output
+        may be fused (not a lossy quantised one). fp16 keeps the definition's order: a float16
+        ``P = gᵀ h`` could overflow under a loss scaler."""
+        return (
+            result.dtype == h.dtype == torch.bfloat16 != dtype
+            and self.fuse_adapter_output
+            and autocast_dtype(x.device.type) == torch.bfloat16
         )
 
     def gathered_adapter_effect(

@@ -15,6 +15,11 @@ Exact in exact arithmetic; float32 only (in half precision ``W + ΔW`` would rou
 away, so autocast keeps the definition's order). Whether it pays depends on the rows and the
 layer's shape (:func:`merged_training_pays`): the merged weight costs ``r · in · out`` and saves
 ``rows · r · (out + in_shared)``.
+
+Under bf16 autocast :class:`VeraScaledBasisFunction` keeps the adapter a separate product but
+folds both λ into the ``out × r`` slice: one GEMM added onto the base output forward, ``g B''``
+and ``P = gᵀ h`` backward, and none of the definition's activation-sized float32 scale and
+cast passes (a bf16 GEMM of rank 256 costs less than those on CPUs with bf16 matrix units).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["VeraMergedFunction", "merged_training_pays"]
+__all__ = ["VeraMergedFunction", "VeraScaledBasisFunction", "merged_training_pays"]
 
 #: the fraction of ``h = x A_sᵀ``'s cost a layer counts as its own: q/k/v share one input
 #: (1/3 each), gate/up (1/2), o/down have their own (1); the middle is used
@@ -84,3 +89,53 @@ class VeraMergedFunction(torch.autograd.Function):
             if needs[4]:
                 grad_ld = lambda_b @ p
         return grad_x, None, grad_bias, grad_lb, grad_ld, None, None, None
+
+
+class VeraScaledBasisFunction(torch.autograd.Function):
+    """``result + h (λ_b ⊙ B_s ⊙ λ_dᵀ)ᵀ`` in ``h``'s dtype (bfloat16 under autocast): the λ
+    fold into the ``out × r`` slice, so the adapter is one GEMM added onto the base output and
+    no activation-sized element-wise pass runs (the definition scales and casts ``rows × out``
+    float32 tensors forward and backward).
+
+    ``h = x A_sᵀ`` (shared by the layers reading ``x``) and ``result`` come in ``h``'s dtype,
+    ``b = B_s`` and the λ in float32. Backward: ``∂result = g``, ``∂h = g B''`` with
+    ``B'' = λ_b ⊙ B_s ⊙ λ_dᵀ``, and both λ gradients from ``P = gᵀ h`` (``out × r``):
+    ``∂λ_b = (P ⊙ B_s) λ_d``, ``∂λ_d = λ_bᵀ (P ⊙ B_s)`` (float32). With ``in_place``
+    ``result`` (a fresh base output, :meth:`~adapt.core.AdapterLayer.may_add_in_place`) is
+    updated and returned.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        result: torch.Tensor,
+        h: torch.Tensor,
+        lambda_b: torch.Tensor,
+        lambda_d: torch.Tensor,
+        b: torch.Tensor,
+        in_place: bool,
+    ) -> torch.Tensor:
+        scaled = (lambda_b[:, None] * b).mul_(lambda_d).to(h.dtype)
+        ctx.save_for_backward(h, scaled, b, lambda_b, lambda_d)
+        h2 = h.reshape(-1, h.shape[-1])
+        if in_place:
+            ctx.mark_dirty(result)
+            result.view(-1, result.shape[-1]).addmm_(h2, scaled.t())
+            return result
+        return torch.addmm(result.reshape(-1, result.shape[-1]), h2, scaled.t()).view(result.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, scaled, b, lambda_b, lambda_d = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
+        grad_h = grad_lb = grad_ld = None
+        if needs[1]:
+            grad_h = (g2 @ scaled).view(h.shape)
+        if needs[2] or needs[3]:
+            p = torch.mm(g2.t(), h.reshape(-1, h.shape[-1])).float().mul_(b)  # P ⊙ B_s
+            if needs[2]:
+                grad_lb = p @ lambda_d
+            if needs[3]:
+                grad_ld = lambda_b @ p
+        return grad if needs[0] else None, grad_h, grad_lb, grad_ld, None, None
