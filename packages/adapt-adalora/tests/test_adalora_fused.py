@@ -13,7 +13,7 @@ from adalora_testutils import LLAMA_TARGETS, ids, llama
 from adapt.adalora import AdaLoraConfig, SVDLinear
 from adapt.core import adapt
 from adapt.core.lowrank_linear import LowRankLinearFunction
-from adapt.core.testing import randomise_adapters
+from adapt.core.testing import counting_apply, loss_and_grads, randomise_adapters
 
 
 def model_of(**kw: Any) -> Any:
@@ -28,36 +28,16 @@ def model_of(**kw: Any) -> Any:
 
 
 def step(model: Any, autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    batch = ids()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return float(loss.detach()), grads
-
-
-def count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls = [0]
-    original = LowRankLinearFunction.apply
-
-    def counting(*args: Any) -> Any:
-        calls[0] += 1
-        return original(*args)
-
-    monkeypatch.setattr(LowRankLinearFunction, "apply", counting)
-    return calls
+    return loss_and_grads(model, ids(), torch.bfloat16 if autocast else None)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_step_equals_the_general_path(
     autocast: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = count_calls(monkeypatch)
-    loss, grads = step(model_of(), autocast)
-    assert calls[0] == 2 * len(
-        LLAMA_TARGETS
-    )  # every layer of both blocks (autocast: bf16 inputs too)
+    with counting_apply(LowRankLinearFunction) as count:
+        loss, grads = step(model_of(), autocast)
+    assert count.calls == 2 * len(LLAMA_TARGETS)  # every layer of both blocks (bf16 inputs too)
     monkeypatch.setattr(SVDLinear, "fused_forward", lambda *a: None)
     ref_loss, ref = step(model_of(), autocast)
     tol = 2e-2 if autocast else 1e-5
@@ -70,12 +50,12 @@ def test_fused_step_equals_the_general_path(
 
 
 @pytest.mark.parametrize("case", ["no_grad", "dropout"])
-def test_not_taken(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_not_taken(case: str) -> None:
     model = model_of(lora_dropout=0.1) if case == "dropout" else model_of()
-    calls = count_calls(monkeypatch)
-    if case == "no_grad":
-        with torch.no_grad():
-            model(input_ids=ids())
-    else:
-        model(input_ids=ids(), labels=ids()).loss.backward()
-    assert calls[0] == 0
+    with counting_apply(LowRankLinearFunction) as count:
+        if case == "no_grad":
+            with torch.no_grad():
+                model(input_ids=ids())
+        else:
+            loss_and_grads(model, ids())
+    assert count.calls == 0

@@ -10,14 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapt.core import adapt
-from adapt.vera import VeraConfig
+from adapt.core.testing import counting_apply, loss_and_grads
 from adapt.vera.layer import VeraLinear
 from adapt.vera.training import VeraScaledBasisFunction
 
 transformers = pytest.importorskip("transformers")
 
-from vera_testutils import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama  # noqa: E402
+from vera_testutils import GPT2_TARGETS, tiny_gpt2, tiny_llama, trained_vera  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -71,39 +70,12 @@ def test_no_gradient_asked_for_frozen_lambdas() -> None:
     assert rel_err(grad_h, want) < 1e-2
 
 
-def model(factory: Any = tiny_llama, targets: list[str] = LLAMA_TARGETS, **kw: Any) -> Any:
-    torch.manual_seed(0)
-    adapted = adapt(factory(), VeraConfig(r=16, target_modules=targets, **kw))
-    with torch.no_grad():
-        for name, param in adapted.named_parameters():
-            if "vera_lambda" in name:
-                param.normal_(std=0.5)  # trained-like: both λ non-zero
-    return adapted.train()
-
-
 def batch(vocab: int = 64) -> torch.Tensor:
     return torch.randint(3, vocab, (4, 24), generator=torch.Generator().manual_seed(1))
 
 
 def step(m: Any, ids: torch.Tensor, autocast: bool = True) -> tuple[float, dict[str, torch.Tensor]]:
-    m.zero_grad()
-    with torch.autocast("cpu", dtype=BF16, enabled=autocast):
-        loss = m(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    return float(loss.detach()), grads
-
-
-def count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls = [0]
-    original = VeraScaledBasisFunction.apply
-
-    def counting(*args: Any) -> Any:
-        calls[0] += 1
-        return original(*args)
-
-    monkeypatch.setattr(VeraScaledBasisFunction, "apply", counting)
-    return calls
+    return loss_and_grads(m, ids, BF16 if autocast else None)
 
 
 def definition_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,21 +91,21 @@ def test_model_step_matches_the_definition_order(
     place): the node is taken on every targeted layer and its loss and λ gradients are as close
     to the float32 step's as the definition's order under the same autocast is (bf16 rounding)."""
     if case == "gpt2":
-        m, ids = model(tiny_gpt2, GPT2_TARGETS), batch(100)
+        m, ids = trained_vera(tiny_gpt2, GPT2_TARGETS), batch(100)
     else:
-        m, ids = model(vera_dropout=0.1 if case == "dropout" else 0.0), batch()
+        m, ids = trained_vera(vera_dropout=0.1 if case == "dropout" else 0.0), batch()
     n_layers = 4 * 2 if case == "gpt2" else 7 * 2
     torch.manual_seed(3)
     ref_loss, ref = step(m, ids, autocast=False)  # float32: the yardstick
-    calls = count_calls(monkeypatch)
-    torch.manual_seed(3)
-    loss, grads = step(m, ids)
-    assert calls[0] == n_layers
+    with counting_apply(VeraScaledBasisFunction) as count:
+        torch.manual_seed(3)
+        loss, grads = step(m, ids)
+    assert count.calls == n_layers
     definition_order(monkeypatch)
-    calls[0] = 0
-    torch.manual_seed(3)
-    def_loss, def_grads = step(m, ids)
-    assert calls[0] == 0
+    with counting_apply(VeraScaledBasisFunction) as count:
+        torch.manual_seed(3)
+        def_loss, def_grads = step(m, ids)
+    assert count.calls == 0
     assert grads.keys() == ref.keys() == def_grads.keys() and len(grads) == 2 * n_layers
     assert abs(loss - ref_loss) <= max(2 * abs(def_loss - ref_loss), 5e-3 * abs(ref_loss))
     for name, want in ref.items():
@@ -145,13 +117,12 @@ def test_model_step_matches_the_definition_order(
 def test_inference_under_autocast_matches_the_definition_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    m, ids = model().eval(), batch()
+    m, ids = trained_vera().eval(), batch()
     with torch.no_grad():
         ref = m(input_ids=ids).logits
-        calls = count_calls(monkeypatch)
-        with torch.autocast("cpu", dtype=BF16):
+        with counting_apply(VeraScaledBasisFunction) as count, torch.autocast("cpu", dtype=BF16):
             got = m(input_ids=ids).logits
-        assert calls[0] > 0  # short inputs of small layers take the W + ΔW forward instead
+        assert count.calls > 0  # short inputs of small layers take the W + ΔW forward instead
         definition_order(monkeypatch)
         with torch.autocast("cpu", dtype=BF16):
             want = m(input_ids=ids).logits
@@ -159,20 +130,16 @@ def test_inference_under_autocast_matches_the_definition_order(
 
 
 @pytest.mark.parametrize("case", ["float32", "fp16 autocast", "bf16 base"])
-def test_not_taken_outside_bf16_autocast(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_not_taken_outside_bf16_autocast(case: str) -> None:
     """float32 keeps its paths; fp16 autocast keeps the definition's order (a float16 P = gᵀ h
     could overflow under a loss scaler); a bf16 base without autocast keeps its float32
     adapter arithmetic (PEFT's values)."""
-    m, ids = model(), batch()
+    m, ids = trained_vera(), batch()
     if case == "bf16 base":
-        m = adapt(tiny_llama().to(BF16), VeraConfig(r=16, target_modules=LLAMA_TARGETS)).train()
-    calls = count_calls(monkeypatch)
-    if case == "fp16 autocast":
-        with torch.autocast("cpu", dtype=torch.float16):
-            m(input_ids=ids, labels=ids).loss.backward()
-    else:
-        m(input_ids=ids, labels=ids).loss.backward()
-    assert calls[0] == 0
+        m = trained_vera(lambda: tiny_llama().to(BF16))
+    with counting_apply(VeraScaledBasisFunction) as count:
+        loss_and_grads(m, ids, torch.float16 if case == "fp16 autocast" else None)
+    assert count.calls == 0
 
 
 @pytest.mark.compile
@@ -181,7 +148,7 @@ def test_under_torch_compile_and_autocast() -> None:
     breaks, to the eager step's gradients."""
     import torch._dynamo
 
-    m, ids = model(), batch()
+    m, ids = trained_vera(), batch()
     _, eager = step(m, ids)
     torch._dynamo.reset()
     with torch.autocast("cpu", dtype=BF16):

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from adapt.core import adapt
+from adapt.core.testing import counting_apply, loss_and_grads
 from adapt.vera import VeraConfig
 from adapt.vera.training import VeraMergedFunction, merged_training_pays
 
 transformers = pytest.importorskip("transformers")
 
-from vera_testutils import LLAMA_TARGETS, tiny_llama  # noqa: E402
+from vera_testutils import tiny_llama, trained_vera  # noqa: E402
 
 
 def definition(x: Any, w: Any, bias: Any, lb: Any, ld: Any, a: Any, b: Any) -> torch.Tensor:
@@ -55,47 +56,21 @@ def test_cost_rule() -> None:
 
 
 def model_and_batch() -> tuple[Any, torch.Tensor]:
-    torch.manual_seed(0)
-    model = adapt(tiny_llama(), VeraConfig(r=16, target_modules=LLAMA_TARGETS))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "vera_lambda" in name:
-                param.normal_(std=0.5)  # trained-like: both λ non-zero
     ids = torch.randint(3, 64, (4, 48), generator=torch.Generator().manual_seed(1))
-    return model.train(), ids
-
-
-def step(model: Any, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return float(loss.detach()), grads
-
-
-def count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls = [0]
-    original = VeraMergedFunction.apply
-
-    def counting(*args: Any) -> Any:
-        calls[0] += 1
-        return original(*args)
-
-    monkeypatch.setattr(VeraMergedFunction, "apply", counting)
-    return calls
+    return trained_vera(), ids
 
 
 def test_model_step_equals_the_definitions(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny Llama step (q/k/v and gate/up sharing their inputs' projection): the merged
     path is taken and gives the loss and every λ gradient of the definition's order."""
     model, ids = model_and_batch()
-    calls = count_calls(monkeypatch)
-    loss, grads = step(model, ids)
-    assert calls[0] > 0
+    with counting_apply(VeraMergedFunction) as count:
+        loss, grads = loss_and_grads(model, ids)
+    assert count.calls > 0
     monkeypatch.setattr("adapt.vera.layer.merged_training_pays", lambda *a: False)
-    calls[0] = 0
-    ref_loss, ref = step(model, ids)
-    assert calls[0] == 0
+    with counting_apply(VeraMergedFunction) as count:
+        ref_loss, ref = loss_and_grads(model, ids)
+    assert count.calls == 0
     assert abs(loss - ref_loss) < 1e-5
     assert grads.keys() == ref.keys() and len(grads) == 2 * 7 * 2
     for name, want in ref.items():
@@ -103,9 +78,7 @@ def test_model_step_equals_the_definitions(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.parametrize("case", ["no_grad", "autocast", "dropout", "frozen", "few_rows"])
-def test_not_taken_where_it_would_not_be_right_or_cheaper(
-    case: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_not_taken_where_it_would_not_be_right_or_cheaper(case: str) -> None:
     model, ids = model_and_batch()
     if case == "dropout":
         model = adapt(tiny_llama(), VeraConfig(r=16, vera_dropout=0.1, target_modules=["q_proj"]))
@@ -115,16 +88,13 @@ def test_not_taken_where_it_would_not_be_right_or_cheaper(
         model.enable_input_require_grads()
     if case == "few_rows":
         ids = ids[:1, :4]
-    calls = count_calls(monkeypatch)
-    if case == "no_grad":
-        with torch.no_grad():
-            model(input_ids=ids)
-    elif case == "autocast":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(input_ids=ids, labels=ids).loss.backward()
-    else:
-        model(input_ids=ids, labels=ids).loss.backward()
-    assert calls[0] == 0
+    with counting_apply(VeraMergedFunction) as count:
+        if case == "no_grad":
+            with torch.no_grad():
+                model(input_ids=ids)
+        else:
+            loss_and_grads(model, ids, torch.bfloat16 if case == "autocast" else None)
+    assert count.calls == 0
 
 
 @pytest.mark.compile
@@ -134,12 +104,12 @@ def test_under_torch_compile_without_graph_breaks() -> None:
     import torch._dynamo
 
     model, ids = model_and_batch()
-    _, eager = step(model, ids)
+    _, eager = loss_and_grads(model, ids)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
     assert explained.graph_break_count == 0
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    _, got = step(compiled, ids)
+    _, got = loss_and_grads(compiled, ids)
     for name, want in eager.items():
         key = name if name in got else f"_orig_mod.{name}"
         assert (got[key] - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
-from adapt.core import AdaptedModel, AdapterLayer, SharedBasis, testing
-from adapt.vera import VeraMethod
+from adapt.core import AdaptedModel, AdapterLayer, SharedBasis, adapt, testing
+from adapt.vera import VeraConfig, VeraMethod
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -48,6 +50,24 @@ class Toy(nn.Module):
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [getattr(self, f"l{i}")(x) for i, x in enumerate(xs)]
+
+
+def trained_vera(
+    factory: Callable[[], nn.Module] = tiny_llama,
+    targets: list[str] = LLAMA_TARGETS,
+    **config: Any,
+) -> AdaptedModel:
+    """A seeded VeRA r 16 model of ``factory()`` with trained-like λ (both non-zero, standard
+    deviation 0.5, so every λ gets a gradient), in train mode; ``config`` goes to
+    :class:`~adapt.vera.VeraConfig`."""
+    torch.manual_seed(0)
+    adapted = adapt(factory(), VeraConfig(r=16, target_modules=targets, **config))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "vera_lambda" in name:
+                param.normal_(std=0.5)
+    adapted.train()
+    return adapted
 
 
 #: 3 sequences of 6 ids in [3, 128) (above the special tokens), seed 1

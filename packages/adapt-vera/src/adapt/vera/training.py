@@ -49,6 +49,23 @@ def merged_training_pays(rows: int, n_in: int, n_out: int) -> bool:
     return saved > MARGIN * n_in * n_out
 
 
+def lambda_grads(
+    g2: torch.Tensor,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    lambda_b: torch.Tensor,
+    lambda_d: torch.Tensor,
+    needs: tuple[bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Both λ gradients from one ``P = gᵀ h`` (``g2`` is ``rows × out``, ``h`` ``… × r``):
+    ``∂λ_b = (P ⊙ B_s) λ_d`` and ``∂λ_d = λ_bᵀ (P ⊙ B_s)``, in ``B_s``'s dtype (float32) whatever
+    ``g`` and ``h`` hold; ``needs`` says which of the two are wanted."""
+    if not (needs[0] or needs[1]):
+        return None, None
+    p = torch.mm(g2.t(), h.reshape(-1, h.shape[-1])).to(b.dtype).mul_(b)  # P ⊙ B_s, (out, r)
+    return (p @ lambda_d if needs[0] else None), (lambda_b @ p if needs[1] else None)
+
+
 class VeraMergedFunction(torch.autograd.Function):
     """``x (W + (λ_b ⊙ B_s)(λ_d ⊙ A_s))ᵀ + bias`` for a frozen dense ``W`` (``out × in``) and
     frozen basis slices ``A_s`` (``r × in``), ``B_s`` (``out × r``), with ``h = x A_sᵀ`` given
@@ -77,17 +94,12 @@ class VeraMergedFunction(torch.autograd.Function):
         merged, h, b, lambda_b, lambda_d = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_bias = grad_lb = grad_ld = None
+        grad_x = grad_bias = None
         if needs[0]:
             grad_x = (g2 @ merged).view(*grad.shape[:-1], merged.shape[1])
         if ctx.has_bias and needs[2]:
             grad_bias = g2.sum(0)
-        if needs[3] or needs[4]:
-            p = torch.mm(g2.t(), h.reshape(-1, h.shape[-1])).mul_(b)  # Pᵀ ⊙ B_s, (out, r)
-            if needs[3]:
-                grad_lb = p @ lambda_d
-            if needs[4]:
-                grad_ld = lambda_b @ p
+        grad_lb, grad_ld = lambda_grads(g2, h, b, lambda_b, lambda_d, (needs[3], needs[4]))
         return grad_x, None, grad_bias, grad_lb, grad_ld, None, None, None
 
 
@@ -129,13 +141,8 @@ class VeraScaledBasisFunction(torch.autograd.Function):
         h, scaled, b, lambda_b, lambda_d = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
-        grad_h = grad_lb = grad_ld = None
+        grad_h = None
         if needs[1]:
             grad_h = (g2 @ scaled).view(h.shape)
-        if needs[2] or needs[3]:
-            p = torch.mm(g2.t(), h.reshape(-1, h.shape[-1])).float().mul_(b)  # P ⊙ B_s
-            if needs[2]:
-                grad_lb = p @ lambda_d
-            if needs[3]:
-                grad_ld = lambda_b @ p
+        grad_lb, grad_ld = lambda_grads(g2, h, b, lambda_b, lambda_d, (needs[2], needs[3]))
         return grad if needs[0] else None, grad_h, grad_lb, grad_ld, None, None

@@ -28,6 +28,10 @@ Models and data for tests (transformers is imported only when a builder is calle
 * :func:`randomise_adapters`: seeded noise into a model's trainable (or chosen) parameters, so
   an identity-initialised adapter changes the output.
 
+Probes for fast paths: :func:`counting_apply` counts an autograd ``Function``'s calls in a block;
+:func:`loss_and_grads` runs one causal-LM step (under autocast if asked) and returns its loss and
+gradients, to compare a fast path with the plain one.
+
 Example, as pytest fixtures::
 
     import pytest
@@ -41,9 +45,10 @@ Example, as pytest fixtures::
 
 The kit's modules, by concern: :mod:`.toy` (the toy method), :mod:`.registries` (registry
 isolation), :mod:`.asserts` (assertions over a model), :mod:`.models` (the model under
-test, its inputs, seeded adapter weights), :mod:`.transformers_models` (tiny transformers
-models), :mod:`.checks` and :mod:`.conformance` (:func:`check_layer`). Import from
-``adapt.core.testing`` itself; the modules are its layout, not its API.
+test, its inputs, seeded adapter weights), :mod:`.probes` (call counts, one step's gradients),
+:mod:`.transformers_models` (tiny transformers models), :mod:`.checks` and :mod:`.conformance`
+(:func:`check_layer`). Import from ``adapt.core.testing`` itself; the modules are its layout,
+not its API.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from .asserts import assert_merge_roundtrip, assert_mixed_batch_matches, output_
 from .backend_kit import check_backend
 from .conformance import ConformanceReport, check_layer
 from .models import randomise_adapters, token_ids
+from .probes import CallCount, counting_apply, loss_and_grads
 from .registries import isolated_registry
 from .toy import TOY_LAYER_NAME, TOY_METHOD_NAME, ToyConfig, ToyLayer, ToyMethod, registered_toy
 from .transformers_models import (
@@ -68,6 +74,7 @@ from .transformers_models import (
 __all__ = [
     "TOY_LAYER_NAME",
     "TOY_METHOD_NAME",
+    "CallCount",
     "ConformanceReport",
     "ToyConfig",
     "ToyLayer",
@@ -76,7 +83,9 @@ __all__ = [
     "assert_mixed_batch_matches",
     "check_backend",
     "check_layer",
+    "counting_apply",
     "isolated_registry",
+    "loss_and_grads",
     "output_tensor",
     "randomise_adapters",
     "registered_toy",

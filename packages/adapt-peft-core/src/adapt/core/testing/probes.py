@@ -1,0 +1,63 @@
+"""Probes for tests of fast paths: how often a path ran, and one training step's loss and
+gradients, so a test can compare a fast path with the plain one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CallCount", "counting_apply", "loss_and_grads"]
+
+
+class CallCount:
+    """How many times a counted callable ran (:func:`counting_apply`)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __repr__(self) -> str:
+        return f"CallCount(calls={self.calls})"
+
+
+@contextmanager
+def counting_apply(function: type[torch.autograd.Function]) -> Iterator[CallCount]:
+    """Count the calls of ``function.apply`` (an autograd ``Function``: a layer's fast path)
+    inside the block; the original ``apply`` is back afterwards, also on error::
+
+        with counting_apply(LowRankLinearFunction) as count:
+            model(ids)
+        assert count.calls == 7
+    """
+    count = CallCount()
+    original = function.__dict__.get("apply")
+    inherited = function.apply
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        count.calls += 1
+        return inherited(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    function.apply = counted  # type: ignore[method-assign]
+    try:
+        yield count
+    finally:
+        if original is None:
+            del function.apply
+        else:
+            function.apply = original  # type: ignore[method-assign]
+
+
+def loss_and_grads(
+    model: nn.Module, ids: torch.Tensor, autocast: torch.dtype | None = None
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """One causal-LM step (``labels=ids``) on the CPU, under autocast to ``autocast`` if given:
+    the loss and a copy of every parameter gradient by name (gradients are zeroed first)."""
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads

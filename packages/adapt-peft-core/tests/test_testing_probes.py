@@ -1,0 +1,53 @@
+"""The kit's probes: counting an autograd Function's calls, one step's loss and gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from adapt.core.lowrank_linear import LowRankLinearFunction
+from adapt.core.testing import counting_apply, loss_and_grads, tiny_llama, token_ids
+
+
+class Double(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return 2 * grad
+
+
+def test_counting_apply_counts_and_restores() -> None:
+    x = torch.ones(3, requires_grad=True)
+    with counting_apply(Double) as count:
+        y = Double.apply(Double.apply(x))  # type: ignore[no-untyped-call]
+        assert count.calls == 2
+    y.sum().backward()  # the counted calls built a real graph
+    assert torch.equal(x.grad, torch.full((3,), 4.0))
+    assert "apply" not in Double.__dict__  # the inherited classmethod is back
+    Double.apply(x)  # type: ignore[no-untyped-call]
+    assert count.calls == 2  # not counted outside the block
+
+
+def test_counting_apply_restores_on_error() -> None:
+    with pytest.raises(ValueError, match="inside"), counting_apply(LowRankLinearFunction):
+        raise ValueError("inside")
+    assert "apply" not in LowRankLinearFunction.__dict__
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_loss_and_grads_is_one_step(autocast: torch.dtype | None) -> None:
+    pytest.importorskip("transformers")
+    model = tiny_llama().train()
+    ids = token_ids(batch=2, length=8, vocab_size=128)
+    loss, grads = loss_and_grads(model, ids, autocast)
+    again, grads_again = loss_and_grads(model, ids, autocast)  # zeroed first: not accumulated
+    assert loss == again and loss > 0
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_again[name]), name
+        assert grad.dtype == torch.float32
