@@ -36,20 +36,20 @@ def rank_major_is_faster(r: int, width: int, tensor: torch.Tensor, product: str)
     ``"output"`` is ``g B`` (as ``Bᵀ gᵀ``), ``"factor"`` is a factor's gradient ``gᵀ h`` (as
     ``hᵀ g``).
 
-    Measured on the CPU (1 and 2 threads, 256–4096 rows, widths 512–4096): in float32 ``g B``
-    and ``gᵀ h`` run 2–5× faster rank-major for 2 ≤ r ≤ 8 (``x Aᵀ``: no steady gain on 2
-    threads). In bfloat16 only factor gradients gain (1.2–2.4× for r ≤ 32); ``x Aᵀ`` and
-    ``g B`` run 1.5–1.9× faster in the plain layout (interleaved pairs, r 8 and 16, 1024 and
-    4096 rows, widths 512, 1376, 2048, 1 and 2 threads; e.g. 1024 × 512, r 8: 40 vs 77 µs).
-    Other dtypes and devices keep the plain layout. The rule is static, so every process and
+    Measured on the CPU in interleaved pairs (1 and 2 threads, 1024 and 4096 rows, widths 512,
+    1376, 2048): only factor gradients gain rank-major, 2–3× in float32 for 2 ≤ r ≤ 8 and
+    1.2–2.4× in bfloat16 for r ≤ 32. ``x Aᵀ`` and ``g B`` run faster in the plain layout: in
+    bfloat16 1.5–1.9× (r 8 and 16; e.g. 1024 × 512, r 8: 40 vs 77 µs), in float32 up to 1.5×
+    and never slower (r 8; e.g. ``g B`` at 1024 × 2048: 891 vs 1168 µs). Other dtypes and
+    devices keep the plain layout. The rule is static, so every process and
     every step computes in the same order. ``width`` is kept for rules that depend on it."""
     if tensor.device.type != "cpu" or r < 2:
         return False
+    if product != "factor":
+        return False
     if tensor.dtype == torch.float32:
-        return product != "input" and r <= 8
-    if tensor.dtype == torch.bfloat16:
-        return product == "factor" and r <= 32
-    return False
+        return r <= 8
+    return tensor.dtype == torch.bfloat16 and r <= 32
 
 
 def matmul_factor(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
