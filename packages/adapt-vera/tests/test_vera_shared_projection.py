@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import pickle
 
+import pytest
 import torch
 from torch import nn
 from vera_testutils import LLAMA_TARGETS, basis_of, input_ids, randomise_lambdas, tiny_llama
@@ -88,6 +89,51 @@ def test_never_stale() -> None:
             basis.project_input(y, 12, 8, torch.float32), y @ basis.A[:, :12].T
         )
     assert basis.project_input(x, 16, 8, torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize("leaf_requires_grad", [False, True])
+def test_an_input_fed_every_step_trains(leaf_requires_grad: bool) -> None:
+    """Full-batch training: the same input tensor every step, straight into targeted layers
+    (float32, rows enough for the merged step). A leaf that requires grad is not kept (its
+    product's graph is freed by each backward); every step's λ gradients and the input's
+    equal the definition's."""
+    torch.manual_seed(0)
+    toy = nn.ModuleDict({"a": nn.Linear(48, 40), "b": nn.Linear(48, 24)})
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = toy
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layers["a"](x).sum(-1) + self.layers["b"](x).sum(-1)
+
+    x = torch.randn(512, 48, requires_grad=leaf_requires_grad)
+    model = adapt(Two(), VeraConfig(r=8, target_modules=["a", "b"]))
+    randomise_lambdas(model, seed=3)
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ref_opt = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            x.grad = None
+            if m is reference:
+                with pytest.MonkeyPatch.context() as mp:
+                    _unshared(mp)
+                    mp.setattr("adapt.vera.layer.merged_training_pays", lambda *a: False)
+                    (m(x) ** 2).mean().backward()
+            else:
+                (m(x) ** 2).mean().backward()
+            if leaf_requires_grad:
+                m.x_grad = x.grad.clone()  # type: ignore[assignment, union-attr]
+            o.step()
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            if p.requires_grad:
+                torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # values ~50
+        if leaf_requires_grad:
+            got, want = model.x_grad, reference.x_grad
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max()  # W + ΔW rounds apart
 
 
 def test_dropout_is_not_shared() -> None:

@@ -107,7 +107,9 @@ class SharedBasis(nn.Module):
         slice the same rows and columns of ``A``, so their products are equal: the last one is
         kept and returned again while the call is for the same input tensor (same object,
         unmodified), rank, dtype, grad mode and basis version. Autograd sees one shared node,
-        so gradients are the same as computing it per layer.
+        so gradients are the same as computing it per layer. The product of a leaf that
+        requires grad is not kept: such an input is fed again in the next step, whose backward
+        would meet the graph the last one freed.
         """
         a = self.A[:r, :in_features]
         if a.dtype != dtype or a.device != x.device:
@@ -115,6 +117,10 @@ class SharedBasis(nn.Module):
         if torch.compiler.is_compiling():
             # no cache in a compiled graph (the compiler shares equal products itself), and
             # none of its checks (tensor versions, weak references) are traceable
+            return F.linear(x.to(dtype), a)
+        if x.requires_grad and x.grad_fn is None:
+            # a leaf that requires grad outlives a forward (a user's input, fed again every
+            # step): its product's graph is freed by the first backward, so it is not kept
             return F.linear(x.to(dtype), a)
         key = (
             r,
