@@ -36,33 +36,14 @@ def _version(tensor: torch.Tensor) -> int:
     return -1 if tensor.is_inference() else int(tensor._version)
 
 
-class ProjectionShare:
-    """How many calls of :meth:`SharedBasis.project_input` one kept product served (the layers
-    reading one input: 3 for q/k/v); counted as they come, so final once that forward is past."""
-
-    __slots__ = ("readers",)
-
-    def __init__(self) -> None:
-        self.readers = 1
-
-    def __getstate__(self) -> int:
-        return self.readers
-
-    def __setstate__(self, readers: int) -> None:
-        self.readers = readers
-
-
 class _ProjectionCache:
-    """The last ``x·A_sᵀ`` of :meth:`SharedBasis.project_input`: ``(key, weak ref to x, result,
-    its share)``. Copies and pickles of a model start empty (the kept tensor may be part of a
-    graph)."""
+    """The last ``x·A_sᵀ`` of :meth:`SharedBasis.project_input`: ``(key, weak ref to x, result)``.
+    Copies and pickles of a model start empty (the kept tensor may be part of a graph)."""
 
     __slots__ = ("last",)
 
     def __init__(self) -> None:
-        self.last: (
-            tuple[tuple[Any, ...], weakref.ref[torch.Tensor], torch.Tensor, ProjectionShare] | None
-        ) = None
+        self.last: tuple[tuple[Any, ...], weakref.ref[torch.Tensor], torch.Tensor] | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _ProjectionCache:
         return _ProjectionCache()
@@ -152,17 +133,10 @@ class SharedBasis(nn.Module):
         )
         last = self._projection.last
         if last is not None and last[0] == key and last[1]() is x:
-            last[3].readers += 1
             return last[2]
         h = F.linear(x.to(dtype), a)
-        self._projection.last = (key, weakref.ref(x), h, ProjectionShare())
+        self._projection.last = (key, weakref.ref(x), h)
         return h
-
-    def projection_share(self) -> ProjectionShare | None:
-        """The share of the product the last :meth:`project_input` call returned, if kept (a
-        layer holds it to learn, by its next forward, how many layers read its input)."""
-        last = self._projection.last
-        return None if last is None else last[3]
 
     def clear_cache(self) -> None:
         """Forget the kept projection (it is replaced by the next call anyway)."""

@@ -16,17 +16,11 @@ from torch import nn
 
 from adapt.core import AdapterLayer, SharedBasis, adapter_dtype_device, add_scaled_product
 from adapt.core.amp import autocast_dtype
-from adapt.core.basis import ProjectionShare
 from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import VeraConfig
-from .training import (
-    SHARED_INPUT_FRACTION,
-    VeraMergedFunction,
-    VeraScaledBasisFunction,
-    merged_training_pays,
-)
+from .training import VeraMergedFunction, VeraScaledBasisFunction, merged_training_pays
 
 
 class VeraLayer(AdapterLayer):
@@ -42,7 +36,6 @@ class VeraLayer(AdapterLayer):
         self.vera_lambda_d = nn.ParameterDict()
         self.vera_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
-        self._input_share: ProjectionShare | None = None
 
     @property
     def basis(self) -> SharedBasis:
@@ -73,22 +66,6 @@ class VeraLayer(AdapterLayer):
             lambda_d = torch.randn(config.r, dtype=dtype, device=device)
         self.vera_lambda_b[adapter_name] = nn.Parameter(lambda_b)
         self.vera_lambda_d[adapter_name] = nn.Parameter(lambda_d)
-
-    def project(self, x: torch.Tensor, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
-        """``h = x A_sᵀ`` through the basis's shared projection; the layer keeps the product's
-        share (:meth:`own_input` reads it in the next forward)."""
-        basis = self.basis
-        h = basis.project_input(x, self.in_features, self.r[adapter_name], dtype)
-        if not torch.compiler.is_compiling():  # a compiled graph keeps no product to share
-            self._input_share = basis.projection_share()
-        return h
-
-    def own_input(self) -> float:
-        """This layer's part of its input's projection cost, as its last forward saw it: 1 /
-        the layers that read that input (q/k/v 1/3, down_proj 1);
-        :data:`~adapt.vera.training.SHARED_INPUT_FRACTION` before one was seen."""
-        share = self._input_share
-        return SHARED_INPUT_FRACTION if share is None else 1.0 / share.readers
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -130,13 +107,13 @@ class VeraLinear(VeraLayer):
             or x.dtype not in (torch.float32, torch.float64)
             or lambda_d.dtype != x.dtype
             or not merged_training_pays(
-                x.numel() // x.shape[-1], self.in_features, self.out_features, self.own_input()
+                x.numel() // x.shape[-1], self.in_features, self.out_features
             )
         ):
             return None
         base = self.base_layer
         assert isinstance(base, nn.Linear)
-        h = self.project(x, adapter_name, x.dtype)
+        h = self.basis.project_input(x, self.in_features, self.r[adapter_name], x.dtype)
         a, b = self.sliced_basis(adapter_name, x.dtype, x.device)
         out: torch.Tensor = VeraMergedFunction.apply(  # type: ignore[no-untyped-call]
             x, base.weight, base.bias, lambda_b, lambda_d, a, b, h
@@ -159,7 +136,7 @@ class VeraLinear(VeraLayer):
         dtype = lambda_d.dtype
         dropout = self.vera_dropout[name]
         if isinstance(dropout, nn.Identity) or not dropout.training:
-            h = self.project(x, name, dtype)
+            h = self.basis.project_input(x, self.in_features, self.r[name], dtype)
         else:
             a, _ = self.sliced_basis(name, dtype, lambda_d.device)
             h = F.linear(dropout(x.to(dtype)), a)

@@ -31,9 +31,8 @@ import torch.nn.functional as F
 
 __all__ = ["VeraMergedFunction", "VeraScaledBasisFunction", "merged_training_pays"]
 
-#: the fraction of ``h = x A_sᵀ``'s cost a layer counts as its own before it has seen how many
-#: layers read its input (then 1 / readers: q/k/v share one input, 1/3 each; gate/up 1/2;
-#: o/down have their own, 1); the middle
+#: the fraction of ``h = x A_sᵀ``'s cost a layer counts as its own: q/k/v share one input
+#: (1/3 each), gate/up (1/2), o/down have their own (1); the middle is used
 SHARED_INPUT_FRACTION = 0.5
 #: how much the saving must beat forming ``W + ΔW`` by: 1 (single-layer steps measured on
 #: CPU, float32, r 256, 1024 rows: the merged step's extra cost 0.25–0.5 × the definition's
@@ -42,16 +41,11 @@ SHARED_INPUT_FRACTION = 0.5
 MARGIN = 1.0
 
 
-def merged_training_pays(
-    rows: int, n_in: int, n_out: int, own_input: float = SHARED_INPUT_FRACTION
-) -> bool:
+def merged_training_pays(rows: int, n_in: int, n_out: int) -> bool:
     """Whether a training step of a VeRA layer (``n_in`` → ``n_out``, ``rows`` input rows)
     is cheaper through ``W + ΔW`` (see the module doc): it saves ``rows · r · (out + f·in)``
-    multiply-adds and spends ``r · in · out`` (``r`` cancels); ``f`` (``own_input``) is the
-    layer's part of its input's projection, 1 / the layers reading it. Single-layer steps
-    (float32, r 256, own input) agree: 1024 rows of 2752 → 1024 100.9 vs 109.1 ms through
-    ``W + ΔW``; 512 rows 56.9 vs 54.9 ms (the rule's break-even is 728 rows)."""
-    saved = rows * (n_out + own_input * n_in)
+    multiply-adds and spends ``r · in · out`` (``r`` cancels)."""
+    saved = rows * (n_out + SHARED_INPUT_FRACTION * n_in)
     return saved > MARGIN * n_in * n_out
 
 
