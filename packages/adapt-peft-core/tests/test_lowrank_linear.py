@@ -12,6 +12,7 @@ from torch import nn
 
 from adapt.core.kernels import rank_major_is_faster
 from adapt.core.lowrank_linear import LowRankLinearFunction, low_rank_linear
+from adapt.core.testing import recording_saved
 
 CASES = [
     (r, n_in, n_out)
@@ -107,3 +108,28 @@ def test_under_autocast_the_node_computes_in_the_autocast_dtype() -> None:
         assert g.dtype == w.dtype == torch.float32
         scale = w.abs().max()
         torch.testing.assert_close(g / scale, w / scale, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("x_needs_grad", [False, True])
+def test_the_down_factor_is_kept_only_for_the_input_gradient(x_needs_grad: bool) -> None:
+    """A serves only ``∂x = g W + s·(g B) A``: where the input needs no gradient (a first
+    layer's input) it is not kept (AdaLoRA's ``E ⊙ A`` is a fresh ``r × in`` tensor, as PEFT's
+    is freed there), and A's, E's and B's gradients still equal the definition's."""
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40).requires_grad_(False)
+    x = torch.randn(2, 5, 48, requires_grad=x_needs_grad)
+    a0, e = torch.randn(6, 48).requires_grad_(), torch.randn(6, 1).requires_grad_()
+    b = torch.randn(40, 6).requires_grad_()
+    with recording_saved() as saved:
+        product = a0 * e
+        out = low_rank_linear(x, base, product, b, 0.5)
+    assert out is not None
+    assert saved.keeps(product) is x_needs_grad
+    upstream = torch.randn(2, 5, 40)
+    leaves = [x, a0, e, b] if x_needs_grad else [a0, e, b]
+    got = torch.autograd.grad((out * upstream).sum(), leaves)
+    want = torch.autograd.grad(
+        (_definition(x, base.weight, base.bias, a0 * e, b) * upstream).sum(), leaves
+    )
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""The kit's probes: counting an autograd Function's calls, one step's loss and gradients."""
+"""The kit's probes: counting an autograd Function's calls, the tensors autograd keeps, one
+step's loss and gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import pytest
 import torch
 
 from adapt.core.lowrank_linear import LowRankLinearFunction
-from adapt.core.testing import counting_apply, loss_and_grads, tiny_llama, token_ids
+from adapt.core.testing import (
+    counting_apply,
+    loss_and_grads,
+    recording_saved,
+    tiny_llama,
+    token_ids,
+)
 
 
 class Double(torch.autograd.Function):
@@ -51,3 +58,25 @@ def test_loss_and_grads_is_one_step(autocast: torch.dtype | None) -> None:
     for name, grad in grads.items():
         assert torch.equal(grad, grads_again[name]), name
         assert grad.dtype == torch.float32
+
+
+def test_recording_saved_sees_built_in_and_custom_nodes() -> None:
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(t)
+            return t * 2
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            return g * 2
+
+    w = torch.randn(4, 3, requires_grad=True)
+    x = torch.randn(5, 3)
+    with recording_saved() as saved:
+        y = x @ w.t()  # mm keeps x (for w's gradient); w is not needed: x needs none
+        z = Twice.apply(y)  # type: ignore[no-untyped-call]
+    assert saved.keeps(x) and saved.keeps(y) and not saved.keeps(w)
+    assert saved.nbytes == x.nbytes + y.nbytes
+    z.sum().backward()  # the unpack hook gives the tensors back
+    torch.testing.assert_close(w.grad, 2 * torch.ones(5, 4).t() @ x)

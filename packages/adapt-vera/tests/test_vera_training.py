@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from adapt.core import adapt
-from adapt.core.testing import counting_apply, loss_and_grads
+from adapt.core.testing import counting_apply, loss_and_grads, recording_saved
 from adapt.vera import VeraConfig
-from adapt.vera.training import VeraMergedFunction, merged_training_pays
+from adapt.vera.training import VeraMergedFunction, VeraScaledBasisFunction, merged_training_pays
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,3 +113,44 @@ def test_under_torch_compile_without_graph_breaks() -> None:
     for name, want in eager.items():
         key = name if name in got else f"_orig_mod.{name}"
         assert (got[key] - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("x_needs_grad", [False, True])
+def test_w_plus_delta_w_is_kept_only_for_the_input_gradient(x_needs_grad: bool) -> None:
+    """``W + ΔW`` (out × in) serves only ``∂x``: where the input needs no gradient (a first
+    layer's q/k/v) the node keeps no weight-sized tensor, and the λ gradients are the
+    definition's."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 24, generator=gen).requires_grad_(x_needs_grad)
+    w, a, b = torch.randn(40, 24, generator=gen), torch.randn(16, 24), torch.randn(40, 16)
+    lb, ld = torch.randn(40).requires_grad_(), torch.randn(16).requires_grad_()
+    h = F.linear(x, a).detach()
+    with recording_saved() as saved:
+        out = VeraMergedFunction.apply(x, w, None, lb, ld, a, b, h)  # type: ignore[no-untyped-call]
+    weight_sized = [t for t in saved if t.shape == w.shape]
+    assert len(weight_sized) == int(x_needs_grad)
+    g = torch.randn(2, 7, 40, generator=gen)
+    leaves = [x, lb, ld] if x_needs_grad else [lb, ld]
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(definition(x, w, None, lb, ld, a, b), leaves, g)
+    for grad, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("h_needs_grad", [False, True])
+def test_the_scaled_slice_is_kept_only_for_the_projection_gradient(h_needs_grad: bool) -> None:
+    """Under autocast the folded ``λ_b ⊙ B_s ⊙ λ_dᵀ`` (bfloat16, out × r) serves only ``∂h``."""
+    h = torch.randn(5, 8).to(torch.bfloat16).requires_grad_(h_needs_grad)
+    lb, ld = torch.randn(6).requires_grad_(), torch.randn(8).requires_grad_()
+    b = torch.randn(6, 8)
+    with recording_saved() as saved:
+        out = VeraScaledBasisFunction.apply(
+            torch.zeros(5, 6, dtype=torch.bfloat16), h, lb, ld, b, False
+        )  # type: ignore[no-untyped-call]
+    folded = [t for t in saved if t.dtype == torch.bfloat16 and t.shape == b.shape]
+    assert len(folded) == int(h_needs_grad)
+    grads = torch.autograd.grad(out.float().sum(), [lb, ld])
+    p = torch.ones(5, 6).t() @ h.float()  # P = gᵀ h
+    want = ((p * b) @ ld.detach(), lb.detach() @ (p * b))
+    for grad, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(grad, ref, rtol=2e-2, atol=2e-2)

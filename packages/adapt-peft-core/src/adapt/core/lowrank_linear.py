@@ -56,7 +56,10 @@ class LowRankLinearFunction(torch.autograd.Function):
             h = x2 @ weight_a.t()
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         scaled_addmm_(out, h, weight_b.t(), scale)
-        ctx.save_for_backward(x2, weight, weight_a, weight_b, h)
+        # A serves only the input gradient: not kept where x needs none (a first layer's
+        # input; AdaLoRA's E ⊙ A is a fresh r × in tensor)
+        kept_a = weight_a if ctx.needs_input_grad[0] else None
+        ctx.save_for_backward(x2, weight, kept_a, weight_b, h)
         ctx.scale = scale
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None

@@ -85,7 +85,8 @@ class VeraMergedFunction(torch.autograd.Function):
         h: torch.Tensor,
     ) -> torch.Tensor:
         merged = torch.addmm(weight, lambda_b[:, None] * b, lambda_d[:, None] * a)
-        ctx.save_for_backward(merged, h, b, lambda_b, lambda_d)
+        # W + ΔW serves only the input gradient: not kept where x needs none (out × in)
+        ctx.save_for_backward(merged if ctx.needs_input_grad[0] else None, h, b, lambda_b, lambda_d)
         ctx.has_bias = bias is not None
         return F.linear(x, merged, bias)
 
@@ -128,7 +129,7 @@ class VeraScaledBasisFunction(torch.autograd.Function):
         in_place: bool,
     ) -> torch.Tensor:
         scaled = (lambda_b[:, None] * b).mul_(lambda_d).to(h.dtype)
-        ctx.save_for_backward(h, scaled, b, lambda_b, lambda_d)
+        ctx.save_for_backward(h, scaled if ctx.needs_input_grad[1] else None, b, lambda_b, lambda_d)
         h2 = h.reshape(-1, h.shape[-1])
         if in_place:
             ctx.mark_dirty(result)

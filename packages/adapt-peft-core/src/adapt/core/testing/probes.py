@@ -1,5 +1,6 @@
-"""Probes for tests of fast paths: how often a path ran, and one training step's loss and
-gradients, so a test can compare a fast path with the plain one."""
+"""Probes for tests of fast paths: how often a path ran, what autograd kept for the backward,
+and one training step's loss and gradients, so a test can compare a fast path with the plain
+one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CallCount", "counting_apply", "loss_and_grads"]
+__all__ = ["CallCount", "SavedTensors", "counting_apply", "loss_and_grads", "recording_saved"]
 
 
 class CallCount:
@@ -48,6 +49,48 @@ def counting_apply(function: type[torch.autograd.Function]) -> Iterator[CallCoun
             del function.apply
         else:
             function.apply = original  # type: ignore[method-assign]
+
+
+class SavedTensors:
+    """The tensors autograd kept for the backward inside a :func:`recording_saved` block."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+
+    def keeps(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` itself (not a copy or a view of it) was kept."""
+        return any(t is tensor for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the distinct storages kept (a view and its base count once)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self}
+        return sum(storages.values())
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+@contextmanager
+def recording_saved() -> Iterator[SavedTensors]:
+    """Record every tensor autograd saves for the backward in the block (built-in nodes and
+    custom ``Function``'s ``save_for_backward`` alike), to check what a fast path keeps::
+
+        with recording_saved() as saved:
+            out = layer(x)
+        assert not saved.keeps(product)
+    """
+    saved = SavedTensors()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.tensors.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved
 
 
 def loss_and_grads(
