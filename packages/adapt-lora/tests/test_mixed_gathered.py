@@ -196,3 +196,29 @@ def test_whole_batch_mixes_add_the_product_onto_the_base_output_in_place(
     fast, slow = grads(True), grads(False)
     assert fast.keys() == slow.keys() and fast
     assert all(torch.allclose(fast[k], slow[k], atol=1e-6) for k in fast)
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_dora": True}, {"lora_bias": True}])
+def test_one_token_rows_take_the_masked_dense_product(
+    extra: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decoding step's shape (one token per row, 4 adapters × 1 ≤ DENSE_MIX_LIMIT): every
+    layer multiplies all rows by all stacked factors, no batched product, same outputs."""
+    from torch.overrides import TorchFunctionMode
+
+    class CountingBmm(TorchFunctionMode):
+        bmm = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.bmm += func in (torch.bmm, torch.Tensor.baddbmm_)
+            return func(*args, **(kwargs or {}))
+
+    model = model_of(extra)
+    calls = count_gathered(monkeypatch)  # a __base__ row: not the in-place whole-batch hook
+    tokens = ids()[:, :1]
+    counting = CountingBmm()
+    with torch.no_grad():
+        with counting:
+            mixed = model(input_ids=tokens, adapter_names=NAMES).logits
+        assert calls[0] == 2 * 7 and counting.bmm == 0
+        assert (mixed - one_by_one(model, tokens, NAMES)).abs().max().item() < 1e-5

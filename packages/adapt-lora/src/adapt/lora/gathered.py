@@ -1,11 +1,11 @@
 """Mixed batches on a LoRA linear layer at single-adapter cost: one gathered product.
 
-The adapters a batch uses are stacked once — ``A`` as ``(N, r, in)``, ``s·B`` as
-``(N, out, r)`` (ranks zero-padded to the largest: the padding adds exact zeros), LoRA biases
+The adapters a batch uses are stacked once — ``A`` as ``(N, r, in)``, ``(s·B)ᵀ`` as
+``(N, r, out)`` (ranks zero-padded to the largest: the padding adds exact zeros), LoRA biases
 ``s·b`` as ``(N, out)``, DoRA scales ``c = m / ‖W + s·BA‖`` as ``(N, out)`` (1 for plain
-adapters) — and each sample's factors are gathered by its slot: two batched products
-(``bmm``) for the whole batch, whatever the number of adapters, instead of one pair of products
-and one scattered sum per adapter. DoRA's effect is ``c ⊙ s·BAx + (c − 1) ⊙ x Wᵀ``, the base
+adapters) — and each sample's factors are gathered by its slot: two products for the whole
+batch (:func:`adapt.core.kernels.gathered_low_rank`), whatever the number of adapters, instead
+of one pair of products and one scattered sum per adapter. DoRA's effect is ``c ⊙ s·BAx + (c − 1) ⊙ x Wᵀ``, the base
 output without its bias. In no-grad forwards the stacks are cached on the layer for the last
 mix of adapters while no factor, scaling or magnitude changes (each tensor's version counter is
 part of the key); with gradients they are built (differentiably) per forward.
@@ -163,7 +163,7 @@ def gathered_effect(
     a, b = cast(torch.Tensor, parts["A"]), cast(torch.Tensor, parts["B"])
     slots = gathered.slots
     rows = x.shape[0]
-    y = gathered_low_rank(x, a, b, slots).reshape(rows, -1, b.shape[1])  # (rows, tokens, out)
+    y = gathered_low_rank(x, a, b, slots).reshape(rows, -1, b.shape[2])  # (rows, tokens, out)
     bias = parts["bias"]
     if bias is not None:
         y = y + bias.index_select(0, slots).unsqueeze(1).to(y.dtype)

@@ -140,16 +140,27 @@ def add_scaled_product(
     return summed.view(result.shape)
 
 
+#: :func:`gathered_low_rank` multiplies every row by every adapter's factors (a dense product
+#: with the other adapters' terms masked to zero) when adapters × tokens per row is at most
+#: this; above it, it gathers each row's factors. Measured on the CPU (1 thread, rank 16, the
+#: seven projections of a Llama layer, h512): 32 rows × 1 token (a decoding step) with 2 / 8
+#: adapters 0.26 / 0.67 ms against 1.04 / 1.19 ms gathered, 32 adapters 2.43 against 1.66 ms;
+#: 32 × 4 tokens with 2 / 8 adapters 0.61 / 2.02 against 1.30 / 1.49 ms.
+DENSE_MIX_LIMIT = 16
+
+
 def stack_factors(
     a: list[torch.Tensor], b: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-rank factors of several adapters stacked for :func:`gathered_low_rank`: ``A``s
-    (rᵢ × in) as ``(N, r, in)`` and ``B``s (out × rᵢ) as ``(N, out, r)``, ranks zero-padded to
-    the largest ``r`` (the padding contributes exact zeros); differentiable."""
+    (rᵢ × in) as ``(N, r, in)`` and the transposed ``B``s (out × rᵢ) as ``(N, r, out)``
+    (contiguous: the layout a batched product reads fastest, and ``(N·r, out)`` as a view),
+    ranks zero-padded to the largest ``r`` (the padding contributes exact zeros);
+    differentiable."""
     rank = max(t.shape[0] for t in a)
     a_pad = [F.pad(t, (0, 0, 0, rank - t.shape[0])) if t.shape[0] < rank else t for t in a]
     b_pad = [F.pad(t, (0, rank - t.shape[1])) if t.shape[1] < rank else t for t in b]
-    return torch.stack(a_pad), torch.stack(b_pad)
+    return torch.stack(a_pad), torch.stack([t.t() for t in b_pad])
 
 
 def gathered_low_rank(
@@ -160,14 +171,28 @@ def gathered_low_rank(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(x[i] A[slots[i]]ᵀ) B[slots[i]]ᵀ`` for every row ``i`` of ``x`` (rows on dim 0, any
-    token dims, features last): each row's adapter's low-rank product, all rows in two batched
+    token dims, features last): each row's adapter's low-rank product, all rows in two
     products whatever the number of adapters (``a``, ``b`` from :func:`stack_factors`).
-    With ``out`` (contiguous, ``x``'s rows and tokens, ``b``'s dtype) the product is added into
-    it in place (``baddbmm_``) and ``out`` returned: no product-sized buffer, no extra pass."""
-    rows = x.shape[0]
+    Few tokens per row (decoding, see :data:`DENSE_MIX_LIMIT`): one product with all adapters'
+    stacked factors, the other adapters' terms masked to zero; otherwise batched products
+    with each row's factors gathered. With ``out`` (contiguous, ``x``'s rows and tokens,
+    ``b``'s dtype) the product is added into it in place and ``out`` returned: no
+    product-sized buffer, no extra pass."""
+    rows, n_adapters, rank = x.shape[0], a.shape[0], a.shape[1]
     flat = x.to(a.dtype).reshape(rows, -1, x.shape[-1])
+    tokens = flat.shape[1]
+    if n_adapters * tokens <= DENSE_MIX_LIMIT:
+        h = F.linear(flat, a.reshape(n_adapters * rank, -1)).view(rows, tokens, n_adapters, rank)
+        every = torch.arange(n_adapters, device=slots.device)
+        mask = (slots.view(rows, 1) == every).to(h.dtype).view(rows, 1, n_adapters, 1)
+        masked = (h * mask).view(rows * tokens, n_adapters * rank)
+        b_all = b.reshape(n_adapters * rank, -1)
+        if out is not None:
+            out.view(rows * tokens, -1).addmm_(masked, b_all)
+            return out
+        return torch.mm(masked, b_all).view(*x.shape[:-1], b.shape[-1])
     h = torch.bmm(flat, a.index_select(0, slots).transpose(1, 2))
-    b_rows = b.index_select(0, slots).transpose(1, 2)
+    b_rows = b.index_select(0, slots)
     if out is not None:
         out.view(rows, -1, out.shape[-1]).baddbmm_(h, b_rows)
         return out
