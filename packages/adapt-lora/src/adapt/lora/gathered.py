@@ -186,10 +186,13 @@ def add_gathered_effect(
     names = gathered.adapters
     if x.dim() < 2 or not result.is_contiguous() or not supported(layer, names):
         return None
-    # decided before the stacks are built (with gradients they are built per call)
-    plain = all(n not in layer.lora_variant and lora_bias_of(layer, n) is None for n in names)
-    if not plain or result.dtype != _weight(layer.lora_B[names[0]]).dtype:
-        return None
-    parts = stacks(layer, names)
+    if torch.is_grad_enabled():
+        # decided before the stacks are built: with gradients they are built per call
+        plain = all(n not in layer.lora_variant and lora_bias_of(layer, n) is None for n in names)
+        if not plain or result.dtype != _weight(layer.lora_B[names[0]]).dtype:
+            return None
+    parts = stacks(layer, names)  # no grad: cached, and read again by gathered_effect
     a, b = cast(torch.Tensor, parts["A"]), cast(torch.Tensor, parts["B"])
+    if parts["bias"] is not None or parts["c"] is not None or result.dtype != b.dtype:
+        return None
     return gathered_low_rank(x, a, b, gathered.slots, out=result)

@@ -30,10 +30,26 @@ T = TypeVar("T")
 
 
 def adapter_layers(root: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    """``(path, layer)`` for every adapter layer under ``root``."""
-    for path, module in root.named_modules():
+    """``(path, layer)`` for every adapter layer under ``root``, in ``named_modules`` order.
+
+    Inside an adapter layer only its ``base_layer`` is searched: the rest are the adapters' own
+    modules (two or more per adapter), which hold no adapter layer. With many adapters that is
+    most of the model's modules, and a mixed-batch forward walks the layers once per call."""
+    seen: set[int] = {id(root)}
+    stack: list[tuple[str, nn.Module]] = [("", root)]
+    while stack:
+        prefix, module = stack.pop()
         if isinstance(module, AdapterLayer):
-            yield path, module
+            yield prefix, module
+            children: list[tuple[str, nn.Module]] = [("base_layer", module.base_layer)]
+        else:
+            children = list(module.named_children())
+        found = []
+        for name, child in children:
+            if id(child) not in seen:
+                seen.add(id(child))
+                found.append((f"{prefix}.{name}" if prefix else name, child))
+        stack.extend(reversed(found))
 
 
 def save_wrappers(root: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
