@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from adapt.core import AdaptedModel, adapt  # noqa: E402
-from adapt.core.testing import tiny_gpt2, tiny_llama  # noqa: E402
+from adapt.core.testing import counting_torch_calls, tiny_gpt2, tiny_llama  # noqa: E402
 from adapt.lora import LoraConfig, gathered  # noqa: E402
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -133,17 +133,19 @@ def test_dropout_and_embeddings_take_the_per_adapter_path() -> None:
         assert (mixed - one_by_one(model, ids(), NAMES)).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("tokens", [7, 1])  # the gathered products; the masked dense product
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_base_and_autocast(dtype: torch.dtype) -> None:
+def test_half_precision_base_and_autocast(dtype: torch.dtype, tokens: int) -> None:
+    batch = ids()[:, :tokens]
     model = model_of({"use_dora": True}, base=tiny_llama().to(dtype))
     with torch.no_grad():
-        mixed = model(input_ids=ids(), adapter_names=NAMES).logits.float()
-        ref = one_by_one(model, ids(), NAMES).float()
+        mixed = model(input_ids=batch, adapter_names=NAMES).logits.float()
+        ref = one_by_one(model, batch, NAMES).float()
         assert (mixed - ref).abs().max().item() < 2e-2 * ref.abs().max().item()
     model = model_of()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = model(input_ids=ids(), adapter_names=NAMES).logits.float()
-        ref = one_by_one(model, ids(), NAMES).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        mixed = model(input_ids=batch, adapter_names=NAMES).logits.float()
+        ref = one_by_one(model, batch, NAMES).float()
     assert (mixed - ref).abs().max().item() < 5e-2 * ref.abs().max().item()
 
 
@@ -204,21 +206,11 @@ def test_one_token_rows_take_the_masked_dense_product(
 ) -> None:
     """A decoding step's shape (one token per row, 4 adapters × 1 ≤ DENSE_MIX_LIMIT): every
     layer multiplies all rows by all stacked factors, no batched product, same outputs."""
-    from torch.overrides import TorchFunctionMode
-
-    class CountingBmm(TorchFunctionMode):
-        bmm = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            self.bmm += func in (torch.bmm, torch.Tensor.baddbmm_)
-            return func(*args, **(kwargs or {}))
-
     model = model_of(extra)
     calls = count_gathered(monkeypatch)  # a __base__ row: not the in-place whole-batch hook
     tokens = ids()[:, :1]
-    counting = CountingBmm()
     with torch.no_grad():
-        with counting:
+        with counting_torch_calls(torch.bmm, torch.Tensor.baddbmm_) as batched:
             mixed = model(input_ids=tokens, adapter_names=NAMES).logits
-        assert calls[0] == 2 * 7 and counting.bmm == 0
+        assert calls[0] == 2 * 7 and batched.calls == 0
         assert (mixed - one_by_one(model, tokens, NAMES)).abs().max().item() < 1e-5

@@ -6,23 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from adapt.core import kernels
 from adapt.core.kernels import gathered_low_rank, stack_factors
+from adapt.core.testing import counting_torch_calls
 
 RANKS = (4, 2, 3)  # three adapters, different ranks (zero-padded in the stacks)
 IN, OUT = 12, 10
-
-
-class CountingBmm(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.bmm = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.bmm += func in (torch.bmm, torch.Tensor.baddbmm_)
-        return func(*args, **(kwargs or {}))
 
 
 def factors(dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -47,10 +37,9 @@ def test_both_paths_equal_the_definition(tokens: int) -> None:
     stacked_a, stacked_b = stack_factors(a, b)
     assert stacked_b.shape == (3, 4, OUT) and stacked_b.is_contiguous()
     x = torch.randn(len(SLOTS), tokens, IN, generator=torch.Generator().manual_seed(1))
-    counting = CountingBmm()
-    with counting:
+    with counting_torch_calls(torch.bmm, torch.Tensor.baddbmm_) as batched:
         y = gathered_low_rank(x, stacked_a, stacked_b, SLOTS)
-    assert counting.bmm == (0 if 3 * tokens <= kernels.DENSE_MIX_LIMIT else 2)
+    assert batched.calls == (0 if 3 * tokens <= kernels.DENSE_MIX_LIMIT else 2)
     torch.testing.assert_close(y, definition(x, a, b, SLOTS), atol=1e-5, rtol=1e-5)
     base = torch.randn(len(SLOTS), tokens, OUT)
     out = base.clone()

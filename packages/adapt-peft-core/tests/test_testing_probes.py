@@ -11,6 +11,7 @@ import torch
 from adapt.core.lowrank_linear import LowRankLinearFunction
 from adapt.core.testing import (
     counting_apply,
+    counting_torch_calls,
     loss_and_grads,
     recording_saved,
     tiny_llama,
@@ -80,3 +81,15 @@ def test_recording_saved_sees_built_in_and_custom_nodes() -> None:
     assert saved.nbytes == x.nbytes + y.nbytes
     z.sum().backward()  # the unpack hook gives the tensors back
     torch.testing.assert_close(w.grad, 2 * torch.ones(5, 4).t() @ x)
+
+
+def test_counting_torch_calls_counts_functions_and_methods_named() -> None:
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    with counting_torch_calls(torch.bmm, torch.Tensor.baddbmm_) as count:
+        y = torch.bmm(a, b)
+        y.baddbmm_(a, b)
+        torch.mm(a[0], b[0])  # not counted
+    assert count.calls == 2
+    with counting_torch_calls(torch.bmm) as after:
+        torch.mm(a[0], b[0])
+    assert after.calls == 0

@@ -5,8 +5,8 @@ The adapters a batch uses are stacked once — ``A`` as ``(N, r, in)``, ``(s·B)
 ``s·b`` as ``(N, out)``, DoRA scales ``c = m / ‖W + s·BA‖`` as ``(N, out)`` (1 for plain
 adapters) — and each sample's factors are gathered by its slot: two products for the whole
 batch (:func:`adapt.core.kernels.gathered_low_rank`), whatever the number of adapters, instead
-of one pair of products and one scattered sum per adapter. DoRA's effect is ``c ⊙ s·BAx + (c − 1) ⊙ x Wᵀ``, the base
-output without its bias. In no-grad forwards the stacks are cached on the layer for the last
+of one pair of products and one scattered sum per adapter. DoRA's effect is
+``c ⊙ s·BAx + (c − 1) ⊙ x Wᵀ``, the base output without its bias. In no-grad forwards the stacks are cached on the layer for the last
 mix of adapters while no factor, scaling or magnitude changes (each tensor's version counter is
 part of the key); with gradients they are built (differentiably) per forward.
 

@@ -29,6 +29,7 @@ Models and data for tests (transformers is imported only when a builder is calle
   an identity-initialised adapter changes the output.
 
 Probes for fast paths: :func:`counting_apply` counts an autograd ``Function``'s calls in a block;
+:func:`counting_torch_calls` counts calls of torch functions (which kernel path ran);
 :func:`recording_saved` records the tensors autograd keeps for the backward in a block;
 :func:`loss_and_grads` runs one causal-LM step (under autocast if asked) and returns its loss and
 gradients, to compare a fast path with the plain one.
@@ -58,7 +59,14 @@ from .asserts import assert_merge_roundtrip, assert_mixed_batch_matches, output_
 from .backend_kit import check_backend
 from .conformance import ConformanceReport, check_layer
 from .models import randomise_adapters, token_ids
-from .probes import CallCount, SavedTensors, counting_apply, loss_and_grads, recording_saved
+from .probes import (
+    CallCount,
+    SavedTensors,
+    counting_apply,
+    counting_torch_calls,
+    loss_and_grads,
+    recording_saved,
+)
 from .registries import isolated_registry
 from .toy import TOY_LAYER_NAME, TOY_METHOD_NAME, ToyConfig, ToyLayer, ToyMethod, registered_toy
 from .transformers_models import (
@@ -86,6 +94,7 @@ __all__ = [
     "check_backend",
     "check_layer",
     "counting_apply",
+    "counting_torch_calls",
     "isolated_registry",
     "loss_and_grads",
     "output_tensor",

@@ -10,12 +10,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["CallCount", "SavedTensors", "counting_apply", "loss_and_grads", "recording_saved"]
+__all__ = [
+    "CallCount",
+    "SavedTensors",
+    "counting_apply",
+    "counting_torch_calls",
+    "loss_and_grads",
+    "recording_saved",
+]
 
 
 class CallCount:
-    """How many times a counted callable ran (:func:`counting_apply`)."""
+    """How many times a counted callable ran (:func:`counting_apply`,
+    :func:`counting_torch_calls`)."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -49,6 +58,31 @@ def counting_apply(function: type[torch.autograd.Function]) -> Iterator[CallCoun
             del function.apply
         else:
             function.apply = original  # type: ignore[method-assign]
+
+
+class _CountingMode(TorchFunctionMode):
+    def __init__(self, functions: tuple[Any, ...], count: CallCount) -> None:
+        super().__init__()
+        self.functions, self.count = functions, count
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count.calls += func in self.functions
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def counting_torch_calls(*functions: Any) -> Iterator[CallCount]:
+    """Count the calls of any of ``functions`` (torch functions or tensor methods, e.g.
+    ``torch.bmm``, ``torch.Tensor.baddbmm_``) inside the block, to check which path a kernel
+    took::
+
+        with counting_torch_calls(torch.bmm, torch.Tensor.baddbmm_) as count:
+            gathered_low_rank(x, a, b, slots)
+        assert count.calls == 0
+    """
+    count = CallCount()
+    with _CountingMode(functions, count):
+        yield count
 
 
 class SavedTensors:
