@@ -17,8 +17,10 @@ from adapt.vera import VeraConfig, VeraLinear
 
 
 def _unshared(monkeypatch: object) -> None:
-    """Make every VeRA layer use the core's unfused, uncached definition."""
+    """Make every VeRA layer use the core's unfused, uncached definition (no training node of
+    :mod:`adapt.vera.training` either)."""
     monkeypatch.setattr(VeraLinear, "add_adapter_output", AdapterLayer.add_adapter_output)  # type: ignore[attr-defined]
+    monkeypatch.setattr(VeraLinear, "fused_forward", AdapterLayer.fused_forward)  # type: ignore[attr-defined]
 
 
 def _model() -> torch.nn.Module:

@@ -1,5 +1,6 @@
-"""VeRA's training step through ``W + ΔW`` (:mod:`adapt.vera.training`): the same output and
-the same gradients as the definition's order, where it is taken and where it is not."""
+"""VeRA's training nodes (:mod:`adapt.vera.training`): the step through ``W + ΔW`` and the
+definition's products in one node; the same output and the same gradients as the definition's
+order, where each is taken and where neither is."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapt.core import adapt
+from adapt.core import AdapterLayer, adapt
+from adapt.core.basis import ProjectionReaders
 from adapt.core.testing import counting_apply, loss_and_grads, recording_saved
-from adapt.vera import VeraConfig
-from adapt.vera.training import VeraMergedFunction, VeraScaledBasisFunction, merged_training_pays
+from adapt.vera import VeraConfig, VeraLinear
+from adapt.vera.training import (
+    VeraLinearFunction,
+    VeraMergedFunction,
+    VeraScaledBasisFunction,
+    merged_training_pays,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,9 +31,29 @@ def definition(x: Any, w: Any, bias: Any, lb: Any, ld: Any, a: Any, b: Any) -> t
     return out
 
 
+def readers(count: int) -> ProjectionReaders:
+    kept = ProjectionReaders()
+    kept.count = count
+    return kept
+
+
+def apply_node(node: str, *args: Any) -> torch.Tensor:
+    """One of the training nodes on ``(x, w, bias, λ_b, λ_d, A_s, B_s, h)``: "merged"
+    (:class:`VeraMergedFunction`), "linear" (:class:`VeraLinearFunction`, ``h`` read by
+    this layer alone) or "linear-shared" (``h`` counted with two readers)."""
+    out: torch.Tensor
+    if node == "merged":
+        out = VeraMergedFunction.apply(*args)  # type: ignore[no-untyped-call]
+    else:
+        kept = readers(2 if node == "linear-shared" else 1)
+        out = VeraLinearFunction.apply(*args, kept)  # type: ignore[no-untyped-call]
+    return out
+
+
+@pytest.mark.parametrize("node", ["merged", "linear", "linear-shared"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_function_equals_the_definition(dtype: torch.dtype, with_bias: bool) -> None:
+def test_function_equals_the_definition(node: str, dtype: torch.dtype, with_bias: bool) -> None:
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int, grad: bool = False) -> torch.Tensor:
@@ -40,12 +67,43 @@ def test_function_equals_the_definition(dtype: torch.dtype, with_bias: bool) -> 
     ref = definition(x, w, bias, lb, ld, a, b)
     ref_grads = torch.autograd.grad(ref, leaves, g)
     h = F.linear(x, a)
-    out = VeraMergedFunction.apply(x, w, bias, lb, ld, a, b, h)  # type: ignore[no-untyped-call]
+    out = apply_node(node, x, w, bias, lb, ld, a, b, h)
     grads = torch.autograd.grad(out, leaves, g)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     assert (out - ref).abs().max().item() < tol
     for got, want in zip(grads, ref_grads, strict=True):
         assert (got - want).abs().max().item() < tol * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_one_reader_folds_the_projection_gradient_into_the_input_gradient(count: int) -> None:
+    """With one reader of ``h`` the node adds ``∂h A_s`` into its own ``∂x`` and ``h`` gets no
+    gradient (no input-sized gradient of its own for autograd to add); with several, ``∂h``
+    goes to ``h`` (autograd sums the readers' before one product with ``A_s``). ``∂x`` is
+    the definition's either way, also when the other readers add theirs."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 24, generator=gen, dtype=torch.float64).requires_grad_()
+    w, a = torch.randn(40, 24, dtype=torch.float64), torch.randn(16, 24, dtype=torch.float64)
+    b = torch.randn(40, 16, dtype=torch.float64)
+    lbs = [torch.randn(40, dtype=torch.float64).requires_grad_() for _ in range(count)]
+    lds = [torch.randn(16, dtype=torch.float64).requires_grad_() for _ in range(count)]
+    h = F.linear(x, a)
+    reached: list[torch.Tensor] = []
+    h.register_hook(reached.append)
+    kept = readers(count)
+    outs = [
+        VeraLinearFunction.apply(x, w, None, lb, ld, a, b, h, kept)  # type: ignore[no-untyped-call]
+        for lb, ld in zip(lbs, lds, strict=True)
+    ]
+    g = torch.randn(2, 9, 40, generator=gen, dtype=torch.float64)
+    leaves = [x, *lbs, *lds]
+    got = torch.autograd.grad(sum(o * g for o in outs).sum(), leaves)
+    ref = sum(definition(x, w, None, lb, ld, a, b) * g for lb, ld in zip(lbs, lds, strict=True))
+    want = torch.autograd.grad(ref.sum(), leaves)
+    # one reader: autograd may still visit h, with no gradient (nothing to compute)
+    assert any(t is not None for t in reached) == (count > 1)
+    for grad, expected in zip(got, want, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_cost_rule() -> None:
@@ -60,17 +118,26 @@ def model_and_batch() -> tuple[Any, torch.Tensor]:
     return trained_vera(), ids
 
 
-def test_model_step_equals_the_definitions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tiny Llama step (q/k/v and gate/up sharing their inputs' projection): the merged
-    path is taken and gives the loss and every λ gradient of the definition's order."""
+@pytest.mark.parametrize("node", ["merged", "linear"])
+def test_model_step_equals_the_definitions(node: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny Llama step (q/k/v and gate/up sharing their inputs' projection, o and down
+    reading theirs alone): every layer takes the node the cost rule picks, and the loss and
+    every λ gradient are those of the general path (no training node)."""
     model, ids = model_and_batch()
-    with counting_apply(VeraMergedFunction) as count:
+    if node == "linear":
+        monkeypatch.setattr("adapt.vera.layer.merged_training_pays", lambda *a: False)
+    taken, other = (
+        (VeraMergedFunction, VeraLinearFunction)
+        if node == "merged"
+        else (VeraLinearFunction, VeraMergedFunction)
+    )
+    with counting_apply(taken) as count, counting_apply(other) as not_taken:
         loss, grads = loss_and_grads(model, ids)
-    assert count.calls > 0
-    monkeypatch.setattr("adapt.vera.layer.merged_training_pays", lambda *a: False)
-    with counting_apply(VeraMergedFunction) as count:
+    assert count.calls == 2 * 7 and not_taken.calls == 0
+    monkeypatch.setattr(VeraLinear, "fused_forward", AdapterLayer.fused_forward)
+    with counting_apply(VeraMergedFunction) as merged, counting_apply(VeraLinearFunction) as lin:
         ref_loss, ref = loss_and_grads(model, ids)
-    assert count.calls == 0
+    assert merged.calls == lin.calls == 0
     assert abs(loss - ref_loss) < 1e-5
     assert grads.keys() == ref.keys() and len(grads) == 2 * 7 * 2
     for name, want in ref.items():
@@ -88,21 +155,28 @@ def test_not_taken_where_it_would_not_be_right_or_cheaper(case: str) -> None:
         model.enable_input_require_grads()
     if case == "few_rows":
         ids = ids[:1, :4]
-    with counting_apply(VeraMergedFunction) as count:
+    with counting_apply(VeraMergedFunction) as count, counting_apply(VeraLinearFunction) as lin:
         if case == "no_grad":
             with torch.no_grad():
                 model(input_ids=ids)
         else:
             loss_and_grads(model, ids, torch.bfloat16 if case == "autocast" else None)
     assert count.calls == 0
+    # few rows: the definition's products, in one node with the base's
+    assert lin.calls == (2 * 7 if case == "few_rows" else 0)
 
 
 @pytest.mark.compile
-def test_under_torch_compile_without_graph_breaks() -> None:
-    """The merged step compiles into one graph (aot_eager: autograd included) and gives the
+@pytest.mark.parametrize("node", ["merged", "linear"])
+def test_under_torch_compile_without_graph_breaks(
+    node: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both training nodes compile into one graph (aot_eager: autograd included) and give the
     eager gradients."""
     import torch._dynamo
 
+    if node == "linear":
+        monkeypatch.setattr("adapt.vera.layer.merged_training_pays", lambda *a: False)
     model, ids = model_and_batch()
     _, eager = loss_and_grads(model, ids)
     torch._dynamo.reset()
@@ -154,3 +228,17 @@ def test_the_scaled_slice_is_kept_only_for_the_projection_gradient(h_needs_grad:
     want = ((p * b) @ ld.detach(), lb.detach() @ (p * b))
     for grad, ref in zip(grads, want, strict=True):
         torch.testing.assert_close(grad, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_the_definition_node_keeps_no_input_sized_tensor() -> None:
+    """:class:`VeraLinearFunction` keeps ``h`` and the product ``B_s(λ_d ⊙ h)`` (what the
+    general path keeps), views of the frozen weight and slices, never the input."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 7, 24, generator=gen).requires_grad_()
+    w, a, b = torch.randn(40, 24, generator=gen), torch.randn(16, 24), torch.randn(40, 16)
+    lb, ld = torch.randn(40).requires_grad_(), torch.randn(16).requires_grad_()
+    h = F.linear(x, a)
+    with recording_saved() as saved:
+        VeraLinearFunction.apply(x, w, None, lb, ld, a, b, h, None)  # type: ignore[no-untyped-call]
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == sorted([(40, 24), (16, 24), (40, 16), (2, 7, 16), (2, 7, 40), (40,), (16,)])

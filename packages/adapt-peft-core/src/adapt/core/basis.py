@@ -36,14 +36,31 @@ def _version(tensor: torch.Tensor) -> int:
     return -1 if tensor.is_inference() else int(tensor._version)
 
 
+class ProjectionReaders:
+    """How many calls of :meth:`SharedBasis.project_input` returned one product: the layers
+    reading it. Final once the forward that made it is over, so a backward may use it to
+    choose between returning the product's gradient (several readers: autograd sums them
+    before the one product with ``A_s``) and folding that product into its own input gradient
+    (one reader: no separate input-sized gradient to add). Either choice is exact."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 1
+
+
 class _ProjectionCache:
-    """The last ``x·A_sᵀ`` of :meth:`SharedBasis.project_input`: ``(key, weak ref to x, result)``.
-    Copies and pickles of a model start empty (the kept tensor may be part of a graph)."""
+    """The last ``x·A_sᵀ`` of :meth:`SharedBasis.project_input`: ``(key, weak ref to x, result,
+    its readers)``. Copies and pickles of a model start empty (the kept tensor may be part of
+    a graph)."""
 
     __slots__ = ("last",)
 
     def __init__(self) -> None:
-        self.last: tuple[tuple[Any, ...], weakref.ref[torch.Tensor], torch.Tensor] | None = None
+        self.last: (
+            tuple[tuple[Any, ...], weakref.ref[torch.Tensor], torch.Tensor, ProjectionReaders]
+            | None
+        ) = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _ProjectionCache:
         return _ProjectionCache()
@@ -111,17 +128,26 @@ class SharedBasis(nn.Module):
         requires grad is not kept: such an input is fed again in the next step, whose backward
         would meet the graph the last one freed.
         """
+        if torch.compiler.is_compiling():
+            # no cache in a compiled graph (the compiler shares equal products itself), and
+            # none of its checks (tensor versions, weak references) are traceable
+            return F.linear(x.to(dtype), self.A[:r, :in_features].to(device=x.device, dtype=dtype))
+        return self.counted_projection(x, in_features, r, dtype)[0]
+
+    def counted_projection(
+        self, x: torch.Tensor, in_features: int, r: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, ProjectionReaders]:
+        """:meth:`project_input` and the count of its readers (this call included; a product
+        that is not kept has one)."""
         a = self.A[:r, :in_features]
         if a.dtype != dtype or a.device != x.device:
             a = a.to(device=x.device, dtype=dtype)
         if torch.compiler.is_compiling():
-            # no cache in a compiled graph (the compiler shares equal products itself), and
-            # none of its checks (tensor versions, weak references) are traceable
-            return F.linear(x.to(dtype), a)
+            return F.linear(x.to(dtype), a), ProjectionReaders()  # see project_input
         if x.requires_grad and x.grad_fn is None:
             # a leaf that requires grad outlives a forward (a user's input, fed again every
             # step): its product's graph is freed by the first backward, so it is not kept
-            return F.linear(x.to(dtype), a)
+            return F.linear(x.to(dtype), a), ProjectionReaders()
         key = (
             r,
             in_features,
@@ -133,10 +159,12 @@ class SharedBasis(nn.Module):
         )
         last = self._projection.last
         if last is not None and last[0] == key and last[1]() is x:
-            return last[2]
+            last[3].count += 1
+            return last[2], last[3]
         h = F.linear(x.to(dtype), a)
-        self._projection.last = (key, weakref.ref(x), h)
-        return h
+        readers = ProjectionReaders()
+        self._projection.last = (key, weakref.ref(x), h, readers)
+        return h, readers
 
     def clear_cache(self) -> None:
         """Forget the kept projection (it is replaced by the next call anyway)."""

@@ -20,7 +20,12 @@ from adapt.core.routing import Gathered
 from adapt.core.typenames import CONV1D_TRANSFORMERS
 
 from .config import VeraConfig
-from .training import VeraMergedFunction, VeraScaledBasisFunction, merged_training_pays
+from .training import (
+    VeraLinearFunction,
+    VeraMergedFunction,
+    VeraScaledBasisFunction,
+    merged_training_pays,
+)
 
 
 class VeraLayer(AdapterLayer):
@@ -94,8 +99,9 @@ class VeraLinear(VeraLayer):
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
         """Training on a plain float32 ``nn.Linear`` base: the step through ``W + ΔW`` where it
-        is cheaper (:mod:`adapt.vera.training`); None otherwise (inference, frozen λ, active
-        dropout, autocast or half precision, small batches)."""
+        is cheaper, else the definition's products with the base's in one node
+        (:mod:`adapt.vera.training`); None otherwise (inference, frozen λ, active dropout,
+        autocast or half precision)."""
         lambda_b = self.vera_lambda_b[adapter_name]
         lambda_d = self.vera_lambda_d[adapter_name]
         dropout = self.vera_dropout[adapter_name]
@@ -106,19 +112,27 @@ class VeraLinear(VeraLayer):
             or autocast_dtype(x.device.type) is not None
             or x.dtype not in (torch.float32, torch.float64)
             or lambda_d.dtype != x.dtype
-            or not merged_training_pays(
-                x.numel() // x.shape[-1], self.in_features, self.out_features
-            )
         ):
             return None
         base = self.base_layer
         assert isinstance(base, nn.Linear)
-        h = self.basis.project_input(x, self.in_features, self.r[adapter_name], x.dtype)
+        r = self.r[adapter_name]
         a, b = self.sliced_basis(adapter_name, x.dtype, x.device)
-        out: torch.Tensor = VeraMergedFunction.apply(  # type: ignore[no-untyped-call]
-            x, base.weight, base.bias, lambda_b, lambda_d, a, b, h
+        if merged_training_pays(x.numel() // x.shape[-1], self.in_features, self.out_features):
+            h = self.basis.project_input(x, self.in_features, r, x.dtype)
+            out: torch.Tensor = VeraMergedFunction.apply(  # type: ignore[no-untyped-call]
+                x, base.weight, base.bias, lambda_b, lambda_d, a, b, h
+            )
+            return out
+        readers = None  # compiled: no shared products, each layer is its product's one reader
+        if torch.compiler.is_compiling():
+            h = self.basis.project_input(x, self.in_features, r, x.dtype)
+        else:
+            h, readers = self.basis.counted_projection(x, self.in_features, r, x.dtype)
+        fused: torch.Tensor = VeraLinearFunction.apply(  # type: ignore[no-untyped-call]
+            x, base.weight, base.bias, lambda_b, lambda_d, a, b, h, readers
         )
-        return out
+        return fused
 
     def add_adapter_output(
         self,

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["VeraMergedFunction", "VeraScaledBasisFunction", "merged_training_pays"]
+from adapt.core.basis import ProjectionReaders
+
+__all__ = [
+    "VeraLinearFunction",
+    "VeraMergedFunction",
+    "VeraScaledBasisFunction",
+    "merged_training_pays",
+]
 
 #: the fraction of ``h = x A_sᵀ``'s cost a layer counts as its own: q/k/v share one input
 #: (1/3 each), gate/up (1/2), o/down have their own (1); the middle is used
@@ -102,6 +109,69 @@ class VeraMergedFunction(torch.autograd.Function):
             grad_bias = g2.sum(0)
         grad_lb, grad_ld = lambda_grads(g2, h, b, lambda_b, lambda_d, (needs[3], needs[4]))
         return grad_x, None, grad_bias, grad_lb, grad_ld, None, None, None
+
+
+class VeraLinearFunction(torch.autograd.Function):
+    """``x Wᵀ + bias + λ_b ⊙ (B_s (λ_d ⊙ h))`` with ``h = x A_sᵀ`` given: a float32 training
+    step in the definition's order, for layers where :func:`merged_training_pays` says no.
+    The forward is the general path's, operation for operation. The backward has no
+    activation-sized temporaries beyond ``gᵀ``-sized products:
+
+    * ``q = g (λ_b ⊙ B_s)`` (λ_b folded into the ``out × r`` slice), ``∂λ_d = Σ q ⊙ h``,
+      ``∂h = λ_d ⊙ q``, ``∂λ_b = Σ g ⊙ B_s(λ_d ⊙ h)`` (the product kept from the forward);
+    * ``∂x = g W``, and where ``h`` has one reader (:class:`~adapt.core.basis.ProjectionReaders`;
+      ``readers`` None: one) ``∂h A_s`` is added into it in place and ``h`` gets no gradient.
+      With several readers ``∂h`` goes to ``h`` and autograd sums the readers' before its one
+      product with ``A_s``. Without this, the input's gradient from the base and the one
+      through ``h`` would be two input-sized tensors added by autograd.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lambda_b: torch.Tensor,
+        lambda_d: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        h: torch.Tensor,
+        readers: ProjectionReaders | None,
+    ) -> torch.Tensor:
+        projected = F.linear(lambda_d * h, b)
+        y = F.linear(x, weight, bias).addcmul_(lambda_b, projected)
+        ctx.save_for_backward(weight, a, b, h, projected, lambda_b, lambda_d)
+        ctx.has_bias = bias is not None
+        ctx.readers = readers
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight, a, b, h, projected, lambda_b, lambda_d = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])
+        h2 = h.reshape(-1, h.shape[-1])
+        grad_x = grad_bias = grad_lb = grad_ld = grad_h = None
+        if needs[3]:
+            grad_lb = (g2 * projected.reshape(g2.shape)).sum(0)
+        if needs[0] or needs[4] or needs[7]:
+            q = g2 @ (lambda_b[:, None] * b)  # (rows, r)
+            if needs[4]:
+                grad_ld = (q * h2).sum(0)
+            grad_h2 = q.mul_(lambda_d)
+            sole = ctx.readers is None or ctx.readers.count == 1
+            fold = needs[0] and needs[7] and sole
+            if needs[0]:
+                grad_x2 = g2 @ weight
+                if fold:
+                    grad_x2.addmm_(grad_h2, a)
+                grad_x = grad_x2.view(*grad.shape[:-1], weight.shape[1])
+            if needs[7] and not fold:
+                grad_h = grad_h2.view(h.shape)
+        if ctx.has_bias and needs[2]:
+            grad_bias = g2.sum(0)
+        return grad_x, None, grad_bias, grad_lb, grad_ld, None, None, grad_h, None
 
 
 class VeraScaledBasisFunction(torch.autograd.Function):
