@@ -123,7 +123,6 @@ def test_an_input_fed_every_step_trains(leaf_requires_grad: bool) -> None:
             if m is reference:
                 with pytest.MonkeyPatch.context() as mp:
                     _unshared(mp)
-                    mp.setattr("adapt.vera.layer.merged_training_pays", lambda *a: False)
                     (m(x) ** 2).mean().backward()
             else:
                 (m(x) ** 2).mean().backward()
@@ -207,3 +206,25 @@ def test_no_grad_forward_over_many_rows_and_add_delta_weight() -> None:
     with_grad = model(x)
     with torch.no_grad():
         torch.testing.assert_close(model(x), with_grad.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_readers_are_counted_per_input() -> None:
+    """:meth:`SharedBasis.counted_projection` counts the layers that read one kept product:
+    per decoder layer q/k/v 3, gate/up 2, o and down 1 each."""
+    model = _model()
+    basis = basis_of(model)
+    seen: list[object] = []
+    real = basis.counted_projection
+
+    def spy(*args: object) -> object:
+        h, readers = real(*args)  # type: ignore[arg-type]
+        if all(r is not readers for r in seen):
+            seen.append(readers)
+        return h, readers
+
+    basis.counted_projection = spy  # type: ignore[method-assign]
+    ids = input_ids()
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    counts = [r.count for r in seen]  # type: ignore[attr-defined]
+    assert counts == [3, 1, 2, 1] * 2, counts

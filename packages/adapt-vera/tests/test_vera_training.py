@@ -230,6 +230,54 @@ def test_the_scaled_slice_is_kept_only_for_the_projection_gradient(h_needs_grad:
         torch.testing.assert_close(grad, ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("frozen", ["x", "lambda_b", "lambda_d", "bias", "none"])
+def test_linear_node_with_frozen_inputs_keeps_what_the_general_path_keeps(frozen: str) -> None:
+    """Every combination of what needs a gradient: the definition's gradients, and the same
+    saved activations (bytes, the frozen weight and slices aside) as the general path's
+    ``result.addcmul_(λ_b, F.linear(λ_d ⊙ h, B_s))``."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 7, 24, generator=gen, dtype=torch.float64).requires_grad_(frozen != "x")
+    w, a = torch.randn(40, 24, dtype=torch.float64), torch.randn(16, 24, dtype=torch.float64)
+    b = torch.randn(40, 16, dtype=torch.float64)
+    bias = torch.randn(40, dtype=torch.float64).requires_grad_(frozen != "bias")
+    lb = torch.randn(40, dtype=torch.float64).requires_grad_(frozen != "lambda_b")
+    ld = torch.randn(16, dtype=torch.float64).requires_grad_(frozen != "lambda_d")
+    leaves = [t for t in (x, bias, lb, ld) if t.requires_grad]
+
+    def activation_bytes(saved: Any) -> int:
+        """Bytes of the distinct saved tensors shaped like activations (rows first)."""
+        distinct = {
+            (t.data_ptr(), t.numel() * t.element_size())
+            for t in saved.tensors
+            if t.dim() > 1 and t.shape[:2] == x.shape[:2]
+        }
+        return sum(size for _, size in distinct)
+
+    h = F.linear(x, a)
+    with recording_saved() as ours:
+        out = VeraLinearFunction.apply(x, w, bias, lb, ld, a, b, h, None)  # type: ignore[no-untyped-call]
+    with recording_saved() as general:
+        ref = F.linear(x, w, bias).addcmul_(lb, F.linear(ld * F.linear(x, a), b))
+    g = torch.randn(2, 7, 40, generator=gen, dtype=torch.float64)
+    for got, want in zip(
+        torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert activation_bytes(ours) <= activation_bytes(general), (ours.tensors, general.tensors)
+
+
+@pytest.mark.parametrize("node", ["merged", "linear"])
+def test_no_second_derivative_is_refused_not_wrong(node: str) -> None:
+    """The nodes' backwards reuse products kept without a graph: a ``create_graph`` backward
+    raises and says how to get higher-order gradients, instead of returning wrong ones."""
+    x = torch.randn(3, 24).requires_grad_()
+    w, a, b = torch.randn(40, 24), torch.randn(16, 24), torch.randn(40, 16)
+    lb, ld = torch.randn(40).requires_grad_(), torch.randn(16).requires_grad_()
+    out = apply_node(node, x, w, None, lb, ld, a, b, F.linear(x, a))
+    with pytest.raises(RuntimeError, match=r"no second derivative.*fuse_adapter_output"):
+        torch.autograd.grad(out.sum(), [lb], create_graph=True)
+
+
 def test_the_definition_node_keeps_no_input_sized_tensor() -> None:
     """:class:`VeraLinearFunction` keeps ``h`` and the product ``B_s(λ_d ⊙ h)`` (what the
     general path keeps), views of the frozen weight and slices, never the input."""

@@ -38,10 +38,12 @@ def _version(tensor: torch.Tensor) -> int:
 
 class ProjectionReaders:
     """How many calls of :meth:`SharedBasis.project_input` returned one product: the layers
-    reading it. Final once the forward that made it is over, so a backward may use it to
-    choose between returning the product's gradient (several readers: autograd sums them
-    before the one product with ``A_s``) and folding that product into its own input gradient
-    (one reader: no separate input-sized gradient to add). Either choice is exact."""
+    reading it, once the forward that made it is over (a recompute under gradient
+    checkpointing, or a later forward on the same unmodified tensor, counts again). A
+    backward may use it to choose between returning the product's gradient (several readers:
+    autograd sums them before the one product with ``A_s``) and folding that product into its
+    own input gradient (one reader: no separate input-sized gradient to add). Both are exact
+    whatever the count; it only picks the cheaper."""
 
     __slots__ = ("count",)
 

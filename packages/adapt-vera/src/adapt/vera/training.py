@@ -56,6 +56,17 @@ def merged_training_pays(rows: int, n_in: int, n_out: int) -> bool:
     return saved > MARGIN * n_in * n_out
 
 
+def first_order_only(node: str) -> None:
+    """Refuse a backward that builds a graph (``create_graph=True``): the nodes' backwards
+    reuse products kept without one, so a second derivative through them would be wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"VeRA's training node {node} has no second derivative (backward with "
+            "create_graph=True); for higher-order gradients set `fuse_adapter_output = False` "
+            "on every adapt.vera.VeraLayer of the model (the general path, slower)"
+        )
+
+
 def lambda_grads(
     g2: torch.Tensor,
     h: torch.Tensor,
@@ -99,6 +110,7 @@ class VeraMergedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        first_order_only("VeraMergedFunction")
         merged, h, b, lambda_b, lambda_d = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])
@@ -112,18 +124,24 @@ class VeraMergedFunction(torch.autograd.Function):
 
 
 class VeraLinearFunction(torch.autograd.Function):
-    """``x Wᵀ + bias + λ_b ⊙ (B_s (λ_d ⊙ h))`` with ``h = x A_sᵀ`` given: a float32 training
-    step in the definition's order, for layers where :func:`merged_training_pays` says no.
-    The forward is the general path's, operation for operation. The backward has no
-    activation-sized temporaries beyond ``gᵀ``-sized products:
+    """``x Wᵀ + bias + λ_b ⊙ (B_s (λ_d ⊙ h))``: a float32 (or float64) training step in the
+    definition's order, for layers where :func:`merged_training_pays` says no. ``h`` must be
+    exactly ``x A_sᵀ`` for this ``x`` and the frozen ``a = A_s`` (the backward may compute
+    ``h``'s share of ``∂x`` from ``A_s`` itself). The forward is the general path's, operation
+    for operation; it keeps what the general path keeps (``B_s(λ_d ⊙ h)`` only for ``∂λ_b``,
+    ``h`` only for ``∂λ_d``). The backward:
 
-    * ``q = g (λ_b ⊙ B_s)`` (λ_b folded into the ``out × r`` slice), ``∂λ_d = Σ q ⊙ h``,
-      ``∂h = λ_d ⊙ q``, ``∂λ_b = Σ g ⊙ B_s(λ_d ⊙ h)`` (the product kept from the forward);
+    * ``q = g (λ_b ⊙ B_s)`` (λ_b folded into the ``out × r`` slice: one ``rows × out``
+      temporary fewer than the general path), ``∂λ_d = Σ q ⊙ h``, ``∂h = λ_d ⊙ q``,
+      ``∂λ_b = Σ g ⊙ B_s(λ_d ⊙ h)``;
     * ``∂x = g W``, and where ``h`` has one reader (:class:`~adapt.core.basis.ProjectionReaders`;
       ``readers`` None: one) ``∂h A_s`` is added into it in place and ``h`` gets no gradient.
       With several readers ``∂h`` goes to ``h`` and autograd sums the readers' before its one
       product with ``A_s``. Without this, the input's gradient from the base and the one
-      through ``h`` would be two input-sized tensors added by autograd.
+      through ``h`` would be two input-sized tensors added by autograd. Both are exact for
+      any count; the count only picks the cheaper one.
+
+    First-order only (:func:`first_order_only`).
     """
 
     @staticmethod
@@ -141,24 +159,29 @@ class VeraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         projected = F.linear(lambda_d * h, b)
         y = F.linear(x, weight, bias).addcmul_(lambda_b, projected)
-        ctx.save_for_backward(weight, a, b, h, projected, lambda_b, lambda_d)
+        needs = ctx.needs_input_grad
+        ctx.save_for_backward(
+            weight, a, b, h if needs[4] else None, projected if needs[3] else None, lambda_b,
+            lambda_d,
+        )  # fmt: skip
         ctx.has_bias = bias is not None
+        ctx.h_shape = h.shape
         ctx.readers = readers
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        first_order_only("VeraLinearFunction")
         weight, a, b, h, projected, lambda_b, lambda_d = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])
-        h2 = h.reshape(-1, h.shape[-1])
         grad_x = grad_bias = grad_lb = grad_ld = grad_h = None
         if needs[3]:
             grad_lb = (g2 * projected.reshape(g2.shape)).sum(0)
         if needs[0] or needs[4] or needs[7]:
             q = g2 @ (lambda_b[:, None] * b)  # (rows, r)
             if needs[4]:
-                grad_ld = (q * h2).sum(0)
+                grad_ld = (q * h.reshape(q.shape)).sum(0)
             grad_h2 = q.mul_(lambda_d)
             sole = ctx.readers is None or ctx.readers.count == 1
             fold = needs[0] and needs[7] and sole
@@ -168,7 +191,7 @@ class VeraLinearFunction(torch.autograd.Function):
                     grad_x2.addmm_(grad_h2, a)
                 grad_x = grad_x2.view(*grad.shape[:-1], weight.shape[1])
             if needs[7] and not fold:
-                grad_h = grad_h2.view(h.shape)
+                grad_h = grad_h2.view(ctx.h_shape)
         if ctx.has_bias and needs[2]:
             grad_bias = g2.sum(0)
         return grad_x, None, grad_bias, grad_lb, grad_ld, None, None, grad_h, None
@@ -209,6 +232,7 @@ class VeraScaledBasisFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        first_order_only("VeraScaledBasisFunction")
         h, scaled, b, lambda_b, lambda_d = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
