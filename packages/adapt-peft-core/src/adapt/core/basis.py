@@ -130,26 +130,24 @@ class SharedBasis(nn.Module):
         requires grad is not kept: such an input is fed again in the next step, whose backward
         would meet the graph the last one freed.
         """
-        if torch.compiler.is_compiling():
-            # no cache in a compiled graph (the compiler shares equal products itself), and
-            # none of its checks (tensor versions, weak references) are traceable
-            return F.linear(x.to(dtype), self.A[:r, :in_features].to(device=x.device, dtype=dtype))
         return self.counted_projection(x, in_features, r, dtype)[0]
 
     def counted_projection(
         self, x: torch.Tensor, in_features: int, r: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, ProjectionReaders]:
-        """:meth:`project_input` and the count of its readers (this call included; a product
-        that is not kept has one)."""
+    ) -> tuple[torch.Tensor, ProjectionReaders | None]:
+        """:meth:`project_input` and the count of its readers (this call included), or None
+        for a product that is not kept: this call is its one reader."""
         a = self.A[:r, :in_features]
         if a.dtype != dtype or a.device != x.device:
             a = a.to(device=x.device, dtype=dtype)
         if torch.compiler.is_compiling():
-            return F.linear(x.to(dtype), a), ProjectionReaders()  # see project_input
+            # no cache in a compiled graph (the compiler shares equal products itself), and
+            # none of its checks (tensor versions, weak references) are traceable
+            return F.linear(x.to(dtype), a), None
         if x.requires_grad and x.grad_fn is None:
             # a leaf that requires grad outlives a forward (a user's input, fed again every
             # step): its product's graph is freed by the first backward, so it is not kept
-            return F.linear(x.to(dtype), a), ProjectionReaders()
+            return F.linear(x.to(dtype), a), None
         key = (
             r,
             in_features,

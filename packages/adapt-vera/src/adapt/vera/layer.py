@@ -124,11 +124,7 @@ class VeraLinear(VeraLayer):
                 x, base.weight, base.bias, lambda_b, lambda_d, a, b, h
             )
             return out
-        readers = None  # compiled: no shared products, each layer is its product's one reader
-        if torch.compiler.is_compiling():
-            h = self.basis.project_input(x, self.in_features, r, x.dtype)
-        else:
-            h, readers = self.basis.counted_projection(x, self.in_features, r, x.dtype)
+        h, readers = self.basis.counted_projection(x, self.in_features, r, x.dtype)
         fused: torch.Tensor = VeraLinearFunction.apply(  # type: ignore[no-untyped-call]
             x, base.weight, base.bias, lambda_b, lambda_d, a, b, h, readers
         )
